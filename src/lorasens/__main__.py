@@ -1,0 +1,3 @@
+from lorasens.cli import main
+
+raise SystemExit(main())

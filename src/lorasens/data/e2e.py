@@ -1,0 +1,54 @@
+"""E2E NLG (Novikova et al. 2017): restaurant meaning representation -> one-sentence description.
+
+Local files (official release): `trainset.csv`, `devset.csv`, `testset_w_refs.csv`, columns `mr,ref`; several rows
+share one MR (multi-reference). Hub: `tuetschek/e2e_nlg` (columns meaning_representation, human_reference).
+When the test file is absent, evaluation falls back to the dev split and logs that it did.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lorasens.data.registry import DatasetSpec, Example, read_csv_rows, register
+from lorasens.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+HUB_ID = "tuetschek/e2e_nlg"
+FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
+PROMPT = "Meaning representation: {mr}\nDescription:"
+
+
+def make_examples(pairs: list[tuple[str, str]], split: str) -> list[Example]:
+    """One example per (mr, ref) row; `references` holds every reference of the same MR."""
+    refs_by_mr: dict[str, list[str]] = {}
+    for mr, ref in pairs:
+        refs_by_mr.setdefault(mr, []).append(ref)
+    return [
+        Example(f"{split}-{i}", PROMPT.format(mr=mr), ref, tuple(refs_by_mr[mr]), {"mr": mr})
+        for i, (mr, ref) in enumerate(pairs)
+    ]
+
+
+def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
+    if data_dir is None:
+        return make_examples(_load_hub(split), split)
+    path = data_dir / FILES[split]
+    if split == "test" and not path.exists():
+        logger.warning("E2E: %s not found in %s; evaluating on the dev split (devset.csv) instead", FILES["test"], data_dir)
+        path = data_dir / FILES["validation"]
+    if not path.exists():
+        raise UserError(f"--data_dir {str(data_dir)!r} lacks {FILES[split]} (E2E needs {', '.join(FILES.values())})")
+    rows = read_csv_rows(path, ("mr", "ref"))
+    return make_examples([(r["mr"].strip(), r["ref"].strip()) for r in rows], split)
+
+
+def _load_hub(split: str) -> list[tuple[str, str]]:
+    from lorasens.data.hub import load_hub_split
+
+    ds = load_hub_split(HUB_ID, split, revision="refs/convert/parquet")
+    return [(r["meaning_representation"], r["human_reference"]) for r in ds]
+
+
+SPEC = register(DatasetSpec("e2e", "E2E NLG: restaurant MR -> description (BLEU/NIST/METEOR/ROUGE-L/CIDEr)", load, 64))

@@ -1,0 +1,121 @@
+"""The dataset registry. A dataset module registers a `DatasetSpec`; lookups of unknown names list the valid ones.
+
+Splits are always "train", "validation" and "test". Training uses "train"; validation loss uses "validation";
+final evaluation uses "test" (a dataset may fall back to "validation" when it has no test split, and says so).
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasens.errors import UserError, unknown_choice
+
+Split = str  # "train" | "validation" | "test"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    prompt: str  # model input, ending where the answer starts
+    target: str  # the answer the loss is computed on (one reference)
+    references: tuple[str, ...] = ()  # every reference for this prompt (evaluation)
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    description: str
+    # (split, data_dir or None for the Hub, seed) -> examples; raises UserError for missing files/columns
+    load: Callable[[Split, Path | None, int], list[Example]]
+    max_new_tokens: int = 64
+    needs_data_dir: bool = False  # True when there is no Hub fallback
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+# Modules that register datasets; imported lazily so that `import lorasens` stays light.
+_DATASET_MODULES = ("lorasens.data.e2e", "lorasens.data.synthetic")
+_OPTIONAL_DATASET_MODULES = ("lorasens.data.samsum", "lorasens.data.wikisql", "lorasens.data.mnli")
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    DATASETS[spec.name] = spec
+    return spec
+
+
+def _ensure_registered() -> None:
+    for module in _DATASET_MODULES:
+        importlib.import_module(module)
+    for module in _OPTIONAL_DATASET_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    _ensure_registered()
+    if name not in DATASETS:
+        raise unknown_choice("dataset", name, DATASETS)
+    return DATASETS[name]
+
+
+def load_examples(
+    name: str, split: Split, data_dir: str | Path | None = None, seed: int = 0, limit: int | None = None
+) -> list[Example]:
+    """Examples of one split; `limit` takes a deterministic (seeded) subset, keeping file order."""
+    spec = get_dataset_spec(name)
+    if split not in SPLITS:
+        raise unknown_choice("split", split, SPLITS)
+    folder = None
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"--data_dir {str(folder)!r} does not exist or is not a folder")
+    elif spec.needs_data_dir:
+        raise UserError(f"dataset {name!r} needs --data_dir")
+    examples = spec.load(split, folder, seed)
+    if not examples:
+        raise UserError(f"dataset {name!r} split {split!r} is empty")
+    return subset(examples, limit, seed)
+
+
+def subset(items: list, limit: int | None, seed: int) -> list:
+    if limit is None or limit >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def group_by_prompt(examples: list[Example]) -> list[Example]:
+    """One example per distinct prompt with all its references (the E2E way of scoring), first-seen order."""
+    grouped: dict[str, list[Example]] = {}
+    for ex in examples:
+        grouped.setdefault(ex.prompt, []).append(ex)
+    out = []
+    for group in grouped.values():
+        refs = tuple(dict.fromkeys(r for ex in group for r in (ex.references or (ex.target,))))
+        first = group[0]
+        out.append(Example(first.id, first.prompt, first.target, refs, first.meta))
+    return out
+
+
+def read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a CSV file; missing columns or an empty file are `UserError`s naming the file."""
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected columns {', '.join(required)}")
+        rows = list(reader)
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows

@@ -1,0 +1,189 @@
+"""The experiment, step by step: config -> model -> LoRA -> data -> train -> save -> evaluate -> analyse -> report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import set_seed
+
+from lorasens.config import ExperimentConfig, config_from_dict, save_config
+from lorasens.data.features import build_features
+from lorasens.data.registry import load_examples
+from lorasens.errors import UserError
+from lorasens.lora import apply_lora, lora_parameters, set_trainable, targets_for
+from lorasens.models import load_model
+from lorasens.module_map import build_module_map
+from lorasens.rundir import CONFIG_FILE, check_run_dir, replace_run_dir
+from lorasens.schedule import Schedule, parse_schedule_from_config
+from lorasens.training import BestAdapterCallback, RunState, TrainLogCallback, build_trainer, latest_checkpoint
+
+logger = logging.getLogger(__name__)
+
+FINAL_MODEL = "final_model"
+SUMMARY_FILE = "summary.json"
+# Settings that may change between a run and its --resume; anything else must match the checkpoint.
+RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "eval_steps", "save_steps", "logging_steps", "report_to"}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+
+
+def run_experiment(cfg: ExperimentConfig) -> RunResult:
+    started = time.time()
+    run_dir = cfg.run_dir
+    check_run_dir(run_dir, cfg.output.overwrite, cfg.output.resume)
+    checkpoint = _checkpoint_to_resume(cfg, run_dir) if cfg.output.resume else None
+    set_seed(cfg.training.seed)
+
+    # Model, module map and schedule: everything that can still fail on user input, before touching run_dir.
+    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
+    module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
+    schedule: Schedule | None = None
+    if cfg.schedule.phase_strategy:
+        schedule = parse_schedule_from_config(cfg, module_map=module_map)
+        lora_modules = schedule.all_modules(module_map)
+    else:
+        lora_modules = targets_for(module_map, cfg.lora.target)
+    train_examples = load_examples(cfg.data.dataset, "train", cfg.data.data_dir, cfg.training.seed, cfg.data.train_samples)
+    val_examples = load_examples(cfg.data.dataset, "validation", cfg.data.data_dir, cfg.training.seed, cfg.data.eval_samples)
+    train_features, train_stats = build_features(train_examples, loaded.tokenizer, cfg.data.max_length, "train")
+    val_features, val_stats = build_features(val_examples, loaded.tokenizer, cfg.data.max_length, "validation")
+    if not train_features:
+        raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
+
+    if cfg.output.overwrite:
+        replace_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    log_handler = _attach_file_log(run_dir)
+    try:
+        model = apply_lora(loaded.model, lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
+        lora = lora_parameters(model, module_map)
+        # All LoRA parameters of every phase require grad now, so the Trainer's optimizer holds all of them.
+        set_trainable(model, lora, lora_modules)
+        state = RunState(phase=cfg.lora.target)
+        best = BestAdapterCallback(lambda: get_peft_model_state_dict(model))
+        callbacks = [TrainLogCallback(run_dir, state), best]
+        if schedule is not None:
+            from lorasens.phases import PhaseCallback
+
+            callbacks.append(
+                PhaseCallback(schedule, module_map, lora, state, run_dir, cfg.training.seed, cfg.schedule.reset_optimizer_on_switch)
+            )
+        context = {"cfg": cfg, "run_dir": run_dir, "model": model, "module_map": module_map, "lora": lora,
+                   "state": state, "schedule": schedule, "val_features": val_features, "tokenizer": loaded.tokenizer}
+        callbacks.extend(_analysis_callbacks(context))
+        trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features, val_features if cfg.training.eval_steps else None, callbacks)
+        context["trainer"] = trainer
+        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if not trainer.is_world_process_zero():
+            return RunResult(run_dir, {})
+
+        final_source = "last step"
+        if best.best_state is not None:
+            set_peft_model_state_dict(model, best.best_state)
+            final_source = f"best validation loss (step {best.best_step})"
+        model.save_pretrained(run_dir / FINAL_MODEL)
+        loaded.tokenizer.save_pretrained(run_dir / FINAL_MODEL)
+
+        from lorasens.plots import plot_training_loss
+
+        plot_training_loss(run_dir)
+        summary = {
+            "run_dir": str(run_dir),
+            "model": loaded.source,
+            "architecture": module_map.architecture,
+            "num_layers": module_map.num_layers,
+            "lora_modules": len(lora_modules),
+            "trainable_params": sum(p.A.numel() + p.B.numel() for p in lora),
+            "steps": trainer.state.global_step,
+            "final_train_loss": _last(run_dir / "train_log.jsonl", "loss"),
+            "final_eval_loss": _last(run_dir / "eval_log.jsonl", "eval_loss"),
+            "best_eval_loss": best.best_loss,
+            "final_model_from": final_source,
+            "train_data": train_stats.as_dict(),
+            "validation_data": val_stats.as_dict(),
+            "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
+        }
+        summary.update(_after_training(context))
+        summary["wall_time_s"] = round(time.time() - started, 2)
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        return RunResult(run_dir, summary)
+    finally:
+        logging.getLogger("lorasens").removeHandler(log_handler)
+        log_handler.close()
+
+
+def _analysis_callbacks(context: dict) -> list:
+    """Callbacks of the analysis step (gradient norms, importance, update magnitude), when installed."""
+    try:
+        from lorasens.analysis.callbacks import analysis_callbacks
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("lorasens.analysis"):
+            return []
+        raise
+    return analysis_callbacks(context)
+
+
+def _after_training(context: dict) -> dict:
+    """Evaluation, sensitivity analysis and the report, in that order; each adds to the summary."""
+    summary: dict = {}
+    for module_name, function in (
+        ("lorasens.evaluation.runner", "evaluate_after_training"),
+        ("lorasens.analysis.post", "analyze_after_training"),
+        ("lorasens.report", "report_after_training"),
+    ):
+        try:
+            module = __import__(module_name, fromlist=[function])
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue
+            raise
+        summary.update(getattr(module, function)(context) or {})
+    return summary
+
+
+def _checkpoint_to_resume(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    saved = config_from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
+    differences = _config_differences(saved, cfg) - RESUMABLE_CHANGES
+    if differences:
+        raise UserError(f"--resume: settings differ from the saved run in {', '.join(sorted(differences))}; resume with the same settings")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UserError(f"--resume: {run_dir} has no checkpoint (run with --save_steps N to write them)")
+    return checkpoint
+
+
+def _config_differences(a: ExperimentConfig, b: ExperimentConfig) -> set[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return {k for section in da if isinstance(da[section], dict) for k in da[section] if da[section][k] != db[section].get(k)}
+
+
+def _last(path: Path, key: str):
+    if not path.exists():
+        return None
+    values = [json.loads(line).get(key) for line in path.read_text().splitlines() if line]
+    values = [v for v in values if v is not None]
+    return values[-1] if values else None
+
+
+def _attach_file_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("lorasens").addHandler(handler)
+    return handler
+
+
+def device_summary() -> str:
+    if torch.cuda.is_available():
+        return f"CUDA ({torch.cuda.get_device_name(0)})"
+    return f"CPU ({torch.get_num_threads()} threads)"

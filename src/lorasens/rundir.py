@@ -1,0 +1,32 @@
+"""The run directory: created safely, never deleted by accident."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from lorasens.errors import UserError
+
+CONFIG_FILE = "config.json"
+
+
+def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to reuse a folder unless told to (--overwrite or --resume). Deletes nothing."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        if not (run_dir / CONFIG_FILE).exists():
+            raise UserError(f"--resume: {run_dir} is not a lorasens run directory (no {CONFIG_FILE})")
+        return
+    if not exists:
+        return
+    if not overwrite:
+        raise UserError(f"{run_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or choose another --experiment_name")
+    if not (run_dir / CONFIG_FILE).exists():
+        raise UserError(f"{run_dir} is not empty and is not a lorasens run directory (no {CONFIG_FILE}); refusing to delete it")
+
+
+def replace_run_dir(run_dir: Path) -> None:
+    """Called only after all input was validated and the model and data loaded (--overwrite)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,206 @@
+"""LoRA training through the Hugging Face Trainer, extended only through callbacks.
+
+This module owns the TrainingArguments mapping and the generic callbacks (train log, best adapter, progress).
+Phase switching (`lorasens.phases`) and gradient tracking (`lorasens.analysis`) are callbacks of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_callback import ProgressCallback
+
+from lorasens.config import ExperimentConfig
+from lorasens.data.features import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+TRAIN_LOG = "train_log.jsonl"
+EVAL_LOG = "eval_log.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class RunState:
+    """Mutable state that callbacks share: the current phase name (set by the phase callback)."""
+
+    phase: str = "static"
+    phase_index: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def training_arguments(cfg: ExperimentConfig, run_dir: Path) -> TrainingArguments:
+    tr = cfg.training
+    use_cuda = torch.cuda.is_available()
+    bf16 = use_cuda and cfg.model.precision != "fp32" and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS),
+        max_steps=tr.max_steps,
+        per_device_train_batch_size=tr.batch_size,
+        per_device_eval_batch_size=tr.batch_size,
+        gradient_accumulation_steps=tr.grad_accum,
+        learning_rate=tr.lr,
+        lr_scheduler_type=tr.lr_scheduler,
+        warmup_steps=tr.warmup_steps,
+        weight_decay=tr.weight_decay,
+        max_grad_norm=tr.max_grad_norm,
+        seed=tr.seed,
+        data_seed=tr.seed,
+        logging_steps=tr.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if tr.eval_steps > 0 else "no",
+        eval_steps=tr.eval_steps or None,
+        save_strategy="steps" if tr.save_steps > 0 else "no",
+        save_steps=tr.save_steps or 500,
+        report_to=[] if tr.report_to == "none" else [tr.report_to],
+        activation_checkpointing=tr.gradient_checkpointing,
+        # Non-reentrant checkpointing: reentrant checkpointing loses the gradients of a layer whose checkpointed
+        # input does not require grad (e.g. after freezing the early layers), the bug of the tool we replace.
+        activation_checkpointing_kwargs={"use_reentrant": False} if tr.gradient_checkpointing else None,
+        bf16=bf16,
+        use_cpu=not use_cuda,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        # DDP: modules frozen by a phase get no gradient, so the reducer must not wait for them.
+        ddp_find_unused_parameters=bool(cfg.schedule.phase_strategy),
+    )
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    model: torch.nn.Module,
+    tokenizer,
+    train_features: list[dict],
+    eval_features: list[dict] | None,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    from datasets import Dataset
+
+    tokenizer.padding_side = "right"
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, run_dir),
+        train_dataset=Dataset.from_list(train_features),
+        eval_dataset=Dataset.from_list(eval_features) if eval_features else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgressCallback())
+    return trainer
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    folder = run_dir / CHECKPOINTS
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+class QuietProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, without printing a dict per logged step (we log every step to a file)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+
+class JsonlWriter:
+    """Append-only JSON-lines file; on resume, lines past the resumed step are dropped (no duplicated steps)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def reset(self) -> None:
+        self.path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+class TrainLogCallback(TrainerCallback):
+    """Writes `train_log.jsonl` (step, loss, lr, grad_norm, phase, tokens, step_time_s) and `eval_log.jsonl`."""
+
+    def __init__(self, run_dir: Path, state: RunState):
+        self.train = JsonlWriter(run_dir / TRAIN_LOG)
+        self.eval = JsonlWriter(run_dir / EVAL_LOG)
+        self.state = state
+        self._step_start = 0.0
+        self._step_time = 0.0
+        self._time_since_log = 0.0
+        self._tokens_at_last_log = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        for writer in (self.train, self.eval):
+            writer.truncate_after(state.global_step) if state.global_step else writer.reset()
+        self._tokens_at_last_log = state.num_input_tokens_seen
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step_time = time.perf_counter() - self._step_start
+        self._time_since_log += self._step_time
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            tokens = state.num_input_tokens_seen - self._tokens_at_last_log
+            self._tokens_at_last_log = state.num_input_tokens_seen
+            self.train.write(
+                {
+                    "step": state.global_step,
+                    "loss": logs["loss"],
+                    "lr": logs.get("learning_rate"),
+                    "grad_norm": logs.get("grad_norm"),
+                    "phase": self.state.phase,
+                    "tokens": tokens,
+                    "tokens_seen": state.num_input_tokens_seen,
+                    "step_time_s": round(self._step_time, 6),
+                    "time_since_last_log_s": round(self._time_since_log, 6),
+                }
+            )
+            self._time_since_log = 0.0
+        if "eval_loss" in logs:
+            self.eval.write({"step": state.global_step, "eval_loss": logs["eval_loss"], "phase": self.state.phase})
+
+
+class BestAdapterCallback(TrainerCallback):
+    """Keeps a copy of the LoRA weights with the lowest validation loss (LoRA weights are small)."""
+
+    def __init__(self, lora_state_fn):
+        self._lora_state_fn = lora_state_fn
+        self.best_loss: float | None = None
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and (self.best_loss is None or loss < self.best_loss):
+            self.best_loss, self.best_step = float(loss), state.global_step
+            self.best_state = {k: v.detach().clone() for k, v in self._lora_state_fn().items()}
