@@ -187,3 +187,32 @@ def device_summary() -> str:
     if torch.cuda.is_available():
         return f"CUDA ({torch.cuda.get_device_name(0)})"
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+@dataclass
+class LoadedRun:
+    cfg: ExperimentConfig
+    model: torch.nn.Module  # PeftModel with the run's final adapter, eval mode
+    tokenizer: object
+    module_map: object
+    lora: list
+
+
+def load_run(run_dir: str | Path, adapter: bool = True) -> LoadedRun:
+    """Rebuild a finished run's model: the base model of its config.json + `final_model/` (for eval/analyze)."""
+    from peft import PeftModel
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise UserError(f"{run_dir} is not a lorasens run directory (no {CONFIG_FILE})")
+    cfg = config_from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
+    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
+    module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
+    model = loaded.model
+    if adapter:
+        if not (run_dir / FINAL_MODEL / "adapter_config.json").exists():
+            raise UserError(f"{run_dir} has no {FINAL_MODEL}/ adapter (did the run finish?)")
+        model = PeftModel.from_pretrained(model, run_dir / FINAL_MODEL)
+    model.eval()
+    lora = lora_parameters(model, module_map) if adapter else []
+    return LoadedRun(cfg, model, loaded.tokenizer, module_map, lora)
