@@ -37,7 +37,8 @@ class RunResult:
     summary: dict
 
 
-def run_experiment(cfg: ExperimentConfig) -> RunResult:
+def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) -> RunResult:
+    """Run one experiment; `extra_callbacks` are added to the Trainer (the extension point for users)."""
     started = time.time()
     run_dir = cfg.run_dir
     check_run_dir(run_dir, cfg.output.overwrite, cfg.output.resume)
@@ -82,6 +83,7 @@ def run_experiment(cfg: ExperimentConfig) -> RunResult:
         context = {"cfg": cfg, "run_dir": run_dir, "model": model, "module_map": module_map, "lora": lora,
                    "state": state, "schedule": schedule, "val_features": val_features, "tokenizer": loaded.tokenizer}
         callbacks.extend(_analysis_callbacks(context))
+        callbacks.extend(extra_callbacks)
         trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features, val_features if cfg.training.eval_steps else None, callbacks)
         context["trainer"] = trainer
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
