@@ -1,0 +1,20 @@
+"""`lorasens report RUN_DIR...`: redraw a finished (or unfinished) run's plots and its report.html from its files."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="Redraw the plots and report.html of run directories from their files.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run directory (holds config.json).")
+    p.set_defaults(func=run, _subparser=p)
+
+
+def run(args) -> int:
+    from lorasens.report import write_report
+
+    for run_dir in args.run_dirs:
+        result = write_report(run_dir)
+        print(f"{result.path}: {len(result.plots)} plot(s)")
+        for line in result.missing:
+            print(f"  missing: {line}")
+    return 0

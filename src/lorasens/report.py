@@ -1,0 +1,324 @@
+"""`report.html`: one self-contained page per run, drawn from the run directory's files only.
+
+Sections: config summary, phases, evaluation metrics (and baseline), sensitivity ranking, recommended LoRA config,
+plots. Images are embedded as base64 data URIs and the CSS is inline, so the file can be mailed or opened offline.
+A missing input never stops the report: its section says which file is missing and the rest is drawn.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasens.errors import UserError
+from lorasens.plots.common import (
+    ABLATION,
+    EVAL_LOG,
+    GROUP_NORMS,
+    LAYER_NORMS,
+    MODULE_NORMS,
+    PHASES,
+    SENSITIVITY,
+    TRAIN_LOG,
+    read_json,
+    read_jsonl,
+)
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+RECOMMENDED = "recommended_lora_config.json"
+EVALUATION_SUFFIX = "_evaluation.json"
+PREDICTIONS_SUFFIX = "_predictions.jsonl"
+# Files a run directory may hold; a folder with none of them is not a run and gets no report.
+RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, TRAIN_LOG, EVAL_LOG, PHASES, GROUP_NORMS, LAYER_NORMS, MODULE_NORMS,
+             SENSITIVITY, ABLATION, RECOMMENDED)
+SECTIONS = (("config", "Configuration"), ("phases", "Phases"), ("evaluation", "Evaluation"),
+            ("sensitivity", "Sensitivity ranking"), ("recommendation", "Recommended LoRA config"), ("plots", "Plots"))
+# (label, config section, field) shown in the config summary table.
+KEY_SETTINGS = (
+    ("model", "model", "model"), ("dataset", "data", "dataset"), ("LoRA target", "lora", "target"),
+    ("phase strategy", "schedule", "phase_strategy"), ("phase ends", "schedule", "phase_ends"),
+    ("rank r", "lora", "r"), ("lora_alpha", "lora", "lora_alpha"), ("lora_dropout", "lora", "lora_dropout"),
+    ("learning rate", "training", "lr"), ("max_steps", "training", "max_steps"),
+    ("batch_size", "training", "batch_size"), ("grad_accum", "training", "grad_accum"),
+    ("max_length", "data", "max_length"), ("seed", "training", "seed"),
+)
+SUMMARY_KEYS = ("steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "final_model_from",
+                "trainable_params", "lora_modules", "num_layers", "train_runtime_s", "wall_time_s")
+RANKING_TOP = 10
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d1d1d;background:#fafafa}
+header{background:#0b3d63;color:#fff;padding:18px 28px}header h1{margin:0 0 4px;font-size:22px}
+header p{margin:0;opacity:.85;font-size:13px}nav{padding:8px 28px;background:#e8eef3;font-size:14px}
+nav a{margin-right:16px;color:#0b3d63;text-decoration:none}main{padding:8px 28px 40px;max-width:1200px}
+section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:14px 20px;margin:16px 0}
+h2{font-size:18px;margin:0 0 10px;color:#0b3d63}h3{font-size:15px;margin:14px 0 6px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}th,td{border:1px solid #d5d5d5;padding:4px 9px;text-align:left}
+th{background:#f0f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.missing{background:#fff4e5;border-left:4px solid #E69F00;padding:8px 12px;margin:8px 0;font-size:13px}
+.note{color:#555;font-size:13px}pre{background:#f4f4f4;padding:10px;overflow-x:auto;font-size:12px}
+figure{margin:18px 0}figure img{max-width:100%;border:1px solid #e3e3e3}figcaption{font-size:13px;color:#444}
+.pos{color:#006d2c}.neg{color:#b30000}
+"""
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    plots: dict[str, Path] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # what could not be shown, one line each
+
+
+def report_after_training(context: dict) -> dict:
+    """Called by `lorasens.run` at the end of a run: draws all plots and writes report.html."""
+    result = write_report(context["run_dir"])
+    return {"report": str(result.path), "plots": sorted(result.plots), "report_missing": result.missing}
+
+
+def write_report(run_dir: str | Path) -> ReportResult:
+    """Redraw every plot of a run directory and write its report.html; names what is missing."""
+    from lorasens.plots import RUN_PLOTS, plot_run
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory; give a run directory (one that holds {CONFIG_FILE})")
+    if not any((run_dir / name).exists() for name in RUN_FILES) and not _evaluation_files(run_dir):
+        raise UserError(f"{run_dir} is not a lorasens run directory: none of {', '.join(RUN_FILES)} is there")
+    missing: list[str] = []
+    outcome = plot_run(run_dir)
+    plots = {name: value for name, value in outcome.items() if isinstance(value, Path)}
+    missing += [f"{name}: {value}" for name, value in outcome.items() if not isinstance(value, Path)]
+    config = read_json(run_dir / CONFIG_FILE)
+    summary = read_json(run_dir / SUMMARY_FILE)
+    if config is None:
+        missing.insert(0, f"{CONFIG_FILE} is missing: settings unknown")
+    body = [
+        _config_section(config, summary, run_dir),
+        _phases_section(run_dir),
+        _evaluation_section(run_dir, config),
+        _sensitivity_section(run_dir),
+        _recommendation_section(run_dir),
+        _plots_section(run_dir, plots, outcome, RUN_PLOTS),
+    ]
+    missing += [line for _, lines in body for line in lines]
+    status = "complete" if summary is not None else "incomplete (no summary.json: the run did not finish)"
+    page = render_page(
+        title=f"lorasens report — {run_dir.name}",
+        subtitle=f"{run_dir.resolve()} · {status} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        sections=[(key, title, text) for (key, title), (text, _) in zip(SECTIONS, body)],
+        missing=missing,
+    )
+    path = run_dir / REPORT_FILE
+    path.write_text(page, encoding="utf-8")
+    logger.info("report: %s (%d plots%s)", path, len(plots), f", {len(missing)} item(s) missing" if missing else "")
+    return ReportResult(path, plots, missing)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTML building blocks (shared with lorasens.compare)
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "–"
+        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    lines = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            css = ' class="num"' if i >= numeric_from and isinstance(cell, (int, float)) else ""
+            cells.append(f"<td{css}>{esc(fmt(cell))}</td>")
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+
+
+def missing_box(lines: list[str]) -> str:
+    if not lines:
+        return ""
+    return '<div class="missing"><b>Not available:</b><ul>' + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul></div>"
+
+
+def image_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_page(title: str, subtitle: str, sections: list[tuple[str, str, str]], missing: list[str]) -> str:
+    nav = "".join(f'<a href="#{key}">{esc(name)}</a>' for key, name, _ in sections)
+    blocks = "".join(f'<section id="{key}"><h2>{esc(name)}</h2>{text}</section>' for key, name, text in sections)
+    overview = ""
+    if missing:
+        overview = f'<section id="missing"><h2>Missing inputs</h2>{missing_box(missing)}</section>'
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{esc(title)}</title>"
+        f"<style>{CSS}</style></head><body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
+        f"<nav>{nav}</nav><main>{overview}{blocks}</main></body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections: each returns (html, [missing lines])
+
+
+def _config_section(config: dict | None, summary: dict | None, run_dir: Path) -> tuple[str, list[str]]:
+    missing = []
+    parts = []
+    if config is not None:
+        rows = [[label, config.get(section, {}).get(name)] for label, section, name in KEY_SETTINGS]
+        rows.append(["preset", config.get("preset")])
+        parts.append(table(["setting", "value"], rows))
+        parts.append("<details><summary>Full config.json</summary><pre>" + esc(json.dumps(config, indent=2))
+                     + "</pre></details>")
+    else:
+        missing.append(f"{CONFIG_FILE} is missing")
+    if summary is not None:
+        rows = [[key, summary[key]] for key in SUMMARY_KEYS if key in summary]
+        parts.append("<h3>Run summary</h3>" + table(["quantity", "value"], rows))
+    else:
+        train = read_jsonl(run_dir / TRAIN_LOG)
+        missing.append(f"{SUMMARY_FILE} is missing (run unfinished?)")
+        if train:
+            parts.append("<h3>Run so far (from train_log.jsonl)</h3>" + table(
+                ["quantity", "value"], [["last logged step", train[-1].get("step")],
+                                        ["last train loss", train[-1].get("loss")]]))
+    return missing_box(missing) + "".join(parts), missing
+
+
+def _phases_section(run_dir: Path) -> tuple[str, list[str]]:
+    phases = read_json(run_dir / PHASES)
+    if phases is None:
+        return ('<p class="note">Static run: one phase, all LoRA modules trainable throughout '
+                f"(no {PHASES}).</p>", [])
+    transitions = phases.get("transitions", [])
+    ends = phases.get("ends", [])
+    rows = []
+    for i, t in enumerate(transitions):
+        next_step = transitions[i + 1]["step"] if i + 1 < len(transitions) else None
+        index = int(t.get("phase", i + 1))
+        end = next_step if next_step is not None else (ends[index - 1] if 0 < index <= len(ends) else None)
+        rows.append([t.get("phase"), t.get("label"), t["step"] + 1, end, len(t.get("trainable_modules", [])),
+                     t.get("trainable_params")])
+    text = f"<p>Strategy <b>{esc(phases.get('strategy'))}</b>; phase end steps {esc(ends)}.</p>"
+    text += table(["phase", "trains", "first step", "last step", "trainable modules", "trainable parameters"], rows)
+    return text, []
+
+
+def _evaluation_files(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob(f"*{EVALUATION_SUFFIX}"))
+
+
+def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[str]]:
+    files = _evaluation_files(run_dir)
+    if not files:
+        dataset = (config or {}).get("data", {}).get("dataset", "{dataset}")
+        line = f"{dataset}{EVALUATION_SUFFIX} is missing (evaluation off or not run)"
+        return missing_box([line]), [line]
+    parts = []
+    for path in files:
+        data = read_json(path)
+        if data is None:
+            return missing_box([f"{path.name} is unreadable"]), [f"{path.name} is unreadable"]
+        metrics = data.get("metrics") or {}
+        baseline = ((data.get("baseline") or {}).get("metrics")) or {}
+        headers = ["metric", "fine-tuned"] + (["base model", "Δ (fine-tuned − base)"] if baseline else [])
+        rows = []
+        for name, value in metrics.items():
+            row = [name, value]
+            if baseline:
+                base = baseline.get(name)
+                delta = value - base if isinstance(value, (int, float)) and isinstance(base, (int, float)) else None
+                row += [base, delta]
+            rows.append(row)
+        parts.append(f"<h3>{esc(data.get('dataset', path.name))} · split {esc(data.get('split'))} · "
+                     f"{esc(data.get('num_examples'))} examples</h3>" + table(headers, rows))
+        if not baseline:
+            parts.append('<p class="note">No baseline (run with --baseline true to score the base model too).</p>')
+        if data.get("settings"):
+            parts.append(f'<p class="note">Settings: {esc(json.dumps(data["settings"]))}</p>')
+        predictions = read_jsonl(run_dir / path.name.replace(EVALUATION_SUFFIX, PREDICTIONS_SUFFIX))[:3]
+        if predictions:
+            parts.append("<details><summary>First predictions</summary>" + table(
+                ["prompt", "prediction", "first reference"],
+                [[p.get("prompt", ""), p.get("prediction", ""), (p.get("references") or [""])[0]] for p in predictions],
+                numeric_from=99) + "</details>")
+    return "".join(parts), []
+
+
+def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
+    data = read_json(run_dir / SENSITIVITY)
+    if data is None:
+        line = f"{SENSITIVITY} is missing (analysis not run)"
+        return missing_box([line]), [line]
+    rankings = data.get("rankings") or {}
+    measures = data.get("measures") or {}
+    if not rankings:
+        line = f"{SENSITIVITY} has no rankings"
+        return missing_box([line]), [line]
+    names = list(rankings)
+    depth = min(RANKING_TOP, max(len(r) for r in rankings.values()))
+    rows = []
+    for rank in range(depth):
+        row = [rank + 1]
+        for name in names:
+            keys = rankings[name]
+            if rank < len(keys):
+                score = (measures.get(name) or {}).get(keys[rank])
+                row.append(f"{keys[rank]} ({fmt(score)})" if score is not None else keys[rank])
+            else:
+                row.append("")
+        rows.append(row)
+    text = (f'<p class="note">Most sensitive modules first (score in brackets), top {depth} of '
+            f"{len(data.get('modules') or [])}, per measure.</p>" + table(["rank"] + names, rows, numeric_from=99))
+    agreement = data.get("agreement") or {}
+    if agreement:
+        text += "<h3>Agreement between measures (Spearman ρ)</h3>" + table(
+            ["measures", "ρ"], [[k, v] for k, v in agreement.items()])
+    if data.get("budget") is not None:
+        text += f'<p class="note">Budget: {esc(json.dumps(data["budget"]))}</p>'
+    return text, []
+
+
+def _recommendation_section(run_dir: Path) -> tuple[str, list[str]]:
+    data = read_json(run_dir / RECOMMENDED)
+    if data is None:
+        line = f"{RECOMMENDED} is missing (analysis not run)"
+        return missing_box([line]), [line]
+    usage = ("import json\nfrom peft import LoraConfig, get_peft_model\n"
+             f"config = LoraConfig(**json.load(open({RECOMMENDED!r})))\nmodel = get_peft_model(model, config)")
+    return (f"<p>{esc(RECOMMENDED)} — keyword arguments for <code>peft.LoraConfig</code>:</p>"
+            f"<pre>{esc(json.dumps(data, indent=2))}</pre><p class=\"note\">Use it:</p><pre>{esc(usage)}</pre>", [])
+
+
+def _plots_section(run_dir: Path, plots: dict, outcome: dict, registry: dict) -> tuple[str, list[str]]:
+    parts = []
+    for name, (_, caption) in registry.items():
+        if name in plots:
+            parts.append(f"<figure>{image_tag(plots[name], name)}<figcaption><b>{esc(name)}</b> — {esc(caption)}"
+                         "</figcaption></figure>")
+        else:
+            parts.append(missing_box([f"{name}: {outcome.get(name)}"]))
+    return "".join(parts), []
