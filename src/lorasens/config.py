@@ -193,6 +193,13 @@ class ExperimentConfig:
             raise UserError(f"--budget_modules must be > 0 (a count >= 1 or a fraction < 1), got {self.tracking.budget_modules}")
         if sched.dynamic_lora and not sched.phase_strategy:
             raise UserError("--dynamic_lora needs --phase_strategy (e.g. both->mlp->attn); see `lorasens strategies`")
+        # A strategy means a dynamic run: record it so config.json says so (and --resume compares equal).
+        sched.dynamic_lora = bool(sched.phase_strategy)
+        if not sched.phase_strategy:
+            given = [f"--{n}" for n in ("phase_ends", "phase1_end", "phase2_end") if getattr(sched, n) is not None]
+            given += ["--reset_optimizer_on_switch"] if sched.reset_optimizer_on_switch else []
+            if given:
+                raise UserError(f"{', '.join(given)} only apply to a phase schedule; add --phase_strategy (e.g. both->mlp->attn)")
         if self.output.overwrite and self.output.resume:
             raise UserError("--overwrite and --resume exclude each other: one replaces the run, the other continues it")
         from lorasens.data.registry import get_dataset_spec

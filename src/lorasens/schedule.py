@@ -140,14 +140,18 @@ def _parse_layers(text: str, phase: str) -> LayerRange:
 
 def _parse_phase(text: str) -> PhaseSpec:
     text = text.strip()
-    group_text, _, layer_text = text.partition("@")
+    group_text, at, layer_text = text.partition("@")
     group_text = group_text.strip()
     if not group_text:
         raise UserError(f"empty phase in schedule near {text!r}")
-    layers = _parse_layers(layer_text, text) if layer_text else None
+    # "attn@" with nothing after the @ is a typo, not "all layers".
+    layers = _parse_layers(layer_text, text) if at else None
     if group_text in GROUP_WORDS:
         return PhaseSpec(GROUP_WORDS[group_text], None, layers, text)
     types = tuple(t.strip() for t in group_text.split(",") if t.strip())
+    if not types:
+        # "," alone would otherwise mean "no type restriction", i.e. silently train everything.
+        raise UserError(f"phase {text!r} names no module group or type; use attn, mlp, both or types such as q,v")
     for t in types:
         if not re.fullmatch(r"[A-Za-z_][\w.]*", t):
             raise UserError(f"unknown group or module type {t!r}; use attn, mlp, both or module types such as q,v")
