@@ -163,3 +163,46 @@ def test_phase_strategy_implies_dynamic_lora_and_dynamic_lora_needs_one():
         build_config(cli_overrides={**base, "phase1_end": 4})
     with pytest.raises(UserError, match="--reset_optimizer_on_switch only apply"):
         build_config(cli_overrides={**base, "reset_optimizer_on_switch": True})
+
+
+# ------------------------------------------------------------------------------------------------- through the CLI
+
+CLI_BASE = ["train", "--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps", "12", "--max_length", "64",
+            "--train_samples", "50", "--eval_samples", "8", "--evaluate", "false", "--ablation", "false"]
+
+
+def _flags(kwargs: dict) -> list[str]:
+    return [item for key, value in kwargs.items() for item in (f"--{key}", str(value))]
+
+
+@pytest.mark.parametrize("strategy, kwargs, message", INVALID + INVALID_WITH_MODEL)
+def test_cli_invalid_schedule_exits_2_with_one_line(tmp_path, capsys, strategy, kwargs, message):
+    from lorasens.cli import main
+
+    argv = CLI_BASE + ["--output_dir", str(tmp_path), "--phase_strategy", strategy] + _flags(kwargs)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.split("'")[0] in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing written for a run that could not start
+
+
+def test_cli_subprocess_exit_code_for_invalid_schedule(tmp_path):
+    import subprocess
+    import sys
+
+    argv = CLI_BASE + ["--output_dir", str(tmp_path), "--phase_strategy", "attn->mlp@0-9"]
+    done = subprocess.run([sys.executable, "-m", "lorasens", *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: layer range 0-9 goes beyond this model's 4 layers (0-3)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dynamic_lora", "true"], "--dynamic_lora needs --phase_strategy"),
+    (["--phase_ends", "4,8"], "--phase_ends only apply to a phase schedule"),
+])
+def test_cli_schedule_flags_without_strategy_exit_2(tmp_path, capsys, argv, message):
+    from lorasens.cli import main
+
+    assert main(CLI_BASE + ["--output_dir", str(tmp_path)] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

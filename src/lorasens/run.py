@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +62,15 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
     if not train_features:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
 
-    if cfg.output.overwrite:
-        replace_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_FILE)
-    log_handler = _attach_file_log(run_dir)
+    # Under torchrun every process runs this; only the main one (RANK 0, known before the process group exists)
+    # prepares the run directory, else --overwrite has two processes deleting and writing the same files at once.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        if cfg.output.overwrite:
+            replace_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
+    log_handler = _attach_file_log(run_dir) if main_process else logging.NullHandler()
     try:
         model = apply_lora(loaded.model, lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
         lora = lora_parameters(model, module_map)
