@@ -19,6 +19,9 @@ EXIT_USAGE = 2
 COMMAND_MODULES = [
     "lorasens.commands.train",
     "lorasens.commands.listing",
+    "lorasens.commands.report",
+    "lorasens.commands.compare",
+    "lorasens.commands.sweep",
 ]
 
 

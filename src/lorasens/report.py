@@ -297,8 +297,12 @@ def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
     if agreement:
         text += "<h3>Agreement between measures (Spearman ρ)</h3>" + table(
             ["measures", "ρ"], [[k, v] for k, v in agreement.items()])
-    if data.get("budget") is not None:
-        text += f'<p class="note">Budget: {esc(json.dumps(data["budget"]))}</p>'
+    budget = data.get("budget")
+    if isinstance(budget, dict):
+        rows = [[k, ", ".join(map(str, v)) if isinstance(v, list) else v] for k, v in budget.items()]
+        text += "<h3>Budget</h3>" + table(["", ""], rows, numeric_from=99)
+    elif budget is not None:
+        text += f'<p class="note">Budget: {esc(json.dumps(budget))}</p>'
     return text, []
 
 

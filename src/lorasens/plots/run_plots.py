@@ -51,8 +51,9 @@ MEASURE_LABELS = {
     "importance": "importance |θ·∇θ| (EMA, mean)",
     "update_magnitude": "‖ΔW‖_F = scaling·‖BA‖_F (end of training)",
     "ablation": "Δ validation loss when removed (nats/token)",
+    "combined": "combined score (mean normalised rank)",
 }
-ABLATION_KINDS = ("group", "module_type", "layer", "module")
+ABLATION_KINDS = ("all", "group", "module_type", "layer", "module")
 ABLATION_TOP = 20  # single-module bars shown (largest |Δ loss|)
 
 
@@ -293,7 +294,7 @@ def plot_sensitivity_heatmap(run_dir: Path) -> Path:
     types = list(dict.fromkeys(m["module"] for m in sorted(modules, key=lambda m: (m["group"] != "attn",))))
     layers = sorted({int(m["layer"]) for m in modules})
     names = _measure_order(measures)
-    ncols = min(len(names), 4)
+    ncols = 3 if len(names) > 4 else len(names)
     nrows = math.ceil(len(names) / ncols)
     height = max(3.2, 0.25 * len(layers) + 1.8)
     fig, axes = new_figure(nrows, ncols, figsize=(3.6 * ncols + 1, height * nrows + 0.6), squeeze=False)
@@ -332,11 +333,12 @@ def plot_ablation(run_dir: Path) -> Path:
     """Δ validation loss when a group, module type, layer or single module is switched off (bars, per kind)."""
     run_dir = Path(run_dir)
     table = read_table(run_dir, ABLATION, ("kind", "name", "group", "loss", "delta_loss"))
-    table = table[table["delta_loss"].notna()]
+    reference = (table["kind"] == "all") & (table["delta_loss"].fillna(0) == 0)  # the all-on row: Δ = 0 by definition
+    full = table.loc[reference, "loss"]
+    table = table[table["delta_loss"].notna() & ~reference]
     kinds = [k for k in ABLATION_KINDS if (table["kind"] == k).any()]
     if not kinds:
         raise MissingInput(f"{ABLATION} has no group/layer/module ablation rows")
-    full = table.loc[table["kind"] == "all", "loss"]
     sizes = []
     for kind in kinds:
         rows = table[table["kind"] == kind]
@@ -345,13 +347,13 @@ def plot_ablation(run_dir: Path) -> Path:
                            gridspec_kw={"height_ratios": [s + 2 for s in sizes]}, squeeze=False)
     for ax, kind in zip(axes[:, 0], kinds):
         rows = table[table["kind"] == kind].copy()
-        title = {"group": "module group", "module_type": "module type", "layer": "layer",
+        title = {"all": "all LoRA modules", "group": "module group", "module_type": "module type", "layer": "layer",
                  "module": "single module"}[kind]
         if len(rows) > ABLATION_TOP:
             rows = rows.reindex(rows["delta_loss"].abs().sort_values(ascending=False).index[:ABLATION_TOP])
             title += f" (top {ABLATION_TOP} of {int((table['kind'] == kind).sum())} by |Δ|)"
         rows = rows.sort_values("delta_loss")
-        colours = [PALETTE.get(str(g), PALETTE["layer"]) for g in rows["group"].fillna("")]
+        colours = [PALETTE.get(str(g), PALETTE["layer"] if kind == "layer" else "#999999") for g in rows["group"].fillna("")]
         ax.barh([str(n) for n in rows["name"]], rows["delta_loss"].astype(float), color=colours)
         ax.axvline(0, color="#333333", linewidth=0.8)
         ax.set_title(f"Switched off: {title}", fontsize=10, loc="left")
@@ -361,11 +363,11 @@ def plot_ablation(run_dir: Path) -> Path:
     from matplotlib.patches import Patch
 
     handles = [Patch(color=PALETTE["attn"], label="attention"), Patch(color=PALETTE["mlp"], label="MLP"),
-               Patch(color=PALETTE["layer"], label="whole layer")]
-    axes[0, 0].legend(handles=handles, fontsize=8, loc="lower right")
+               Patch(color=PALETTE["layer"], label="whole layer"), Patch(color="#999999", label="everything")]
+    fig.legend(handles=handles, fontsize=8, loc="upper right", ncol=3, frameon=False)
     suffix = f" (loss with all LoRA on: {float(full.iloc[0]):.4f})" if len(full) else ""
-    fig.suptitle(f"Ablation — {run_dir.name}{suffix}", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f"Ablation — {run_dir.name}{suffix}", fontsize=11, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     return save(fig, run_dir / "ablation.png")
 
 

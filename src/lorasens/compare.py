@@ -1,0 +1,311 @@
+"""`lorasens compare RUN_DIR...`: settings and metrics of several runs side by side, seeds aggregated.
+
+Runs whose configs differ only by seed (and output location) form one configuration; its metrics are reported as
+mean ± sample standard deviation (ddof=1, the unbiased estimator of the variance across seeds) with the count n.
+With n = 1 the std is empty, not 0. Everything is read from the run directories' files:
+config.json, summary.json, train_log.jsonl, eval_log.jsonl, {dataset}_evaluation.json, gradient CSVs.
+
+Outputs in --out (default: `comparison/` beside the runs): comparison.csv (one row per configuration),
+comparison_runs.csv (one row per run), comparison.md, comparison_losses.png, comparison_grad_norms.png and a
+self-contained comparison.html.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasens.errors import UserError
+from lorasens.plots.common import EVAL_LOG, TRAIN_LOG, read_json, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+EVALUATION_SUFFIX = "_evaluation.json"
+# Fields that do not change what is learnt: runs differing only here are repeats of one configuration.
+NOT_A_SETTING = {"seed", "output_dir", "experiment_name", "overwrite", "resume", "report_to", "save_steps",
+                 "logging_steps", "eval_batch_size"}
+KEY_SETTINGS = ("model", "dataset", "target", "phase_strategy", "r", "lora_alpha", "lr", "max_steps", "batch_size")
+LOSS_METRICS = ("final_train_loss", "final_eval_loss", "best_eval_loss")
+SUMMARY_METRICS = ("trainable_params", "train_runtime_s")
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    name: str
+    settings: dict  # flat config (field -> value); empty when config.json is missing
+    seed: int | None
+    metrics: dict[str, float]
+    complete: bool
+    missing: list[str] = field(default_factory=list)
+    group: str = ""
+
+    @property
+    def dataset(self) -> str | None:
+        return self.settings.get("dataset")
+
+
+@dataclass
+class CompareResult:
+    out_dir: Path
+    files: list[Path]
+    runs: list[RunRecord]
+    groups: list[dict]
+    skipped: list[str]
+    mixed_datasets: list[str]
+
+
+def load_run_record(run_dir: Path) -> RunRecord:
+    """Settings and metrics of one run from its files; raises UserError if the folder is not a run at all."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory")
+    config = read_json(run_dir / CONFIG_FILE)
+    summary = read_json(run_dir / SUMMARY_FILE)
+    train = read_jsonl(run_dir / TRAIN_LOG)
+    evals = read_jsonl(run_dir / EVAL_LOG)
+    evaluations = sorted(run_dir.glob(f"*{EVALUATION_SUFFIX}"))
+    if config is None and summary is None and not train and not evaluations:
+        raise UserError(f"{run_dir} is not a lorasens run directory (no {CONFIG_FILE}, {SUMMARY_FILE}, {TRAIN_LOG} "
+                        f"or *{EVALUATION_SUFFIX})")
+    missing = [f"{name} is missing" for name, data in ((CONFIG_FILE, config), (SUMMARY_FILE, summary)) if data is None]
+    settings = {k: v for section in (config or {}).values() if isinstance(section, dict) for k, v in section.items()}
+    metrics: dict[str, float] = {}
+    train_losses = [r["loss"] for r in train if r.get("loss") is not None]
+    eval_losses = [r["eval_loss"] for r in evals if r.get("eval_loss") is not None]
+    if train_losses:
+        metrics["final_train_loss"] = float(train_losses[-1])
+        metrics["steps"] = float(max(r["step"] for r in train))
+    if eval_losses:
+        metrics["final_eval_loss"] = float(eval_losses[-1])
+        metrics["best_eval_loss"] = float(min(eval_losses))
+    for key in SUMMARY_METRICS:
+        if isinstance((summary or {}).get(key), (int, float)):
+            metrics[key] = float(summary[key])
+    if not evaluations:
+        missing.append(f"{settings.get('dataset', '{dataset}')}{EVALUATION_SUFFIX} is missing")
+    for path in evaluations:
+        data = read_json(path)
+        if data is None:
+            missing.append(f"{path.name} is unreadable")
+            continue
+        prefix = "" if len(evaluations) == 1 else f"{data.get('dataset', path.name[: -len(EVALUATION_SUFFIX)])}."
+        for name, value in (data.get("metrics") or {}).items():
+            if isinstance(value, (int, float)):
+                metrics[f"{prefix}{name}"] = float(value)
+        for name, value in (((data.get("baseline") or {}).get("metrics")) or {}).items():
+            if isinstance(value, (int, float)):
+                metrics[f"{prefix}baseline.{name}"] = float(value)
+    return RunRecord(run_dir, run_dir.name, settings, settings.get("seed"), metrics, summary is not None, missing)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1); std is None for a single value."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _config_key(record: RunRecord) -> tuple:
+    if not record.settings:
+        return ("run", str(record.run_dir))  # unknown settings: never pooled with anything
+    return tuple(sorted((k, json.dumps(v)) for k, v in record.settings.items() if k not in NOT_A_SETTING))
+
+
+def _varying(records: list[RunRecord]) -> list[str]:
+    keys = sorted({k for r in records for k in r.settings} - NOT_A_SETTING)
+    return [k for k in keys if len({json.dumps(r.settings.get(k)) for r in records if r.settings}) > 1]
+
+
+def group_runs(records: list[RunRecord]) -> list[dict]:
+    """Configurations (runs equal up to seed), each with its runs and the mean ± std of every metric."""
+    varying = _varying(records)
+    by_key: dict[tuple, list[RunRecord]] = {}
+    for record in records:
+        by_key.setdefault(_config_key(record), []).append(record)
+    groups = []
+    for runs in by_key.values():
+        first = runs[0]
+        if not first.settings:
+            label = f"{first.name} (settings unknown)"
+        elif varying:
+            label = ", ".join(f"{k}={_short(first.settings.get(k))}" for k in varying)
+        else:
+            label = "same settings"
+        for run in runs:
+            run.group = label
+        metric_names = list(dict.fromkeys(m for r in runs for m in r.metrics))
+        stats = {}
+        for name in metric_names:
+            values = [r.metrics[name] for r in runs if name in r.metrics and not math.isnan(r.metrics[name])]
+            if values:
+                mean, std = mean_std(values)
+                stats[name] = {"mean": mean, "std": std, "n": len(values)}
+        groups.append({"label": label, "runs": runs, "n": len(runs), "settings": first.settings, "stats": stats,
+                       "seeds": [r.seed for r in runs]})
+    return groups
+
+
+def _short(value) -> str:
+    return "static" if value is None or value == "" else str(value)
+
+
+def default_out_dir(run_dirs: list[Path]) -> Path:
+    parents = {Path(p).resolve().parent for p in run_dirs}
+    return (parents.pop() if len(parents) == 1 else Path.cwd()) / "comparison"
+
+
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> CompareResult:
+    """Compare runs; folders that are not runs are skipped and named. UserError only when no run is left."""
+    run_dirs = [Path(p) for p in run_dirs]
+    if not run_dirs:
+        raise UserError("compare needs at least one run directory")
+    records, skipped = [], []
+    for run_dir in dict.fromkeys(run_dirs):
+        try:
+            records.append(load_run_record(run_dir))
+        except UserError as exc:
+            logger.warning("skipped: %s", exc)
+            skipped.append(str(exc))
+    if not records:
+        raise UserError("nothing to compare: " + "; ".join(skipped))
+    out = Path(out_dir) if out_dir else default_out_dir(run_dirs)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(records)
+    datasets = sorted({r.dataset for r in records if r.dataset})
+    mixed = datasets if len(datasets) > 1 else []
+    if mixed:
+        logger.warning("runs use different datasets (%s): their metrics are not comparable", ", ".join(mixed))
+    metric_names = _metric_order(records)
+    files = [_write_group_csv(out / "comparison.csv", groups, metric_names),
+             _write_runs_csv(out / "comparison_runs.csv", records, metric_names)]
+    plots, plot_missing = _draw(records, out)
+    files += list(plots.values())
+    markdown = _markdown(groups, records, metric_names, mixed, skipped)
+    (out / "comparison.md").write_text(markdown)
+    files.append(out / "comparison.md")
+    files.append(_write_html(out / "comparison.html", groups, records, metric_names, mixed, skipped, plots,
+                             plot_missing))
+    logger.info("comparison of %d run(s) in %d configuration(s): %s", len(records), len(groups), out)
+    return CompareResult(out, files, records, groups, skipped, mixed)
+
+
+def _metric_order(records: list[RunRecord]) -> list[str]:
+    names = list(dict.fromkeys(m for r in records for m in r.metrics))
+    first = [m for m in ("steps",) + LOSS_METRICS if m in names]
+    evaluation = [m for m in names if m not in first and m not in SUMMARY_METRICS and ".baseline." not in m
+                  and not m.startswith("baseline.")]
+    baseline = [m for m in names if m.startswith("baseline.") or ".baseline." in m]
+    return first + evaluation + baseline + [m for m in SUMMARY_METRICS if m in names]
+
+
+def _key_settings(settings: dict) -> list:
+    return [settings.get(k) for k in KEY_SETTINGS]
+
+
+def _write_group_csv(path: Path, groups: list[dict], metrics: list[str]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["configuration", "n", "seeds", *KEY_SETTINGS,
+                         *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]])
+        for g in groups:
+            row = [g["label"], g["n"], " ".join(str(s) for s in g["seeds"]), *_key_settings(g["settings"])]
+            for m in metrics:
+                stat = g["stats"].get(m)
+                row += ["", ""] if stat is None else [repr(stat["mean"]), "" if stat["std"] is None else repr(stat["std"])]
+            writer.writerow(row)
+    return path
+
+
+def _write_runs_csv(path: Path, records: list[RunRecord], metrics: list[str]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["run", "run_dir", "configuration", "seed", "complete", *KEY_SETTINGS, *metrics])
+        for r in records:
+            writer.writerow([r.name, str(r.run_dir), r.group, r.seed, r.complete, *_key_settings(r.settings),
+                             *["" if m not in r.metrics else repr(r.metrics[m]) for m in metrics]])
+    return path
+
+
+def format_stat(stat: dict | None) -> str:
+    if stat is None:
+        return "–"
+    if stat["std"] is None:
+        return f"{stat['mean']:.4g} (n=1)"
+    return f"{stat['mean']:.4g} ± {stat['std']:.2g} (n={stat['n']})"
+
+
+def _markdown(groups, records, metrics, mixed, skipped) -> str:
+    lines = ["# Run comparison", "",
+             "Runs that differ only by seed are one configuration: mean ± sample std (ddof=1) over seeds, n = count.",
+             ""]
+    if mixed:
+        lines += [f"> **Different datasets: {', '.join(mixed)}.** Metrics are not comparable across datasets.", ""]
+    if skipped:
+        lines += ["Skipped: " + "; ".join(skipped), ""]
+    headers = ["configuration", "n", "dataset", *metrics]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for g in groups:
+        cells = [g["label"], str(g["n"]), str(g["settings"].get("dataset", "?")), *[format_stat(g["stats"].get(m)) for m in metrics]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "## Runs", ""]
+    headers = ["run", "configuration", "seed", "complete", *KEY_SETTINGS, *metrics]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in records:
+        cells = [r.name, r.group, str(r.seed), "yes" if r.complete else "no", *[_short(v) for v in _key_settings(r.settings)],
+                 *[f"{r.metrics[m]:.4g}" if m in r.metrics else "–" for m in metrics]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    notes = [f"- {r.name}: {', '.join(r.missing)}" for r in records if r.missing]
+    if notes:
+        lines += ["", "Missing files:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _draw(records, out: Path) -> tuple[dict, list[str]]:
+    from lorasens.plots.common import MissingInput
+    from lorasens.plots.compare_plots import COMPARE_PLOTS
+
+    plots, missing = {}, []
+    for name, (function, _) in COMPARE_PLOTS.items():
+        try:
+            plots[name] = function(records, out)
+        except MissingInput as exc:
+            logger.warning("%s not drawn: %s", name, exc)
+            missing.append(f"{name}: {exc}")
+    return plots, missing
+
+
+def _write_html(path, groups, records, metrics, mixed, skipped, plots, plot_missing) -> Path:
+    from lorasens.plots.compare_plots import COMPARE_PLOTS
+    from lorasens.report import esc, image_tag, missing_box, render_page, table
+
+    intro = ('<p class="note">Runs that differ only by seed form one configuration: mean ± sample standard deviation '
+             "(ddof=1) over its seeds, n = number of runs.</p>")
+    if mixed:
+        intro += (f'<div class="missing"><b>Different datasets: {esc(", ".join(mixed))}.</b> Metrics are not '
+                  "comparable across datasets; the dataset column tells them apart.</div>")
+    summary = intro + table(["configuration", "n", "dataset", *metrics],
+                            [[g["label"], g["n"], g["settings"].get("dataset", "?"),
+                              *[format_stat(g["stats"].get(m)) for m in metrics]] for g in groups], numeric_from=99)
+    runs = table(["run", "configuration", "seed", "complete", *KEY_SETTINGS, *metrics],
+                 [[r.name, r.group, r.seed, "yes" if r.complete else "no", *[_short(v) for v in _key_settings(r.settings)],
+                   *[r.metrics.get(m) for m in metrics]] for r in records], numeric_from=4)
+    figures = "".join(f"<figure>{image_tag(p, name)}<figcaption><b>{esc(name)}</b> — {esc(COMPARE_PLOTS[name][1])}"
+                      "</figcaption></figure>" for name, p in plots.items())
+    missing = plot_missing + [f"{r.name}: {m}" for r in records for m in r.missing] + skipped
+    page = render_page(
+        title=f"lorasens comparison — {len(records)} run(s)",
+        subtitle=f"{len(groups)} configuration(s) · generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        sections=[("summary", "Configurations (mean ± std over seeds)", summary), ("runs", "Runs", runs),
+                  ("plots", "Plots", figures + missing_box(plot_missing))],
+        missing=missing,
+    )
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,122 @@
+"""report.html: self-contained (no external src/href), every section, what is missing named; `lorasens report`."""
+
+from __future__ import annotations
+
+import base64
+import json
+from html import escape
+from html.parser import HTMLParser
+
+import pytest
+from report_helpers import copy_run, png_size, tiny_run_dir, write_evaluation
+
+from lorasens.cli import main
+from lorasens.errors import UserError
+from lorasens.report import SECTIONS, write_report
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+        self.ids: set[str] = set()
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "poster", "data"):
+                self.refs.append((tag, name, value or ""))
+            if name == "id":
+                self.ids.add(value)
+
+
+def parse(html: str) -> Links:
+    parser = Links()
+    parser.feed(html)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tiny_run_dir(tmp_path_factory)
+
+
+def test_report_written_at_the_end_of_the_run(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["report"] == str(run_dir / "report.html")
+    assert (run_dir / "report.html").stat().st_size > 10_000
+
+
+def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path):
+    copy = copy_run(run_dir, tmp_path / "run")
+    write_evaluation(copy, {"bleu": 12.5, "rouge_l": 0.25}, baseline={"bleu": 2.5, "rouge_l": 0.05})
+    result = write_report(copy)
+    html = result.path.read_text()
+    page = parse(html)
+    assert "link" not in page.tags and "script" not in page.tags and "iframe" not in page.tags
+    images = [v for tag, attr, v in page.refs if tag == "img"]
+    assert len(images) == 7 and all(v.startswith("data:image/png;base64,") for v in images)
+    for value in images:  # the embedded bytes are the PNG files themselves
+        assert base64.b64decode(value.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(v.startswith("#") for tag, attr, v in page.refs if attr == "href")
+    assert not [r for r in page.refs if r[0] != "img" and r[1] != "href"]
+    assert "url(" not in html and "@import" not in html
+    for key, title in SECTIONS:
+        assert key in page.ids and title in html
+    assert result.missing == []
+    # Evaluation with baseline and delta.
+    assert "12.5" in html and "2.5" in html and ">10<" in html and "rouge_l" in html
+    # Phases, sensitivity ranking, recommended config, from the run's own files.
+    phases = json.loads((copy / "phases.json").read_text())
+    assert all(t["label"] in html for t in phases["transitions"])
+    sensitivity = json.loads((copy / "sensitivity.json").read_text())
+    top = next(iter(sensitivity["rankings"].values()))[0]
+    assert top in html
+    recommended = json.loads((copy / "recommended_lora_config.json").read_text())
+    assert escape(json.dumps(recommended, indent=2)) in html
+    config = json.loads((copy / "config.json").read_text())
+    assert config["model"]["model"] in html and "both-&gt;mlp-&gt;attn" in html
+
+
+def test_missing_files_are_named_and_the_rest_is_drawn(run_dir, tmp_path):
+    copy = copy_run(run_dir, tmp_path / "partial")
+    for name in ("sensitivity.json", "recommended_lora_config.json", "summary.json",
+                 "gradient_analysis.group_norms.csv"):
+        (copy / name).unlink()
+    result = write_report(copy)
+    missing = "\n".join(result.missing)
+    for name in ("sensitivity.json", "recommended_lora_config.json", "summary.json",
+                 "gradient_analysis.group_norms.csv", "synthetic_evaluation.json"):
+        assert name in missing
+    assert "gradient_norms.png" not in result.plots and "layer_heatmap.png" in result.plots
+    html = result.path.read_text()
+    assert "incomplete" in html and "Missing inputs" in html
+
+
+def test_a_run_with_only_a_config_and_a_log(tmp_path):
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"model": "tiny-random-llama"}, "data": {"dataset": "e2e"}}))
+    (run / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 - 0.1 * s}) + "\n" for s in (1, 2, 3)))
+    result = write_report(run)
+    assert list(result.plots) == ["training_loss.png"] and png_size(run / "training_loss.png")[0] >= 400
+    assert any("e2e_evaluation.json" in line for line in result.missing)
+    assert "last train loss" in result.path.read_text()
+
+
+def test_not_a_run_directory(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="not a lorasens run directory"):
+        write_report(tmp_path)
+    assert main(["report", str(tmp_path / "absent")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_report_command_redraws(run_dir, tmp_path, capsys):
+    copy = copy_run(run_dir, tmp_path / "cli")
+    (copy / "report.html").unlink()
+    (copy / "layer_heatmap.png").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.html").exists() and png_size(copy / "layer_heatmap.png")[0] >= 400
+    assert "7 plot(s)" in capsys.readouterr().out
