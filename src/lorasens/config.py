@@ -20,6 +20,7 @@ TARGET_ALIASES = {"attention": "attn"}
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
+BudgetUnit = Literal["modules", "params"]
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -102,6 +103,9 @@ class TrackingConfig:
     ablation_max_single: int = opt(64, "At most this many single (layer, module) ablations.")
     budget_modules: float | None = opt(
         None, "Recommendation budget: K modules (>= 1) or a fraction of all modules (< 1). Default: half."
+    )
+    budget_unit: BudgetUnit = opt(
+        "modules", "What --budget_modules counts: modules, or LoRA parameters (a count >= 1 or a fraction < 1)."
     )
 
 
@@ -191,6 +195,11 @@ class ExperimentConfig:
             raise UserError(f"--importance_ema must be in (0, 1), got {self.tracking.importance_ema}")
         if self.tracking.budget_modules is not None and self.tracking.budget_modules <= 0:
             raise UserError(f"--budget_modules must be > 0 (a count >= 1 or a fraction < 1), got {self.tracking.budget_modules}")
+        budget = self.tracking.budget_modules
+        if budget is not None and budget > 1 and not float(budget).is_integer():
+            raise UserError(f"--budget_modules must be a whole count (>= 1) or a fraction (< 1), got {budget}")
+        if self.tracking.ablation_max_single < 0:
+            raise UserError(f"--ablation_max_single must be >= 0, got {self.tracking.ablation_max_single}")
         if sched.dynamic_lora and not sched.phase_strategy:
             raise UserError("--dynamic_lora needs --phase_strategy (e.g. both->mlp->attn); see `lorasens strategies`")
         # A strategy means a dynamic run: record it so config.json says so (and --resume compares equal).

@@ -1,0 +1,250 @@
+"""Recording per-module LoRA gradient norms, Taylor importance and update magnitude while the Trainer trains.
+
+Which gradient is recorded (see docs/ARCHITECTURE.md, "Gradient timing"): the one backward produced for the
+optimizer step, i.e. after gradient accumulation and after the DDP all-reduce, and *before* clipping. The Trainer
+has no callback event between backward and clipping (`on_pre_optimizer_step` already sees clipped gradients, and
+the gradients are zeroed before `on_step_end`). Both of its paths, clipping (`max_grad_norm > 0`) and the plain
+norm for the log (`max_grad_norm = 0`, clipping at inf), call `trainer.accelerator.clip_grad_norm_` exactly once
+per optimizer step, right after the all-reduce. So on `on_train_begin` this callback wraps that method on the
+Trainer's own accelerator instance (not the class, not globally): the wrapper measures, then calls the original.
+The total norm recorded is therefore the pre-clip norm the Trainer logs as `grad_norm`.
+
+Speed: the norms of all LoRA gradients are computed on the device by `torch._foreach_norm` (one call per
+device/dtype group); the measurements of a step stay on the device until `on_step_end`, where they are
+concatenated and moved to the host once. Rows are buffered and appended to the CSVs at checkpoints and at the end.
+Only the main process records (after the all-reduce every rank holds the same gradients).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from lorasens.analysis import files
+from lorasens.analysis.csvlog import BufferedCsv, read_rows
+from lorasens.analysis.measures import foreach_norms, taylor_importance, update_magnitudes
+from lorasens.config import TrackingConfig
+from lorasens.lora import LoraParams
+from lorasens.module_map import GROUPS
+from lorasens.training import RunState
+
+logger = logging.getLogger(__name__)
+
+MATRICES = ("A", "B")
+
+
+def analysis_callbacks(context: dict) -> list[TrainerCallback]:
+    """The analysis callbacks for `run_experiment` (none when every measurement is switched off)."""
+    tracking: TrackingConfig = context["cfg"].tracking
+    if not (tracking.track_gradients or tracking.track_importance or tracking.track_update_magnitude):
+        return []
+    return [GradientTrackingCallback(context["run_dir"], context["lora"], context["state"], tracking, context)]
+
+
+@dataclass
+class _Pending:
+    """Measurements of one optimizer step taken at clipping time, still on the device."""
+
+    step: int
+    phase: str
+    active: np.ndarray  # indices into the flat parameter list (A0, B0, A1, B1, ...) that had a gradient
+    grad_norms: torch.Tensor | None
+    importance: torch.Tensor | None
+
+
+class GradientTrackingCallback(TrainerCallback):
+    """Writes the gradient-norm CSVs, importance.csv and update_magnitude.csv every `grad_log_interval` steps.
+
+    `context` must hold the Trainer under "trainer" by `on_train_begin` (run_experiment sets it after building it).
+    """
+
+    def __init__(self, run_dir: Path, lora: list[LoraParams], run_state: RunState, tracking: TrackingConfig,
+                 context: dict):
+        self.lora = list(lora)
+        self.run_state = run_state
+        self.tracking = tracking
+        self.context = context
+        self.interval = tracking.grad_log_interval
+        self.params = [p for lp in self.lora for p in (lp.A, lp.B)]
+        self.writers: dict[str, BufferedCsv] = {}
+        if tracking.track_gradients:
+            self.writers["group"] = BufferedCsv(run_dir / files.GROUP_NORMS, files.GROUP_NORMS_COLUMNS)
+            self.writers["layer"] = BufferedCsv(run_dir / files.LAYER_NORMS, files.LAYER_NORMS_COLUMNS)
+            self.writers["module"] = BufferedCsv(run_dir / files.MODULE_NORMS, files.MODULE_NORMS_COLUMNS)
+        if tracking.track_importance:
+            self.writers["importance"] = BufferedCsv(run_dir / files.IMPORTANCE, files.IMPORTANCE_COLUMNS)
+        if tracking.track_update_magnitude:
+            self.writers["update"] = BufferedCsv(run_dir / files.UPDATE_MAGNITUDE, files.UPDATE_MAGNITUDE_COLUMNS)
+        modules = [lp.module for lp in self.lora]
+        self._group_index = {g: np.array([i for i, m in enumerate(modules) if m.group == g], dtype=int) for g in GROUPS}
+        self.layers = sorted({m.layer for m in modules})
+        self._layer_index = {
+            (layer, g): np.array([i for i, m in enumerate(modules) if m.layer == layer and m.group == g], dtype=int)
+            for layer in self.layers
+            for g in GROUPS
+        }
+        # Importance EMA per module; AdaLoRA starts it at 0. Frozen modules keep theirs until they train again.
+        self.ema = np.zeros(len(self.lora))
+        self._pending: _Pending | None = None
+        self._active = False
+        self._accelerator = None
+
+    @property
+    def _needs_gradients(self) -> bool:
+        return self.tracking.track_gradients or self.tracking.track_importance
+
+    # -- Trainer events ------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self._active = True
+        for writer in self.writers.values():
+            writer.start(state.global_step)
+        if self.tracking.track_importance and state.global_step:
+            self._restore_ema()
+        if self._needs_gradients:
+            self._wrap_clipping(self.context["trainer"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._active:
+            return
+        step = state.global_step
+        pending = self._pending if self._pending is not None and self._pending.step == step else None
+        self._pending = None
+        record_update = self.tracking.track_update_magnitude and step % self.interval == 0
+        if pending is None and not record_update:
+            return
+        parts = [t for t in ((pending.grad_norms, pending.importance) if pending else ()) if t is not None]
+        if record_update:
+            parts.append(update_magnitudes(self.lora))
+        device = parts[0].device
+        values = torch.cat([t.to(device) for t in parts]).cpu().double().numpy()  # the one device->host copy
+        offset = 0
+        if pending is not None:
+            n = len(pending.active)
+            if pending.grad_norms is not None:
+                self._write_norms(step, pending.phase, pending.active, values[offset : offset + n])
+                offset += n
+            if pending.importance is not None:
+                self._write_importance(step, pending.phase, pending.active, values[offset : offset + n])
+                offset += n
+        if record_update:
+            phase = pending.phase if pending else self.run_state.phase
+            for lp, value in zip(self.lora, values[offset:]):
+                m = lp.module
+                self.writers["update"].add((step, phase, m.layer, m.group, m.module_type, np.float32(value)))
+
+    def on_save(self, args, state, control, **kwargs):
+        self.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
+        self._unwrap_clipping()
+        self._active = False
+
+    def flush(self) -> None:
+        for writer in self.writers.values():
+            writer.flush()
+
+    # -- Measuring at clipping time ------------------------------------------------------------------------------
+
+    def _wrap_clipping(self, trainer) -> None:
+        from accelerate.utils import DistributedType
+
+        accelerator = trainer.accelerator
+        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            # Sharded gradients: one rank does not hold whole LoRA gradients, so per-module norms would be wrong.
+            logger.warning("gradient tracking is not supported with %s; gradient norms and importance are not recorded",
+                           accelerator.distributed_type)
+            return
+        self._unwrap_clipping()
+        original = accelerator.clip_grad_norm_
+
+        def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
+            self._record_gradients(trainer.state.global_step + 1)
+            return original(parameters, max_norm, *args, **kwargs)
+
+        # An instance attribute shadows the class method for this accelerator only.
+        accelerator.clip_grad_norm_ = clip_grad_norm_
+        self._accelerator = accelerator
+
+    def _unwrap_clipping(self) -> None:
+        if self._accelerator is not None:
+            self._accelerator.__dict__.pop("clip_grad_norm_", None)
+            self._accelerator = None
+
+    def _record_gradients(self, step: int) -> None:
+        """Called just before clipping for optimizer step `step` (numbered as the Trainer logs it)."""
+        if step % self.interval or (self._pending is not None and self._pending.step == step):
+            return
+        active = [i for i, p in enumerate(self.params) if p.requires_grad and p.grad is not None]
+        params = [self.params[i] for i in active]
+        grads = [p.grad for p in params]
+        with torch.no_grad():
+            norms = foreach_norms(grads) if self.tracking.track_gradients and grads else None
+            importance = taylor_importance(params, grads) if self.tracking.track_importance and grads else None
+        self._pending = _Pending(step, self.run_state.phase, np.array(active, dtype=int), norms, importance)
+
+    # -- Rows ----------------------------------------------------------------------------------------------------
+
+    def _per_param(self, active: np.ndarray, values: np.ndarray) -> np.ndarray:
+        full = np.full(len(self.params), np.nan)
+        full[active] = values
+        return full
+
+    @staticmethod
+    def _nan_sum(values: np.ndarray) -> float:
+        """Sum ignoring frozen (NaN) entries; NaN when every entry is frozen or there are none."""
+        present = values[~np.isnan(values)]
+        return float(present.sum()) if present.size else math.nan
+
+    @staticmethod
+    def _pair_sum(per_param: np.ndarray) -> np.ndarray:
+        """Per module: A value + B value, NaN only when both are frozen."""
+        a, b = per_param[0::2], per_param[1::2]
+        return np.where(np.isnan(a) & np.isnan(b), np.nan, np.nan_to_num(a) + np.nan_to_num(b))
+
+    def _write_norms(self, step: int, phase: str, active: np.ndarray, norms: np.ndarray) -> None:
+        per_param = self._per_param(active, norms)
+        squared = per_param**2
+        module_sq = self._pair_sum(squared)
+        module_writer = self.writers["module"]
+        for i, lp in enumerate(self.lora):
+            m = lp.module
+            for j, matrix in enumerate(MATRICES):
+                module_writer.add((step, phase, m.layer, m.group, m.module_type, matrix, np.float32(per_param[2 * i + j])))
+        group = {g: math.sqrt(self._nan_sum(module_sq[idx])) for g, idx in self._group_index.items()}
+        total = math.sqrt(self._nan_sum(module_sq))
+        self.writers["group"].add((step, phase, *(group[g] for g in GROUPS), total))
+        for layer in self.layers:
+            cells = (math.sqrt(self._nan_sum(module_sq[self._layer_index[layer, g]])) for g in GROUPS)
+            self.writers["layer"].add((step, phase, layer, *cells))
+
+    def _write_importance(self, step: int, phase: str, active: np.ndarray, values: np.ndarray) -> None:
+        per_param = self._per_param(active, values)
+        beta = self.tracking.importance_ema
+        writer = self.writers["importance"]
+        module_values = self._pair_sum(per_param)  # sum over A and B
+        for i, lp in enumerate(self.lora):
+            current = module_values[i]
+            m = lp.module
+            if math.isnan(current):
+                writer.add((step, phase, m.layer, m.group, m.module_type, math.nan))
+                continue
+            self.ema[i] = beta * self.ema[i] + (1 - beta) * current
+            writer.add((step, phase, m.layer, m.group, m.module_type, float(self.ema[i])))
+
+    def _restore_ema(self) -> None:
+        """On --resume, continue the EMA from the last value written (exact: written as repr of a float64)."""
+        index = {(lp.module.layer, lp.module.module_type): i for i, lp in enumerate(self.lora)}
+        for row in read_rows(self.writers["importance"].path):
+            i = index.get((int(row["layer"]), row["module"]))
+            if i is not None and row["importance"] != "":
+                self.ema[i] = float(row["importance"])

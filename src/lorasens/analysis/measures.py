@@ -1,0 +1,90 @@
+"""The tensor maths of the analysis, on the device, in a few fused kernels and without host synchronisation.
+
+Every function returns one float32 tensor on the device of the first input (one value per input, in input
+order), so that a caller can concatenate everything it measured in a step and move it to the host once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from lorasens.lora import LoraParams
+
+
+def _groups(tensors: Sequence[torch.Tensor], key) -> dict[tuple, list[int]]:
+    """Indices of `tensors` grouped by `key(tensor)`: foreach kernels need one device and dtype per call."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[key(t)].append(i)
+    return groups
+
+
+def _scatter(parts: list[tuple[list[int], torch.Tensor]], n: int, device: torch.device) -> torch.Tensor:
+    """Put per-group results back into input order (one index_copy per group, on the device)."""
+    if len(parts) == 1 and parts[0][0] == list(range(n)):
+        return parts[0][1].to(device)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for idx, values in parts:
+        out.index_copy_(0, torch.tensor(idx, device=device), values.to(device))
+    return out
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """Low-precision tensors (bf16/fp16) accumulate their norms in float32; float32/64 keep their own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def foreach_norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
+    """`torch.linalg.vector_norm(t, ord)` of every tensor, as one float32 tensor (norms accumulate in float32)."""
+    if not tensors:
+        return torch.empty(0)
+    device = tensors[0].device
+    parts = []
+    for idx in _groups(tensors, lambda t: (t.device, t.dtype)).values():
+        dtype = _accumulation_dtype(tensors[idx[0]].dtype)
+        norms = torch._foreach_norm([tensors[i] for i in idx], ord, dtype=dtype)
+        parts.append((idx, torch.stack(norms).float()))
+    return _scatter(parts, len(tensors), device)
+
+
+def taylor_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """First-order Taylor importance sum(|theta * grad|) per tensor: the L1 norm of the elementwise product."""
+    if not params:
+        return torch.empty(0)
+    device = params[0].device
+    parts = []
+    for idx in _groups(params, lambda t: (t.device, t.dtype)).values():
+        products = torch._foreach_mul([params[i].detach() for i in idx], [grads[i] for i in idx])
+        dtype = _accumulation_dtype(products[0].dtype)
+        parts.append((idx, torch.stack(torch._foreach_norm(products, 1, dtype=dtype)).float()))
+    return _scatter(parts, len(params), device)
+
+
+@torch.no_grad()
+def update_magnitudes(lora: Sequence[LoraParams]) -> torch.Tensor:
+    """||delta W||_F = scaling * ||B A||_F per module, without forming B A (out x in).
+
+    ||B A||_F^2 = trace(A^T B^T B A) = trace((B^T B)(A A^T)) = sum((B^T B) * (A A^T)) (both r x r and symmetric).
+    Modules with equal shapes are stacked and batched through one bmm each. The Gram matrices are float32; their
+    elementwise product is summed in float64 because it cancels (off-diagonal terms have either sign).
+    """
+    if not lora:
+        return torch.empty(0)
+    device = lora[0].A.device
+    parts = []
+    key = lambda lp: (lp.A.device, lp.A.dtype, tuple(lp.A.shape), tuple(lp.B.shape))  # noqa: E731
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, lp in enumerate(lora):
+        groups[key(lp)].append(i)
+    for idx in groups.values():
+        a = torch.stack([lora[i].A.detach() for i in idx]).float()  # (n, r, in)
+        b = torch.stack([lora[i].B.detach() for i in idx]).float()  # (n, out, r)
+        gram_a = torch.bmm(a, a.transpose(1, 2))  # (n, r, r)
+        gram_b = torch.bmm(b.transpose(1, 2), b)  # (n, r, r)
+        squared = (gram_a.double() * gram_b.double()).sum(dim=(1, 2)).clamp_min(0)
+        scaling = torch.tensor([lora[i].scaling for i in idx], dtype=torch.float64, device=a.device)
+        parts.append((idx, (squared.sqrt() * scaling).float()))
+    return _scatter(parts, len(lora), device)
