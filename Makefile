@@ -13,7 +13,7 @@ export NLTK_DATA := $(NLTK_DATA_DIR)
 STAMP := $(VENV)/.lorasens-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean-venv
+.PHONY: setup demo test test-all bench clean-venv chromium
 
 setup: $(STAMP) $(NLTK_DATA_DIR)/corpora/wordnet/data.noun
 
@@ -33,14 +33,19 @@ $(NLTK_DATA_DIR)/corpora/wordnet/data.noun: scripts/fetch_wordnet.py | $(STAMP)
 demo: setup
 	$(PY) -m lorasens train --preset quickstart --output_dir runs --experiment_name quickstart --overwrite
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# Headless Chromium for tests/test_browser.py (report.html must load with no failed resource). Idempotent; installs
+# the Debian package when missing and apt-get can run (root); otherwise the browser tests are skipped and say so.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || echo "chromium not installed: tests/test_browser.py will be skipped"
 
 clean-venv:
 	rm -rf $(VENV) $(NLTK_DATA_DIR)

@@ -12,8 +12,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the report tests write an evaluation file of known content instead (`write_evaluation`).
 TINY_RUN = {
     "model": "tiny-random-llama", "dataset": "synthetic", "max_steps": 6, "max_length": 160, "batch_size": 4,
-    "train_samples": 24, "eval_samples": 6, "eval_steps": 3, "eval_batch_size": 4, "evaluate": False,
-    "phase_strategy": "both->mlp->attn", "dynamic_lora": True, "ablation_max_single": 4,
+    "train_samples": 24, "eval_samples": 4, "eval_steps": 3, "eval_batch_size": 4, "evaluate": False,
+    "phase_strategy": "both->mlp->attn", "dynamic_lora": True, "ablation_max_single": 2,
     "logging_steps": 1,
 }
 _CACHE: dict[str, Path] = {}
