@@ -48,11 +48,16 @@ def test_report_written_at_the_end_of_the_run(run_dir):
     assert (run_dir / "report.html").stat().st_size > 10_000
 
 
-def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path):
+def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path, capsys):
     copy = copy_run(run_dir, tmp_path / "run")
     write_evaluation(copy, {"bleu": 12.5, "rouge_l": 0.25}, baseline={"bleu": 2.5, "rouge_l": 0.05})
-    result = write_report(copy)
-    html = result.path.read_text()
+    (copy / "report.html").unlink()
+    (copy / "layer_heatmap.png").unlink()
+    assert main(["report", str(copy)]) == 0  # `lorasens report RUN_DIR` redraws plots and report from the files
+    assert png_size(copy / "layer_heatmap.png")[0] >= 400
+    output = capsys.readouterr().out
+    assert "7 plot(s)" in output and "missing" not in output
+    html = (copy / "report.html").read_text()
     page = parse(html)
     assert "link" not in page.tags and "script" not in page.tags and "iframe" not in page.tags
     images = [v for tag, attr, v in page.refs if tag == "img"]
@@ -64,7 +69,6 @@ def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path):
     assert "url(" not in html and "@import" not in html
     for key, title in SECTIONS:
         assert key in page.ids and title in html
-    assert result.missing == []
     # Evaluation with baseline and delta.
     assert "12.5" in html and "2.5" in html and ">10<" in html and "rouge_l" in html
     # Phases, sensitivity ranking, recommended config, from the run's own files.
@@ -113,10 +117,25 @@ def test_not_a_run_directory(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
-def test_report_command_redraws(run_dir, tmp_path, capsys):
-    copy = copy_run(run_dir, tmp_path / "cli")
-    (copy / "report.html").unlink()
-    (copy / "layer_heatmap.png").unlink()
-    assert main(["report", str(copy)]) == 0
-    assert (copy / "report.html").exists() and png_size(copy / "layer_heatmap.png")[0] >= 400
-    assert "7 plot(s)" in capsys.readouterr().out
+def test_tensorboard_scalars_are_the_csv_norms(run_dir):
+    # The tiny run reports to TensorBoard: group and layer norms are scalars, frozen steps have no point.
+    import csv
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = list((run_dir / "checkpoints" / "runs").rglob("events.out.tfevents.*"))
+    board = EventAccumulator(str(events))
+    board.Reload()
+    with (run_dir / "gradient_analysis.group_norms.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for group in ("attn", "mlp", "total"):
+        expected = [(int(r["step"]), float(r[group])) for r in rows if r[group] != ""]
+        logged = [(e.step, e.value) for e in board.Scalars(f"gradients/group/{group}")]
+        assert [s for s, _ in logged] == [s for s, _ in expected]
+        assert all(math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(logged, expected))
+    assert [e.step for e in board.Scalars("gradients/group/attn")] == [1, 2, 5, 6]  # frozen in the mlp phase
+    with (run_dir / "gradient_analysis.layer_norms.csv").open(newline="") as fh:
+        layer3 = [(int(r["step"]), float(r["mlp"])) for r in csv.DictReader(fh) if r["layer"] == "3" and r["mlp"]]
+    logged = [(e.step, e.value) for e in board.Scalars("gradients/layer_03/mlp")]
+    assert [s for s, _ in logged] == [s for s, _ in layer3] == [1, 2, 3, 4]

@@ -88,6 +88,9 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
         context = {"cfg": cfg, "run_dir": run_dir, "model": model, "module_map": module_map, "lora": lora,
                    "state": state, "schedule": schedule, "val_features": val_features, "tokenizer": loaded.tokenizer}
         callbacks.extend(_analysis_callbacks(context))
+        from lorasens.tensorboard_scalars import tensorboard_callbacks  # gradient norms as scalars (--report_to)
+
+        callbacks.extend(tensorboard_callbacks(context))
         callbacks.extend(extra_callbacks)
         trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features, val_features if cfg.training.eval_steps else None, callbacks)
         context["trainer"] = trainer
