@@ -124,7 +124,7 @@ class GradientTrackingCallback(TrainerCallback):
         parts = [t for t in ((pending.grad_norms, pending.importance) if pending else ()) if t is not None]
         if record_update:
             parts.append(update_magnitudes(self.lora))
-        device = parts[0].device
+        device = next((t.device for t in parts if t.numel()), parts[0].device)
         values = torch.cat([t.to(device) for t in parts]).cpu().double().numpy()  # the one device->host copy
         offset = 0
         if pending is not None:
@@ -188,8 +188,9 @@ class GradientTrackingCallback(TrainerCallback):
         params = [self.params[i] for i in active]
         grads = [p.grad for p in params]
         with torch.no_grad():
-            norms = foreach_norms(grads) if self.tracking.track_gradients and grads else None
-            importance = taylor_importance(params, grads) if self.tracking.track_importance and grads else None
+            # With every module frozen the tensors are empty and the step is still written (all cells empty).
+            norms = foreach_norms(grads) if self.tracking.track_gradients else None
+            importance = taylor_importance(params, grads) if self.tracking.track_importance else None
         self._pending = _Pending(step, self.run_state.phase, np.array(active, dtype=int), norms, importance)
 
     # -- Rows ----------------------------------------------------------------------------------------------------

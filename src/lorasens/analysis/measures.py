@@ -6,6 +6,7 @@ order), so that a caller can concatenate everything it measured in a step and mo
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -22,14 +23,22 @@ def _groups(tensors: Sequence[torch.Tensor], key) -> dict[tuple, list[int]]:
     return groups
 
 
-def _scatter(parts: list[tuple[list[int], torch.Tensor]], n: int, device: torch.device) -> torch.Tensor:
-    """Put per-group results back into input order (one index_copy per group, on the device)."""
-    if len(parts) == 1 and parts[0][0] == list(range(n)):
-        return parts[0][1].to(device)
-    out = torch.empty(n, dtype=torch.float32, device=device)
-    for idx, values in parts:
-        out.index_copy_(0, torch.tensor(idx, device=device), values.to(device))
-    return out
+@functools.lru_cache(maxsize=64)
+def _inverse_order(order: tuple[int, ...], device: str) -> torch.Tensor:
+    """Positions that put values computed in `order` back into input order (cached: one copy to the device)."""
+    inverse = [0] * len(order)
+    for position, i in enumerate(order):
+        inverse[i] = position
+    return torch.tensor(inverse, device=device)
+
+
+def _in_input_order(parts: list[tuple[list[int], torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Concatenate per-group results and restore input order with one gather on the device."""
+    order = tuple(i for idx, _ in parts for i in idx)
+    values = torch.cat([v.to(device) for _, v in parts])
+    if order == tuple(range(len(order))):
+        return values
+    return values.index_select(0, _inverse_order(order, str(device)))
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
@@ -47,7 +56,7 @@ def foreach_norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> torch.Te
         dtype = _accumulation_dtype(tensors[idx[0]].dtype)
         norms = torch._foreach_norm([tensors[i] for i in idx], ord, dtype=dtype)
         parts.append((idx, torch.stack(norms).float()))
-    return _scatter(parts, len(tensors), device)
+    return _in_input_order(parts, device)
 
 
 def taylor_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -60,7 +69,7 @@ def taylor_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
         products = torch._foreach_mul([params[i].detach() for i in idx], [grads[i] for i in idx])
         dtype = _accumulation_dtype(products[0].dtype)
         parts.append((idx, torch.stack(torch._foreach_norm(products, 1, dtype=dtype)).float()))
-    return _scatter(parts, len(params), device)
+    return _in_input_order(parts, device)
 
 
 @torch.no_grad()
@@ -87,4 +96,4 @@ def update_magnitudes(lora: Sequence[LoraParams]) -> torch.Tensor:
         squared = (gram_a.double() * gram_b.double()).sum(dim=(1, 2)).clamp_min(0)
         scaling = torch.tensor([lora[i].scaling for i in idx], dtype=torch.float64, device=a.device)
         parts.append((idx, (squared.sqrt() * scaling).float()))
-    return _scatter(parts, len(lora), device)
+    return _in_input_order(parts, device)

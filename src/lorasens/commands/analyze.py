@@ -16,8 +16,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="Re-run the sensitivity analysis and recommendation on a finished run.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `lorasens train`.")
     help_of = {f.name: f.metadata.get("help", "") for cls in SECTIONS.values() for f in fields(cls)}
+    help_of["eval_batch_size"] = "Batch size of the ablation's validation passes."
     for name in OVERRIDABLE:
-        p.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help_of[name] + " Default: the run's setting.")
+        p.add_argument(f"--{name}", default=argparse.SUPPRESS, help=f"{help_of[name]} (Overrides the run's setting.)")
     p.set_defaults(func=run, _subparser=p)
 
 
