@@ -19,6 +19,8 @@ EXIT_USAGE = 2
 COMMAND_MODULES = [
     "lorasens.commands.train",
     "lorasens.commands.listing",
+    "lorasens.commands.evaluate",
+    "lorasens.commands.score",
     "lorasens.commands.analyze",
     "lorasens.commands.report",
     "lorasens.commands.compare",

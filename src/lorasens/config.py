@@ -58,6 +58,10 @@ class DataConfig:
     max_length: int = opt(256, "Maximum tokens per training example (prompt + target); prompts are cut first.")
     train_samples: int | None = opt(None, "Use a deterministic subset of this many training examples.")
     eval_samples: int = opt(200, "Held-out examples for validation loss and final evaluation.")
+    prompt_template: str | None = opt(
+        None, "Prompt override, a format string over the dataset's fields, e.g. 'Dialogue: {dialogue}\\nSummary:' "
+        "(see docs/GUIDE.md); default: the dataset's own template."
+    )
 
 
 @dataclass

@@ -16,6 +16,7 @@ from transformers import set_seed
 from lorasens.config import ExperimentConfig, config_from_dict, save_config
 from lorasens.data.features import build_features
 from lorasens.data.registry import load_examples
+from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
 from lorasens.lora import apply_lora, lora_parameters, set_trainable, targets_for
 from lorasens.models import load_model
@@ -57,6 +58,9 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
         lora_modules = targets_for(module_map, cfg.lora.target)
     train_examples = load_examples(cfg.data.dataset, "train", cfg.data.data_dir, cfg.training.seed, cfg.data.train_samples)
     val_examples = load_examples(cfg.data.dataset, "validation", cfg.data.data_dir, cfg.training.seed, cfg.data.eval_samples)
+    # --prompt_template: the same prompts for training, validation loss and evaluation.
+    train_examples = apply_prompt_template(train_examples, cfg.data.prompt_template, cfg.data.dataset)
+    val_examples = apply_prompt_template(val_examples, cfg.data.prompt_template, cfg.data.dataset)
     train_features, train_stats = build_features(train_examples, loaded.tokenizer, cfg.data.max_length, "train")
     val_features, val_stats = build_features(val_examples, loaded.tokenizer, cfg.data.max_length, "validation")
     if not train_features:

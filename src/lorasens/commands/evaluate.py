@@ -1,0 +1,35 @@
+"""`lorasens eval RUN_DIR`: generate and score a finished run's adapter on its dataset's held-out split."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="Evaluate a finished run (writes {dataset}_predictions.jsonl and {dataset}_evaluation.json).")
+    p.add_argument("run_dir", help="Run directory written by `lorasens train`.")
+    p.add_argument("--split", default="test", choices=("validation", "test"), help="Held-out split to evaluate (default: test).")
+    p.add_argument("--num_samples", type=int, default=None, help="Distinct prompts to evaluate (default: the run's --eval_samples).")
+    p.add_argument("--batch_size", type=int, default=None, help="Generation batch size (default: the run's --eval_batch_size).")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="Generation length (default: the run's setting, else the dataset's).")
+    p.add_argument("--num_beams", type=int, default=None, help="Beam width (default: the run's setting; 1 = greedy).")
+    p.add_argument("--baseline", action="store_true", help="Also score the base model without LoRA, to show the gain.")
+    p.set_defaults(func=run, _subparser=p)
+
+
+def run(args) -> int:
+    from lorasens.evaluation.runner import evaluate_model, settings_from_config
+    from lorasens.run import load_run
+
+    loaded = load_run(args.run_dir)
+    cfg = loaded.cfg
+    if args.max_new_tokens is not None:
+        cfg.evaluation.max_new_tokens = args.max_new_tokens
+    if args.num_beams is not None:
+        cfg.evaluation.num_beams = args.num_beams
+    settings = settings_from_config(cfg, args.split, args.num_samples, args.batch_size)
+    result = evaluate_model(loaded.model, loaded.tokenizer, cfg, settings, args.baseline, args.run_dir)
+    print(json.dumps({"metrics": result["metrics"], "baseline": result["baseline"]}, indent=2))
+    print(f"wrote {args.run_dir}/{cfg.data.dataset}_predictions.jsonl and {cfg.data.dataset}_evaluation.json "
+          f"({result['num_examples']} prompts, {result['wall_time_s']} s)")
+    return 0

@@ -1,0 +1,33 @@
+"""`lorasens score DATASET PREDICTIONS.jsonl`: the dataset's metrics for predictions made anywhere."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    from lorasens.evaluation.metrics import DATASET_SCORER
+
+    p = sub.add_parser("score", help="Score a predictions file (jsonl: id, prompt, prediction, references).")
+    p.add_argument("dataset", metavar="DATASET", help=f"Which metrics: {', '.join(DATASET_SCORER)}.")
+    p.add_argument("predictions", metavar="PREDICTIONS.jsonl", help="One JSON object a line: id, prompt, prediction, "
+                   "references (list); WikiSQL rows may add table {header, types, rows}, MNLI rows subset and ll_prediction.")
+    p.add_argument("--output", default=None, help="Also write the metrics as JSON to this file.")
+    p.set_defaults(func=run, _subparser=p)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from lorasens.evaluation.metrics import scorer_name
+    from lorasens.evaluation.predictions import read_rows, score_rows
+
+    scorer_name(args.dataset)  # an unknown dataset fails before the file is read
+    rows = read_rows(args.predictions)
+    metrics = score_rows(args.dataset, rows)
+    text = json.dumps({"dataset": args.dataset, "predictions": str(args.predictions), "num_rows": len(rows),
+                       "metrics": metrics}, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0

@@ -1,0 +1,135 @@
+"""MultiNLI (Williams et al. 2018): premise + hypothesis -> entailment | neutral | contradiction.
+
+Scored by accuracy on the matched and the mismatched dev sets, two ways: the label word with the highest
+log-likelihood after the prompt, and the label the model generates.
+
+Splits. The MNLI test sets carry no labels, so evaluation ("test") is dev *matched*; dev *mismatched* is scored
+beside it when available. "validation" (loss during training) is a fixed 2 % of the training set, held out of
+"train" by a hash of the text pair. When no training file is present (the offline copy has only
+dev_matched.jsonl), dev_matched is split by the same hash into train (80 %), validation (5 %) and test (15 %) parts,
+with a warning, so training and evaluation never share a pair.
+
+Local files: `train`, `dev_matched`, `dev_mismatched` (also the official `multinli_1.0_*` and GLUE
+`validation_*` names) as `.jsonl` or GLUE/official `.tsv`; fields premise/hypothesis/label or
+sentence1/sentence2/gold_label; labels as words or GLUE integers (0 entailment, 1 neutral, 2 contradiction);
+pairs without a gold label ("-", -1) are skipped. Hub: `nyu-mll/glue`, config `mnli`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lorasens.data.files import find_file, read_records, read_tsv_records, stable_bucket
+from lorasens.data.registry import DatasetSpec, Example, register
+from lorasens.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+HUB_ID, HUB_CONFIG = "nyu-mll/glue", "mnli"
+LABELS = ("entailment", "neutral", "contradiction")  # index = GLUE's integer label
+EVAL_SETS = ("matched", "mismatched")
+PROMPT = ("Premise: {premise}\nHypothesis: {hypothesis}\n"
+          "Does the premise entail the hypothesis? Answer entailment, neutral or contradiction.\nAnswer:")
+STEMS = {
+    "train": ("train", "multinli_1.0_train"),
+    "matched": ("dev_matched", "validation_matched", "multinli_1.0_dev_matched"),
+    "mismatched": ("dev_mismatched", "validation_mismatched", "multinli_1.0_dev_mismatched"),
+}
+SUFFIXES = (".jsonl", ".tsv")
+HUB_SPLITS = {"train": "train", "matched": "validation_matched", "mismatched": "validation_mismatched"}
+VALIDATION_BUCKETS = range(0, 2)  # of 100: the part of train held out for validation loss
+DEV_ONLY_PARTS = {"train": range(0, 80), "validation": range(80, 85), "test": range(85, 100)}
+_ALIASES = {"premise": ("premise", "sentence1"), "hypothesis": ("hypothesis", "sentence2"), "label": ("label", "gold_label")}
+NO_GOLD = {"-", "-1", ""}
+
+
+def _field(record: dict, name: str):
+    for key in _ALIASES[name]:
+        if key in record:
+            return record[key]
+    return None
+
+
+def _label(path: str, lineno: int, value) -> str | None:
+    text = str(value).strip().lower()
+    if text in NO_GOLD:
+        return None
+    if text in LABELS:
+        return text
+    if text.isdigit() and int(text) < len(LABELS):
+        return LABELS[int(text)]
+    raise UserError(f"{path}:{lineno}: label {value!r} is not one of {', '.join(LABELS)} or 0/1/2")
+
+
+def _bucket(ex: Example) -> int:
+    return stable_bucket(ex.meta["premise"] + "\t" + ex.meta["hypothesis"])
+
+
+def make_examples(rows: list[tuple[int, dict]], prefix: str, source: str) -> list[Example]:
+    examples, skipped = [], 0
+    for lineno, record in rows:
+        missing = [n for n in _ALIASES if _field(record, n) is None]
+        if missing:
+            expected = "; ".join(" or ".join(_ALIASES[n]) for n in missing)
+            raise UserError(f"{source}:{lineno}: missing field(s) {expected}")
+        label = _label(source, lineno, _field(record, "label"))
+        if label is None:
+            skipped += 1
+            continue
+        premise, hypothesis = str(_field(record, "premise")).strip(), str(_field(record, "hypothesis")).strip()
+        examples.append(Example(f"{prefix}-{lineno}", PROMPT.format(premise=premise, hypothesis=hypothesis), label,
+                                (label,), {"premise": premise, "hypothesis": hypothesis}))
+    if skipped:
+        logger.info("MNLI %s: skipped %d pair(s) without a gold label", source, skipped)
+    return examples
+
+
+def read_file(path: Path, prefix: str) -> list[Example]:
+    if path.suffix == ".tsv":
+        with path.open(encoding="utf-8") as fh:
+            columns = fh.readline().rstrip("\n").split("\t")
+        required = tuple(next((k for k in keys if k in columns), keys[0]) for keys in _ALIASES.values())
+        return make_examples(read_tsv_records(path, required), prefix, str(path))
+    return make_examples(read_records(path, ()), prefix, str(path))
+
+
+def load_set(name: str, data_dir: Path | None) -> list[Example] | None:
+    """All labelled pairs of one file ("train", "matched" or "mismatched"); None when it is not there."""
+    if data_dir is None:
+        from lorasens.data.hub import load_hub_split
+
+        ds = load_hub_split(HUB_ID, HUB_SPLITS[name], config=HUB_CONFIG)
+        return make_examples(list(enumerate(ds, start=1)), name, f"{HUB_ID}/{HUB_CONFIG}:{HUB_SPLITS[name]}")
+    path = find_file(data_dir, STEMS[name], SUFFIXES)
+    return None if path is None else read_file(path, name)
+
+
+def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
+    train = load_set("train", data_dir)
+    if train is None:
+        matched = load_set("matched", data_dir)
+        if matched is None:
+            raise UserError(f"--data_dir {str(data_dir)!r} has neither train nor dev_matched (.jsonl or .tsv) for MNLI")
+        part = DEV_ONLY_PARTS[split]
+        logger.warning("MNLI: no training file in %s; the %s split is %d %% of dev_matched (hash buckets %d-%d of 100)",
+                       data_dir, split, len(part), part.start, part.stop - 1)
+        return [ex for ex in matched if _bucket(ex) in part]
+    if split == "train":
+        return [ex for ex in train if _bucket(ex) not in VALIDATION_BUCKETS]
+    if split == "validation":
+        return [ex for ex in train if _bucket(ex) in VALIDATION_BUCKETS]
+    matched = load_set("matched", data_dir)
+    if matched is None:
+        raise UserError(f"--data_dir {str(data_dir)!r} lacks dev_matched.jsonl or dev_matched.tsv (MNLI evaluation)")
+    return matched
+
+
+def load_mismatched(data_dir: Path | None) -> list[Example] | None:
+    """The mismatched dev set, or None when the local folder does not have it (scored as unavailable).
+
+    Never part of any training split, also in dev-only mode (that trains on a part of dev_matched)."""
+    return load_set("mismatched", data_dir)
+
+
+SPEC = register(DatasetSpec("mnli", "MultiNLI: premise + hypothesis -> label (accuracy, matched and mismatched)", load, 4))

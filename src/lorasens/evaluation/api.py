@@ -1,0 +1,105 @@
+"""Python API: `evaluate_e2e`, `evaluate_samsum`, `evaluate_wikisql`, `evaluate_mnli` -> a dict of metrics.
+
+    from lorasens.evaluation import evaluate_wikisql
+    metrics = evaluate_wikisql(model_path="runs/wikisql_both", num_samples=200, batch_size=16,
+                               data_dir="../shared/data/wikisql")
+    metrics["logical_form_accuracy"], metrics["exact_match"]
+
+`model_path` is a lorasens run directory, a PEFT adapter folder (its base model: `base_model_id`, else the one
+recorded in adapter_config.json), or a full model (alias, Hub id, local folder); with `model_path=None` the base
+model `base_model_id` alone is scored. `output_dir` also writes the predictions and evaluation files there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lorasens.errors import UserError
+
+
+def _load(model_path: str | None, base_model_id: str | None, precision: str):
+    from lorasens.models import load_model
+
+    if model_path is None:
+        if base_model_id is None:
+            raise UserError("give model_path (run directory, adapter folder or model) or base_model_id")
+        loaded = load_model(base_model_id, precision)
+        return loaded.model, loaded.tokenizer
+    path = Path(model_path).expanduser()
+    if (path / "config.json").exists() and (path / "final_model").is_dir():
+        from lorasens.run import load_run
+
+        run = load_run(path)
+        return run.model, run.tokenizer
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = base_model_id or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{path}/adapter_config.json names no base model; pass base_model_id")
+        loaded = load_model(base, precision)
+        return PeftModel.from_pretrained(loaded.model, path), loaded.tokenizer
+    loaded = load_model(str(model_path), precision)
+    return loaded.model, loaded.tokenizer
+
+
+def evaluate_dataset(
+    dataset: str,
+    model_path: str | None = None,
+    base_model_id: str | None = None,
+    num_samples: int = 200,
+    batch_size: int = 16,
+    *,
+    data_dir: str | None = None,
+    split: str = "test",
+    max_new_tokens: int | None = None,
+    num_beams: int = 1,
+    max_length: int = 512,
+    prompt_template: str | None = None,
+    baseline: bool = False,
+    seed: int = 42,
+    precision: str = "auto",
+    output_dir: str | None = None,
+) -> dict:
+    from lorasens.config import ExperimentConfig
+    from lorasens.data.registry import get_dataset_spec
+    from lorasens.evaluation.runner import evaluate_model, settings_from_config
+
+    get_dataset_spec(dataset)
+    model, tokenizer = _load(model_path, base_model_id, precision)
+    cfg = ExperimentConfig()
+    cfg.data.dataset, cfg.data.data_dir, cfg.data.max_length = dataset, data_dir, max_length
+    cfg.data.prompt_template = prompt_template
+    cfg.evaluation.max_new_tokens, cfg.evaluation.num_beams = max_new_tokens, num_beams
+    cfg.training.seed = seed
+    settings = settings_from_config(cfg, split, num_samples, batch_size)
+    result = evaluate_model(model, tokenizer, cfg, settings, baseline, output_dir)
+    metrics = dict(result["metrics"])
+    if result["baseline"] is not None:
+        metrics["baseline"] = result["baseline"]["metrics"]
+    return metrics
+
+
+def evaluate_e2e(model_path: str | None = None, base_model_id: str | None = None, num_samples: int = 200,
+                 batch_size: int = 16, **kwargs) -> dict:
+    """E2E NLG: bleu, nist, meteor, rouge_l, cider (one prediction per MR against all its references)."""
+    return evaluate_dataset("e2e", model_path, base_model_id, num_samples, batch_size, **kwargs)
+
+
+def evaluate_samsum(model_path: str | None = None, base_model_id: str | None = None, num_samples: int = 200,
+                    batch_size: int = 16, **kwargs) -> dict:
+    """SAMSum: rouge1, rouge2, rougeL, rougeLsum, bleu, meteor."""
+    return evaluate_dataset("samsum", model_path, base_model_id, num_samples, batch_size, **kwargs)
+
+
+def evaluate_wikisql(model_path: str | None = None, base_model_id: str | None = None, num_samples: int = 200,
+                     batch_size: int = 16, **kwargs) -> dict:
+    """WikiSQL: exact_match, logical_form_accuracy, execution_accuracy (None when table rows are missing)."""
+    return evaluate_dataset("wikisql", model_path, base_model_id, num_samples, batch_size, **kwargs)
+
+
+def evaluate_mnli(model_path: str | None = None, base_model_id: str | None = None, num_samples: int = 200,
+                  batch_size: int = 16, **kwargs) -> dict:
+    """MNLI: accuracy_matched / accuracy_mismatched (label log-likelihood) and generated_accuracy_* ."""
+    return evaluate_dataset("mnli", model_path, base_model_id, num_samples, batch_size, **kwargs)
