@@ -17,6 +17,11 @@ PROMPTS = ["Meaning representation: name[Aromi]\nDescription:", "Hi", "A much lo
            "Premise: a\nHypothesis: b\nAnswer:", "x" * 30, "Question: what?\nSQL:", "Table columns: A | B\nQuestion: q\nSQL:"]
 
 
+@pytest.fixture(scope="module")
+def lora_model():
+    return _lora_model()
+
+
 def _lora_model(seed: int = 0, perturb: bool = True):
     """tiny-random-llama with LoRA on every module; B set non-zero so the adapter changes the outputs."""
     from lorasens.lora import apply_lora, targets_for
@@ -36,7 +41,7 @@ def _lora_model(seed: int = 0, perturb: bool = True):
 
 def test_batched_generation_equals_one_at_a_time(tiny_llama):
     model, tok = tiny_llama.model.eval(), tiny_llama.tokenizer
-    kwargs = {"max_new_tokens": 12, "stop_strings": ("\n",)}
+    kwargs = {"max_new_tokens": 10, "stop_strings": ("\n",)}
     single = [generate(model, tok, [p], batch_size=1, **kwargs)[0] for p in PROMPTS]
     batched = generate(model, tok, PROMPTS, batch_size=4, **kwargs)
     assert batched == single
@@ -95,10 +100,11 @@ def _cfg(dataset: str, data_dir=None, **evaluation) -> ExperimentConfig:
     return cfg
 
 
-def test_evaluate_after_training_writes_files_and_baseline(tmp_path):
+def test_evaluate_after_training_writes_files_and_baseline(tmp_path, lora_model):
     from lorasens.evaluation.runner import evaluate_after_training
+    from lorasens.models import load_model
 
-    model, tok = _lora_model()
+    model, tok = lora_model
     cfg = _cfg("synthetic", baseline=True)
     out = evaluate_after_training({"cfg": cfg, "model": model, "tokenizer": tok, "run_dir": tmp_path})
     assert set(out["evaluation"]) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
@@ -110,9 +116,8 @@ def test_evaluate_after_training_writes_files_and_baseline(tmp_path):
     assert len(rows) == 5 and len({r["prompt"] for r in rows}) == 5  # distinct MRs
     assert all(len(r["references"]) == 3 and {"id", "prompt", "prediction", "references"} <= set(r) for r in rows)
     # The baseline is the base model without LoRA: same predictions as the base model built on its own.
-    base, _ = _lora_model(perturb=False)
-    with base.disable_adapter():
-        plain = generate(base, tok, [r["prompt"] for r in rows], max_new_tokens=8, batch_size=4, max_prompt_tokens=128)
+    base = load_model("tiny-random-llama", "fp32", seed=0).model.eval()
+    plain = generate(base, tok, [r["prompt"] for r in rows], max_new_tokens=8, batch_size=4, max_prompt_tokens=128)
     assert [r["baseline_prediction"] for r in rows] == plain
     assert [r["prediction"] for r in rows] != plain  # the (perturbed) adapter changes the outputs
     assert model.training is False
@@ -127,10 +132,10 @@ def test_evaluation_off_returns_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_mnli_evaluation_scores_matched_and_mismatched(tmp_path):
+def test_mnli_evaluation_scores_matched_and_mismatched(tmp_path, lora_model):
     from lorasens.evaluation.runner import evaluate_model, settings_from_config
 
-    model, tok = _lora_model()
+    model, tok = lora_model
     cfg = _cfg("mnli", str(FIXTURES / "mnli"))
     result = evaluate_model(model, tok, cfg, settings_from_config(cfg), run_dir=tmp_path)
     m = result["metrics"]
@@ -145,33 +150,34 @@ def test_mnli_evaluation_scores_matched_and_mismatched(tmp_path):
     assert m["accuracy_matched"] == pytest.approx(sum(a == b for a, b in zip(ll, gold)) / 4)
 
 
-def test_mnli_without_mismatched_is_unavailable(tmp_path):
+def test_mnli_without_mismatched_is_unavailable(tmp_path, lora_model):
     from lorasens.evaluation.runner import evaluate_model, settings_from_config
 
     data = tmp_path / "mnli"
     data.mkdir()
     (data / "dev_matched.jsonl").write_text((FIXTURES / "mnli" / "dev_matched.jsonl").read_text() * 1)
     (data / "train.tsv").write_text((FIXTURES / "mnli" / "train.tsv").read_text())
-    model, tok = _lora_model()
+    model, tok = lora_model
     cfg = _cfg("mnli", str(data))
+    cfg.evaluation.max_new_tokens = 2
     m = evaluate_model(model, tok, cfg, settings_from_config(cfg))["metrics"]
     assert m["accuracy_mismatched"] is None and "dev_mismatched" in m["accuracy_mismatched_unavailable"]
     assert m["accuracy_matched"] is not None
 
 
-def _fake_run(tmp_path: Path, dataset: str = "wikisql", data_dir: str | None = None) -> Path:
+def _fake_run(tmp_path: Path, lora_model, dataset: str = "wikisql") -> Path:
     """A run directory as `lorasens train` leaves it (config.json + final_model/), without training."""
     run_dir = tmp_path / "run"
     (run_dir / "final_model").mkdir(parents=True)
-    save_config(_cfg(dataset, data_dir or str(FIXTURES / dataset)), run_dir / "config.json")
-    model, tok = _lora_model()
+    save_config(_cfg(dataset, str(FIXTURES / dataset)), run_dir / "config.json")
+    model, tok = lora_model
     model.save_pretrained(run_dir / "final_model")
     tok.save_pretrained(run_dir / "final_model")
     return run_dir
 
 
-def test_eval_command_on_a_run_directory(tmp_path, capsys):
-    run_dir = _fake_run(tmp_path)
+def test_eval_command_on_a_run_directory(tmp_path, capsys, lora_model):
+    run_dir = _fake_run(tmp_path, lora_model)
     assert main(["eval", str(run_dir), "--num_samples", "3", "--batch_size", "2", "--baseline"]) == 0
     result = json.loads((run_dir / "wikisql_evaluation.json").read_text())
     assert result["num_examples"] == 3 and result["settings"]["batch_size"] == 2
@@ -186,10 +192,10 @@ def test_eval_command_on_a_run_directory(tmp_path, capsys):
     assert main(["eval", str(run_dir), "--split", "train"]) == 2  # never evaluate on the training split
 
 
-def test_python_api_on_a_run_and_on_a_base_model(tmp_path):
+def test_python_api_on_a_run_and_on_a_base_model(tmp_path, lora_model):
     from lorasens.evaluation import evaluate_e2e, evaluate_wikisql
 
-    run_dir = _fake_run(tmp_path)
+    run_dir = _fake_run(tmp_path, lora_model)
     m = evaluate_wikisql(model_path=str(run_dir), num_samples=2, batch_size=2, data_dir=str(FIXTURES / "wikisql"), max_new_tokens=6)
     assert set(m) >= {"exact_match", "logical_form_accuracy", "execution_accuracy"}
     m = evaluate_e2e(base_model_id="tiny-random-llama", num_samples=2, batch_size=2, data_dir=str(FIXTURES / "e2e"),
