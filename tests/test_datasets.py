@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_path
+from conftest import SHARED_DATA, shared_path
 from lorasens.data.registry import get_dataset_spec, group_by_prompt, load_examples
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
@@ -66,9 +66,10 @@ def test_wikisql_fixture_splits():
 
 
 def test_wikisql_dev_only_is_split_by_table(tmp_path):
+    # The real dev file when ../shared is there (8,421 questions), else the committed fixture.
+    source = SHARED_DATA / "wikisql" if (SHARED_DATA / "wikisql" / "dev.jsonl").exists() else FIXTURES / "wikisql"
     for name in ("dev.jsonl", "dev.tables.jsonl"):
-        shutil.copy(shared_path("data", "wikisql", name) if (Path(__file__).parents[2] / "shared").exists()
-                    else FIXTURES / "wikisql" / name, tmp_path / name)
+        shutil.copy(source / name, tmp_path / name)
     parts = {}
     for split in ("train", "validation", "test"):
         try:

@@ -8,6 +8,8 @@
 `model_path` is a lorasens run directory, a PEFT adapter folder (its base model: `base_model_id`, else the one
 recorded in adapter_config.json), or a full model (alias, Hub id, local folder); with `model_path=None` the base
 model `base_model_id` alone is scored. `output_dir` also writes the predictions and evaluation files there.
+A run evaluated on its own dataset keeps the run's data_dir, max_length (prompts are cut from the left to it) and
+prompt_template unless they are given; otherwise max_length defaults to 512.
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ from lorasens.errors import UserError
 
 
 def _load(model_path: str | None, base_model_id: str | None, precision: str):
+    """(model, tokenizer, the run's config or None)."""
     from lorasens.models import load_model
 
     if model_path is None:
         if base_model_id is None:
             raise UserError("give model_path (run directory, adapter folder or model) or base_model_id")
         loaded = load_model(base_model_id, precision)
-        return loaded.model, loaded.tokenizer
+        return loaded.model, loaded.tokenizer, None
     path = Path(model_path).expanduser()
     if (path / "config.json").exists() and (path / "final_model").is_dir():
         from lorasens.run import load_run
 
         run = load_run(path)
-        return run.model, run.tokenizer
+        return run.model, run.tokenizer, run.cfg
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -39,9 +42,9 @@ def _load(model_path: str | None, base_model_id: str | None, precision: str):
         if not base:
             raise UserError(f"{path}/adapter_config.json names no base model; pass base_model_id")
         loaded = load_model(base, precision)
-        return PeftModel.from_pretrained(loaded.model, path), loaded.tokenizer
+        return PeftModel.from_pretrained(loaded.model, path).eval(), loaded.tokenizer, None
     loaded = load_model(str(model_path), precision)
-    return loaded.model, loaded.tokenizer
+    return loaded.model, loaded.tokenizer, None
 
 
 def evaluate_dataset(
@@ -55,7 +58,7 @@ def evaluate_dataset(
     split: str = "test",
     max_new_tokens: int | None = None,
     num_beams: int = 1,
-    max_length: int = 512,
+    max_length: int | None = None,
     prompt_template: str | None = None,
     baseline: bool = False,
     seed: int = 42,
@@ -67,10 +70,15 @@ def evaluate_dataset(
     from lorasens.evaluation.runner import evaluate_model, settings_from_config
 
     get_dataset_spec(dataset)
-    model, tokenizer = _load(model_path, base_model_id, precision)
+    model, tokenizer, run_cfg = _load(model_path, base_model_id, precision)
     cfg = ExperimentConfig()
-    cfg.data.dataset, cfg.data.data_dir, cfg.data.max_length = dataset, data_dir, max_length
+    cfg.data.dataset, cfg.data.data_dir, cfg.data.max_length = dataset, data_dir, max_length or 512
     cfg.data.prompt_template = prompt_template
+    if run_cfg is not None and run_cfg.data.dataset == dataset:
+        # What training saw: the same files, prompt length and template.
+        cfg.data.data_dir = data_dir if data_dir is not None else run_cfg.data.data_dir
+        cfg.data.max_length = max_length or run_cfg.data.max_length
+        cfg.data.prompt_template = prompt_template if prompt_template is not None else run_cfg.data.prompt_template
     cfg.evaluation.max_new_tokens, cfg.evaluation.num_beams = max_new_tokens, num_beams
     cfg.training.seed = seed
     settings = settings_from_config(cfg, split, num_samples, batch_size)
