@@ -53,7 +53,8 @@ def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path, capsy
     write_evaluation(copy, {"bleu": 12.5, "rouge_l": 0.25}, baseline={"bleu": 2.5, "rouge_l": 0.05})
     (copy / "report.html").unlink()
     (copy / "layer_heatmap.png").unlink()
-    assert main(["report", str(copy)]) == 0  # `lorasens report RUN_DIR` redraws plots and report from the files
+    # The run's own PNGs are embedded (test_plots redraws them all); the deleted one is drawn again.
+    assert main(["report", str(copy), "--keep_plots"]) == 0
     assert png_size(copy / "layer_heatmap.png")[0] >= 400
     output = capsys.readouterr().out
     assert "7 plot(s)" in output and "missing" not in output
@@ -86,27 +87,30 @@ def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path, capsy
 def test_missing_files_are_named_and_the_rest_is_drawn(run_dir, tmp_path):
     copy = copy_run(run_dir, tmp_path / "partial")
     for name in ("sensitivity.json", "recommended_lora_config.json", "summary.json",
-                 "gradient_analysis.group_norms.csv"):
+                 "gradient_analysis.group_norms.csv", "gradient_norms.png", "sensitivity_heatmap.png"):
         (copy / name).unlink()
-    result = write_report(copy)
+    result = write_report(copy, redraw=False)
     missing = "\n".join(result.missing)
     for name in ("sensitivity.json", "recommended_lora_config.json", "summary.json",
                  "gradient_analysis.group_norms.csv", "synthetic_evaluation.json"):
         assert name in missing
-    assert "gradient_norms.png" not in result.plots and "layer_heatmap.png" in result.plots
+    assert "gradient_norms.png" not in result.plots and "sensitivity_heatmap.png" not in result.plots
+    assert "layer_heatmap.png" in result.plots
     html = result.path.read_text()
     assert "incomplete" in html and "Missing inputs" in html
 
 
-def test_a_run_with_only_a_config_and_a_log(tmp_path):
+def test_a_run_with_only_a_config_and_a_log(tmp_path, capsys):
     run = tmp_path / "early"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": {"model": "tiny-random-llama"}, "data": {"dataset": "e2e"}}))
     (run / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 - 0.1 * s}) + "\n" for s in (1, 2, 3)))
-    result = write_report(run)
-    assert list(result.plots) == ["training_loss.png"] and png_size(run / "training_loss.png")[0] >= 400
-    assert any("e2e_evaluation.json" in line for line in result.missing)
-    assert "last train loss" in result.path.read_text()
+    assert main(["report", str(run)]) == 0  # draws what it can, names the rest
+    output = capsys.readouterr().out
+    assert "1 plot(s)" in output and png_size(run / "training_loss.png")[0] >= 400
+    assert "missing: gradient_norms.png: gradient_analysis.group_norms.csv is missing" in output
+    assert "missing: e2e_evaluation.json is missing" in output
+    assert "last train loss" in (run / "report.html").read_text()
 
 
 def test_not_a_run_directory(tmp_path, capsys):

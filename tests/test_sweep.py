@@ -81,10 +81,15 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
                             start_new_session=True)  # own process group: the kill reaches the train child too
     try:
         _wait_for(first / "summary.json", proc, 240)
-        _wait_for(second / "config.json", proc, 240)  # the second run has started: kill it mid-run
+        _wait_for(second / "config.json", proc, 240)  # the second run has started: kill the sweep mid-run
+        os.kill(proc.pid, signal.SIGTERM)  # the sweep only; it must stop its running child itself
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # no process of the sweep's group is left (no orphaned train run)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert not (second / "summary.json").exists()  # interrupted: config.json but no summary.json
     summary_bytes = (first / "summary.json").read_bytes()
     summary_mtime = (first / "summary.json").stat().st_mtime_ns

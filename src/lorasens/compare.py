@@ -137,8 +137,8 @@ def group_runs(records: list[RunRecord]) -> list[dict]:
             label = f"{first.name} (settings unknown)"
         elif varying:
             label = ", ".join(f"{k}={_short(first.settings.get(k))}" for k in varying)
-        else:
-            label = "same settings"
+        else:  # every run has the same settings: name them by what they are
+            label = " ".join(_short(first.settings.get(k)) for k in ("dataset", "target", "phase_strategy"))
         for run in runs:
             run.group = label
         metric_names = list(dict.fromkeys(m for r in runs for m in r.metrics))

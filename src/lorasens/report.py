@@ -84,8 +84,11 @@ def report_after_training(context: dict) -> dict:
     return {"report": str(result.path), "plots": sorted(result.plots), "report_missing": result.missing}
 
 
-def write_report(run_dir: str | Path) -> ReportResult:
-    """Redraw every plot of a run directory and write its report.html; names what is missing."""
+def write_report(run_dir: str | Path, redraw: bool = True) -> ReportResult:
+    """Redraw every plot of a run directory and write its report.html; names what is missing.
+
+    `redraw=False` embeds the PNGs already there and draws only the absent ones.
+    """
     from lorasens.plots import RUN_PLOTS, plot_run
 
     run_dir = Path(run_dir)
@@ -94,7 +97,7 @@ def write_report(run_dir: str | Path) -> ReportResult:
     if not any((run_dir / name).exists() for name in RUN_FILES) and not _evaluation_files(run_dir):
         raise UserError(f"{run_dir} is not a lorasens run directory: none of {', '.join(RUN_FILES)} is there")
     missing: list[str] = []
-    outcome = plot_run(run_dir)
+    outcome = plot_run(run_dir, redraw=redraw)
     plots = {name: value for name, value in outcome.items() if isinstance(value, Path)}
     missing += [f"{name}: {value}" for name, value in outcome.items() if not isinstance(value, Path)]
     config = read_json(run_dir / CONFIG_FILE)

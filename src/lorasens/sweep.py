@@ -256,15 +256,18 @@ def run_sweep(
                     "" if result == "done" else f"; log: {logs / (run.name + '.log')}")
 
     _write_manifest(manifest, runs, outcome)
+    previous = _raise_on_sigterm()
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         for future in [pool.submit(one, item) for item in todo]:
             future.result()
-    except BaseException:
+    except BaseException:  # Ctrl-C or `kill`: stop the running children too, so none is left orphaned
         children.stop()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     complete = [r.run_dir for r in runs if r.status() == "complete"]
     comparison = None
     if complete:
@@ -273,6 +276,17 @@ def run_sweep(
         comparison = compare_runs(complete, compare_out or output_dir / f"{prefix}_comparison").out_dir
     _write_manifest(manifest, runs, outcome, comparison)
     return SweepResult(runs, outcome, comparison, manifest)
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into SystemExit in the main thread (the default would kill the sweep but not its children)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _write_manifest(path: Path, runs: list[SweepRun], outcome: dict, comparison: Path | None = None) -> None:

@@ -397,11 +397,17 @@ RUN_PLOTS = {
 }
 
 
-def plot_run(run_dir: Path) -> dict[str, Path | str]:
-    """Draw every run plot. Returns file name -> path when drawn, or the reason (what is missing) when not."""
+def plot_run(run_dir: Path, redraw: bool = True) -> dict[str, Path | str]:
+    """Draw every run plot. Returns file name -> path when drawn, or the reason (what is missing) when not.
+
+    `redraw=False` keeps a PNG that already exists and draws only the absent ones.
+    """
     run_dir = Path(run_dir)
     outcome: dict[str, Path | str] = {}
     for name, (function, _) in RUN_PLOTS.items():
+        if not redraw and (run_dir / name).is_file():
+            outcome[name] = run_dir / name
+            continue
         try:
             outcome[name] = function(run_dir)
         except MissingInput as exc:
