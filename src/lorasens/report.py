@@ -80,14 +80,31 @@ class ReportResult:
 
 def report_after_training(context: dict) -> dict:
     """Called by `lorasens.run` at the end of a run: draws all plots and writes report.html."""
-    result = write_report(context["run_dir"])
+    run_dir = Path(context["run_dir"])
+    result = write_report(run_dir, summary=_summary_so_far(context, run_dir))
     return {"report": str(result.path), "plots": sorted(result.plots), "report_missing": result.missing}
 
 
-def write_report(run_dir: str | Path, redraw: bool = True) -> ReportResult:
+def _summary_so_far(context: dict, run_dir: Path) -> dict:
+    """At the end of a run summary.json is not written yet (the report is part of it): the same facts, from the run."""
+    train = [r["loss"] for r in read_jsonl(run_dir / TRAIN_LOG) if r.get("loss") is not None]
+    evals = [r["eval_loss"] for r in read_jsonl(run_dir / EVAL_LOG) if r.get("eval_loss") is not None]
+    summary = {"steps": context["trainer"].state.global_step if context.get("trainer") else None,
+               "final_train_loss": train[-1] if train else None, "final_eval_loss": evals[-1] if evals else None,
+               "best_eval_loss": min(evals) if evals else None}
+    if context.get("lora") is not None:
+        summary["trainable_params"] = sum(p.A.numel() + p.B.numel() for p in context["lora"])
+        summary["lora_modules"] = len(context["lora"])
+    if context.get("module_map") is not None:
+        summary["num_layers"] = context["module_map"].num_layers
+    return summary
+
+
+def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None = None) -> ReportResult:
     """Redraw every plot of a run directory and write its report.html; names what is missing.
 
-    `redraw=False` embeds the PNGs already there and draws only the absent ones.
+    `redraw=False` embeds the PNGs already there and draws only the absent ones. `summary` stands in for
+    summary.json when the run is finishing (the report is written before summary.json).
     """
     from lorasens.plots import RUN_PLOTS, plot_run
 
@@ -101,7 +118,7 @@ def write_report(run_dir: str | Path, redraw: bool = True) -> ReportResult:
     plots = {name: value for name, value in outcome.items() if isinstance(value, Path)}
     missing += [f"{name}: {value}" for name, value in outcome.items() if not isinstance(value, Path)]
     config = read_json(run_dir / CONFIG_FILE)
-    summary = read_json(run_dir / SUMMARY_FILE)
+    summary = summary if summary is not None else read_json(run_dir / SUMMARY_FILE)
     if config is None:
         missing.insert(0, f"{CONFIG_FILE} is missing: settings unknown")
     body = [
@@ -303,7 +320,7 @@ def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
     budget = data.get("budget")
     if isinstance(budget, dict):
         rows = [[k, ", ".join(map(str, v)) if isinstance(v, list) else v] for k, v in budget.items()]
-        text += "<h3>Budget</h3>" + table(["", ""], rows, numeric_from=99)
+        text += "<h3>Budget</h3>" + table(["quantity", "value"], rows, numeric_from=99)
     elif budget is not None:
         text += f'<p class="note">Budget: {esc(json.dumps(budget))}</p>'
     return text, []
