@@ -238,3 +238,28 @@ def test_score_e2e_groups_rows_by_mr(tmp_path, capsys):
     bleu = json.loads(capsys.readouterr().out)["metrics"]["bleu"]
     assert bleu == pytest.approx(100 * 0.75**0.25)  # see test_metrics: hand computation
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["bleu"] == bleu
+
+
+def test_score_samsum_and_mnli_files(tmp_path, capsys):
+    from rouge_score import rouge_scorer
+
+    summaries = [("Amanda baked cookies and will bring Jerry some.", "Amanda baked cookies and will bring Jerry some tomorrow."),
+                 ("Olivia votes liberal.", "Olivia and Olivier are voting for liberals in this election.")]
+    path = tmp_path / "samsum.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": "p", "prediction": p, "references": [r]}) + "\n"
+                            for i, (p, r) in enumerate(summaries)))
+    assert main(["score", "samsum", str(path)]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
+    expected = 100 * sum(scorer.score(r, p)["rouge2"].fmeasure for p, r in summaries) / 2
+    assert metrics["rouge2"] == pytest.approx(expected)
+
+    rows = [("entailment", "entailment", "matched", "neutral"), ("neutral", "contradiction", "matched", "neutral"),
+            ("contradiction", "contradiction", "mismatched", "contradiction")]
+    path = tmp_path / "mnli.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": "p", "prediction": gen, "references": [gold], "subset": sub,
+                                        "ll_prediction": ll}) + "\n" for i, (gold, ll, sub, gen) in enumerate(rows)))
+    assert main(["score", "mnli", str(path)]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert metrics == {"accuracy_matched": 0.5, "generated_accuracy_matched": 0.5, "num_matched": 2,
+                       "accuracy_mismatched": 1.0, "generated_accuracy_mismatched": 1.0, "num_mismatched": 1}
