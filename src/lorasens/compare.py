@@ -119,8 +119,12 @@ def _config_key(record: RunRecord) -> tuple:
     return tuple(sorted((k, json.dumps(v)) for k, v in record.settings.items() if k not in NOT_A_SETTING))
 
 
+# Implied by another setting (dynamic_lora follows phase_strategy): part of the configuration, not of its label.
+NOT_IN_LABEL = {"dynamic_lora"}
+
+
 def _varying(records: list[RunRecord]) -> list[str]:
-    keys = sorted({k for r in records for k in r.settings} - NOT_A_SETTING)
+    keys = sorted({k for r in records for k in r.settings} - NOT_A_SETTING - NOT_IN_LABEL)
     return [k for k in keys if len({json.dumps(r.settings.get(k)) for r in records if r.settings}) > 1]
 
 

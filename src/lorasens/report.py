@@ -67,7 +67,7 @@ th{background:#f0f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .missing{background:#fff4e5;border-left:4px solid #E69F00;padding:8px 12px;margin:8px 0;font-size:13px}
 .note{color:#555;font-size:13px}pre{background:#f4f4f4;padding:10px;overflow-x:auto;font-size:12px}
 figure{margin:18px 0}figure img{max-width:100%;border:1px solid #e3e3e3}figcaption{font-size:13px;color:#444}
-.pos{color:#006d2c}.neg{color:#b30000}
+.scroll{overflow-x:auto}
 """
 
 
@@ -172,7 +172,7 @@ def table(headers: list[str], rows: list[list], numeric_from: int = 1) -> str:
             css = ' class="num"' if i >= numeric_from and isinstance(cell, (int, float)) else ""
             cells.append(f"<td{css}>{esc(fmt(cell))}</td>")
         lines.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table></div>'
 
 
 def missing_box(lines: list[str]) -> str:

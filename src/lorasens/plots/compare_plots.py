@@ -36,15 +36,25 @@ def _styles(runs) -> list[tuple[str, str]]:
     return styles
 
 
-def _label(run, many: bool) -> str | None:
-    return run.group if many else f"{run.name} ({run.group})"
+def _label(run, many: bool) -> str:
+    return run.group if many else run.name
 
 
-def _legend(ax, many: bool) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
+def _legend(fig, axes) -> None:
+    """One legend under the figure (runs, or configurations when there are many), not one per panel."""
+    unique: dict = {}
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        unique.update(zip(labels, handles))
     if unique:
-        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+        fig.legend(unique.values(), unique.keys(), fontsize=8, loc="outside lower center",
+                   ncol=min(3, len(unique)), frameon=False)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#555555")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _shared_phases(ax, runs) -> None:
@@ -56,7 +66,7 @@ def _shared_phases(ax, runs) -> None:
 
 def plot_compare_losses(runs, out_dir: Path) -> Path:
     many = len(runs) > LEGEND_MAX_RUNS
-    fig, (ax_train, ax_eval) = new_figure(1, 2, figsize=(13, 4.8))
+    fig, (ax_train, ax_eval) = new_figure(1, 2, figsize=(13, 5.2), layout="constrained")
     drawn = False
     for run, (colour, style) in zip(runs, _styles(runs)):
         train = [r for r in read_jsonl(run.run_dir / TRAIN_LOG) if r.get("loss") is not None]
@@ -72,20 +82,22 @@ def plot_compare_losses(runs, out_dir: Path) -> Path:
         plt_close(fig)
         raise MissingInput(f"no run has {TRAIN_LOG} or {EVAL_LOG}")
     for ax, title in ((ax_train, "Train loss"), (ax_eval, "Validation loss")):
+        ax.set_title(title, fontsize=11)
+        if not ax.lines:
+            _empty(ax, f"no run recorded a {title.lower()}")
+            continue
         _shared_phases(ax, runs)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("cross-entropy loss (nats/token)")
-        ax.set_title(title, fontsize=11)
         ax.grid(alpha=0.3)
-        _legend(ax, many)
+    _legend(fig, (ax_train, ax_eval))
     fig.suptitle("Loss per run (colour = configuration, line style = seed)", fontsize=11)
-    fig.tight_layout()
     return save(fig, Path(out_dir) / "comparison_losses.png")
 
 
 def plot_compare_grad_norms(runs, out_dir: Path) -> Path:
     many = len(runs) > LEGEND_MAX_RUNS
-    fig, axes = new_figure(1, 2, figsize=(13, 4.8), sharey=True)
+    fig, axes = new_figure(1, 2, figsize=(13, 5.2), sharey=True, layout="constrained")
     missing = []
     for run, (colour, style) in zip(runs, _styles(runs)):
         try:
@@ -104,10 +116,9 @@ def plot_compare_grad_norms(runs, out_dir: Path) -> Path:
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{title} LoRA gradient norm (gaps = frozen)", fontsize=11)
         ax.grid(alpha=0.3)
-        _legend(ax, many)
+    _legend(fig, axes)
     axes[0].set_ylabel("LoRA gradient L2 norm")
     fig.suptitle("Group gradient norms per run (colour = configuration, line style = seed)", fontsize=11)
-    fig.tight_layout()
     if missing:
         logger.warning("comparison_grad_norms.png without: %s", "; ".join(missing))
     return save(fig, Path(out_dir) / "comparison_grad_norms.png")
