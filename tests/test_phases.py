@@ -157,7 +157,6 @@ STRATEGIES = [
 def test_switching_freezes_exactly_and_bitwise(monkeypatch, tmp_path, strategy, ends, expected):
     run_dir, rec = train(monkeypatch, tmp_path, "run", phase_strategy=strategy, phase_ends=ends, max_steps=6)
     bounds = [int(e) for e in ends.split(",")] + [6]
-    every = names(range(4), ALL)
     lora_on = frozenset().union(*expected)
     # All LoRA parameters of all phases are in the optimizer from step 0 (also those frozen in phase 1).
     assert {id(p) for lp in rec.lora for p in (lp.A, lp.B)} <= rec.optimizer_params
@@ -176,7 +175,6 @@ def test_switching_freezes_exactly_and_bitwise(monkeypatch, tmp_path, strategy, 
                 assert torch.equal(a0, a1) and torch.equal(b0, b1), f"{name} moved while frozen in phase {phase + 1}"
         # A module that is active gets a non-zero gradient on B in every step of the phase.
         assert all(rec.with_grad[step][n][1] > 0 for step in range(start, end) for n in active)
-    assert every >= lora_on
 
     phases = json.loads((run_dir / "phases.json").read_text())
     assert phases["ends"] == bounds
