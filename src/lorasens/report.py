@@ -67,7 +67,7 @@ th{background:#f0f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .missing{background:#fff4e5;border-left:4px solid #E69F00;padding:8px 12px;margin:8px 0;font-size:13px}
 .note{color:#555;font-size:13px}pre{background:#f4f4f4;padding:10px;overflow-x:auto;font-size:12px}
 figure{margin:18px 0}figure img{max-width:100%;border:1px solid #e3e3e3}figcaption{font-size:13px;color:#444}
-.scroll{overflow-x:auto}
+.scroll{overflow-x:auto}.cols{display:flex;flex-wrap:wrap;gap:10px 40px;align-items:flex-start}
 """
 
 
@@ -206,26 +206,27 @@ def render_page(title: str, subtitle: str, sections: list[tuple[str, str, str]],
 
 def _config_section(config: dict | None, summary: dict | None, run_dir: Path) -> tuple[str, list[str]]:
     missing = []
-    parts = []
+    columns = []  # settings and run summary side by side
+    details = ""
     if config is not None:
         rows = [[label, config.get(section, {}).get(name)] for label, section, name in KEY_SETTINGS]
         rows.append(["preset", config.get("preset")])
-        parts.append(table(["setting", "value"], rows))
-        parts.append("<details><summary>Full config.json</summary><pre>" + esc(json.dumps(config, indent=2))
-                     + "</pre></details>")
+        columns.append("<div><h3>Settings</h3>" + table(["setting", "value"], rows) + "</div>")
+        details = ("<details><summary>Full config.json</summary><pre>" + esc(json.dumps(config, indent=2))
+                   + "</pre></details>")
     else:
         missing.append(f"{CONFIG_FILE} is missing")
     if summary is not None:
         rows = [[key, summary[key]] for key in SUMMARY_KEYS if key in summary]
-        parts.append("<h3>Run summary</h3>" + table(["quantity", "value"], rows))
+        columns.append("<div><h3>Run summary</h3>" + table(["quantity", "value"], rows) + "</div>")
     else:
         train = read_jsonl(run_dir / TRAIN_LOG)
         missing.append(f"{SUMMARY_FILE} is missing (run unfinished?)")
         if train:
-            parts.append("<h3>Run so far (from train_log.jsonl)</h3>" + table(
+            columns.append("<div><h3>Run so far (from train_log.jsonl)</h3>" + table(
                 ["quantity", "value"], [["last logged step", train[-1].get("step")],
-                                        ["last train loss", train[-1].get("loss")]]))
-    return missing_box(missing) + "".join(parts), missing
+                                        ["last train loss", train[-1].get("loss")]]) + "</div>")
+    return missing_box(missing) + f'<div class="cols">{"".join(columns)}</div>' + details, missing
 
 
 def _phases_section(run_dir: Path) -> tuple[str, list[str]]:
