@@ -242,8 +242,15 @@ def plot_gradient_evolution(run_dir: Path) -> Path:
                               label=f"{module} ({GROUP_LABELS.get(group_of[module], group_of[module])})",
                               **_markers(len(per)))
             handles.append(line)
-        if per.isna().all(axis=1).any() or per.isna().any().any():
-            handles.append(frozen_handle("gap in a line = frozen"))
+        for group in ("attn", "mlp"):  # a band where the whole group is frozen, as in gradient_norms.png
+            members = [m for m in order if group_of[m] == group]
+            if not members:
+                continue
+            frozen = per[members].isna().all(axis=1)
+            spans = frozen_spans(per.index.tolist(), [math.nan if f else 1.0 for f in frozen])
+            if spans:
+                shade_frozen(ax, spans, edge=PALETTE[group], hatch=GROUP_HATCH[group])
+                handles.append(frozen_handle(f"{GROUP_LABELS[group]} frozen", PALETTE[group], GROUP_HATCH[group]))
         if mark_phases(ax, run_dir):
             handles.append(phase_legend_handle())
         ax.set_ylabel("gradient L2 norm\n(all layers, A and B)")
