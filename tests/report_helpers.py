@@ -22,12 +22,21 @@ _CACHE: dict[str, Path] = {}
 def tiny_run_dir(tmp_path_factory) -> Path:
     """A finished tiny run (made once per session); tests that change files copy it first."""
     if "run" not in _CACHE:
+        import torch
+
         from lorasens.config import build_config
         from lorasens.run import run_experiment
 
         out = tmp_path_factory.mktemp("tiny_runs")
         cfg = build_config(None, None, {**TINY_RUN, "output_dir": str(out), "experiment_name": "tiny"})
-        _CACHE["run"] = run_experiment(cfg).run_dir
+        # One compute thread: tiny-model ops gain nothing from two, and on a busy machine the threads' barriers
+        # wait on descheduled threads (seconds per step).
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _CACHE["run"] = run_experiment(cfg).run_dir
+        finally:
+            torch.set_num_threads(before)
     return _CACHE["run"]
 
 
