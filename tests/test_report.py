@@ -147,3 +147,17 @@ def test_tensorboard_scalars_are_the_csv_norms(run_dir):
         layer3 = [(int(r["step"]), float(r["mlp"])) for r in csv.DictReader(fh) if r["layer"] == "3" and r["mlp"]]
     logged = [(e.step, e.value) for e in board.Scalars("gradients/layer_03/mlp")]
     assert [s for s, _ in logged] == [s for s, _ in layer3] == [1, 2, 3, 4]
+
+
+def test_a_malformed_file_costs_only_its_section(run_dir, tmp_path):
+    copy = copy_run(run_dir, tmp_path / "bad")
+    (copy / "sensitivity.json").write_text(json.dumps({"modules": "oops", "measures": {"x": 3}, "rankings": {"x": 5}}))
+    (copy / "sensitivity_heatmap.png").unlink()
+    result = write_report(copy, redraw=False)
+    assert any(line.startswith("sensitivity_heatmap.png: could not be drawn (TypeError") for line in result.missing)
+    assert any(line.startswith("sensitivity: sensitivity.json has an unexpected format") for line in result.missing)
+    assert len(result.missing) == 3  # the two above and the (absent) evaluation file
+    html = result.path.read_text()
+    recommended = json.loads((copy / "recommended_lora_config.json").read_text())
+    assert escape(json.dumps(recommended, indent=2)) in html  # the other sections are still there
+    assert all(key in parse(html).ids for key, _ in SECTIONS)

@@ -81,7 +81,12 @@ class ReportResult:
 def report_after_training(context: dict) -> dict:
     """Called by `lorasens.run` at the end of a run: draws all plots and writes report.html."""
     run_dir = Path(context["run_dir"])
-    result = write_report(run_dir, summary=_summary_so_far(context, run_dir))
+    try:
+        result = write_report(run_dir, summary=_summary_so_far(context, run_dir))
+    except Exception as exc:  # noqa: BLE001 - the trained run and its summary matter more than its report
+        logger.error("report.html not written (%s: %s); redraw it with `lorasens report %s`", type(exc).__name__, exc,
+                     run_dir, exc_info=True)
+        return {"report": None, "report_error": f"{type(exc).__name__}: {exc}"}
     return {"report": str(result.path), "plots": sorted(result.plots), "report_missing": result.missing}
 
 
@@ -122,11 +127,11 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
     if config is None:
         missing.insert(0, f"{CONFIG_FILE} is missing: settings unknown")
     body = [
-        _config_section(config, summary, run_dir),
-        _phases_section(run_dir),
-        _evaluation_section(run_dir, config),
-        _sensitivity_section(run_dir),
-        _recommendation_section(run_dir),
+        _section("configuration", (CONFIG_FILE, SUMMARY_FILE), _config_section, config, summary, run_dir),
+        _section("phases", (PHASES,), _phases_section, run_dir),
+        _section("evaluation", (f"*{EVALUATION_SUFFIX}",), _evaluation_section, run_dir, config),
+        _section("sensitivity", (SENSITIVITY,), _sensitivity_section, run_dir),
+        _section("recommendation", (RECOMMENDED,), _recommendation_section, run_dir),
         _plots_section(run_dir, plots, outcome, RUN_PLOTS),
     ]
     missing += [line for _, lines in body for line in lines]
@@ -202,6 +207,16 @@ def render_page(title: str, subtitle: str, sections: list[tuple[str, str, str]],
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sections: each returns (html, [missing lines])
+
+
+def _section(name: str, files: tuple[str, ...], build, *args) -> tuple[str, list[str]]:
+    """One section; a file of an unexpected shape costs this section only, and is named."""
+    try:
+        return build(*args)
+    except Exception as exc:  # noqa: BLE001 - malformed input: report it, keep the rest of the page
+        logger.warning("report section %s not shown: %s: %s", name, type(exc).__name__, exc, exc_info=True)
+        line = f"{name}: {' / '.join(files)} has an unexpected format ({type(exc).__name__}: {exc})"
+        return missing_box([line]), [line]
 
 
 def _config_section(config: dict | None, summary: dict | None, run_dir: Path) -> tuple[str, list[str]]:
