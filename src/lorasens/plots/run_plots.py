@@ -48,8 +48,8 @@ GROUP_LABELS = {"attn": "attention", "mlp": "MLP", "total": "all LoRA modules"}
 GROUP_HATCH = {"attn": "///", "mlp": "\\\\\\"}
 MEASURE_LABELS = {
     "grad_norm": "gradient L2 norm (mean over steps)",
-    "importance": "importance |θ·∇θ| (EMA, mean)",
-    "update_magnitude": "‖ΔW‖_F = scaling·‖BA‖_F (end of training)",
+    "importance": "importance |θ·∇θ| (EMA, last recorded)",
+    "update_magnitude": "‖ΔW‖_F = scaling·‖BA‖_F (final adapter)",
     "ablation": "Δ validation loss when removed (nats/token)",
     "combined": "combined score (mean normalised rank)",
 }
@@ -330,7 +330,7 @@ def plot_sensitivity_heatmap(run_dir: Path) -> Path:
         bar.set_label(MEASURE_LABELS.get(name, name) + (" (log)" if log else ""), fontsize=8)
     fig.suptitle(f"Sensitivity per layer and module type — {run_dir.name}", fontsize=11)
     if any_missing:
-        fig.legend(handles=[frozen_handle("not measured (module not trained or not targeted)")], loc="lower center",
+        fig.legend(handles=[frozen_handle("not measured (not trained, not targeted, or beyond --ablation_max_single)")], loc="lower center",
                    fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05 if any_missing else 0, 1, 0.95))
     return save(fig, run_dir / "sensitivity_heatmap.png")
