@@ -28,6 +28,7 @@ SENSITIVITY_CMAP = "cividis"
 FROZEN_FACE, FROZEN_EDGE, FROZEN_HATCH = "#e0e0e0", "#8c8c8c", "///"
 FROZEN_LABEL = "frozen / not recorded (no gradient)"
 DPI = 110
+MAX_PHASE_LABELS = 8  # more boundaries (e.g. LISA resampling) get thin unlabelled lines instead of a text pile-up
 
 GROUP_NORMS = "gradient_analysis.group_norms.csv"
 LAYER_NORMS = "gradient_analysis.layer_norms.csv"
@@ -102,9 +103,10 @@ def phase_boundaries(run_dir: Path) -> list[tuple[int, str]]:
 def mark_phases(ax, run_dir: Path, color: str = PALETTE["phase"], annotate: bool = True) -> bool:
     """Dashed vertical lines at the phase boundaries, labelled with the phase that starts; True if any."""
     boundaries = phase_boundaries(run_dir)
+    many = len(boundaries) > MAX_PHASE_LABELS
     for step, label in boundaries:
-        ax.axvline(step + 0.5, color=color, linestyle="--", linewidth=1.2, zorder=3)
-        if annotate:
+        ax.axvline(step + 0.5, color=color, linestyle="--", linewidth=0.6 if many else 1.2, zorder=3)
+        if annotate and not many:
             ax.annotate(f"→ {label}", (step + 0.5, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
                         textcoords="offset points", fontsize=8, color=color)
     return bool(boundaries)
