@@ -13,7 +13,8 @@ SHARED = Path(os.environ.get("LORASENS_SHARED", REPO.parent / "shared"))
 SHARED_DATA = SHARED / "data"
 STORIES260K = SHARED / "models" / "stories260K"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tests use tiny models, where thread start-up costs more than it saves, and CI may share cores.
+torch.set_num_threads(1)
 
 
 def shared_path(*parts: str) -> Path:

@@ -65,6 +65,10 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
     val_features, val_stats = build_features(val_examples, loaded.tokenizer, cfg.data.max_length, "validation")
     if not train_features:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
+    if not val_features and (cfg.training.eval_steps or cfg.tracking.ablation):
+        raise UserError(
+            f"no validation example fits --max_length {cfg.data.max_length}; raise it, or use --eval_steps 0 --ablation false"
+        )
 
     # Under torchrun every process runs this; only the main one (RANK 0, known before the process group exists)
     # prepares the run directory, else --overwrite has two processes deleting and writing the same files at once.
