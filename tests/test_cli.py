@@ -167,3 +167,16 @@ def test_presets_lists_every_preset(capsys):
     out = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in out]
     assert names[-1] == "quickstart" and "e2e_attention" in names and "mnli_both" in names and len(names) == 13
+
+
+def test_no_validation_example_fits_is_one_line(tmp_path, capsys):
+    data = tmp_path / "e2e"
+    data.mkdir()
+    (data / "trainset.csv").write_text("mr,ref\nname[A],A is nice.\nname[B],B is nice.\n")
+    (data / "devset.csv").write_text("mr,ref\nname[C]," + "very long reference " * 20 + "\n")
+    code = main(["train", *FAST, "--max_length", "64", "--dataset", "e2e", "--data_dir", str(data),
+                 "--output_dir", str(tmp_path), "--experiment_name", "v"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == (
+        "error: no validation example fits --max_length 64; raise it, or use --eval_steps 0 --ablation false")
+    assert not (tmp_path / "v").exists()
