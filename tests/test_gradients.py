@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -274,6 +275,8 @@ def test_foreach_norms_match_per_tensor_norms_across_dtypes():
     grads = [torch.randn(3, 5), torch.randn(2, 2)]
     expected = [(p * g).abs().sum().item() for p, g in zip(params, grads)]
     assert taylor_importance(params, grads).tolist() == pytest.approx(expected, rel=1e-6)
+    buffers = [torch.full_like(p, 7.0) for p in params]  # reused scratch space: its old content must not matter
+    assert taylor_importance(params, grads, buffers).tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_csv_cells_and_truncation_on_resume(tmp_path):
@@ -332,7 +335,8 @@ def test_clipping_wrapper_is_per_instance_and_removed(tmp_path, tiny_llama):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DDP: two CPU processes (gloo) give the norms of one process on the same global batch
+# DDP: two CPU processes (gloo) give the norms of one process on the same global batch (about 20 s on 2 cores,
+# so it runs by default; the issue asks for `slow` only above 60 s)
 
 DDP_SCRIPT = textwrap.dedent(
     """
@@ -349,12 +353,14 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path, no_report):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    with socket.socket() as sock:  # a free port: other test runs on this machine may use torchrun too
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     result = subprocess.run([*torchrun, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
                             timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

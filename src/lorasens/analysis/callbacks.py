@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from lorasens.analysis import files
-from lorasens.analysis.csvlog import BufferedCsv, read_rows
+from lorasens.analysis.csvlog import BufferedCsv, cell, read_rows
 from lorasens.analysis.measures import foreach_norms, taylor_importance, update_magnitudes
 from lorasens.config import TrackingConfig
 from lorasens.lora import LoraParams
@@ -82,6 +82,8 @@ class GradientTrackingCallback(TrainerCallback):
         if tracking.track_update_magnitude:
             self.writers["update"] = BufferedCsv(run_dir / files.UPDATE_MAGNITUDE, files.UPDATE_MAGNITUDE_COLUMNS)
         modules = [lp.module for lp in self.lora]
+        # The constant "layer,group,module" cells of each module's rows, formatted once.
+        self._module_cells = [f"{m.layer},{m.group},{cell(m.module_type)}" for m in modules]
         self._group_index = {g: np.array([i for i, m in enumerate(modules) if m.group == g], dtype=int) for g in GROUPS}
         self.layers = sorted({m.layer for m in modules})
         self._layer_index = {
@@ -92,6 +94,7 @@ class GradientTrackingCallback(TrainerCallback):
         # Importance EMA per module; AdaLoRA starts it at 0. Frozen modules keep theirs until they train again.
         self.ema = np.zeros(len(self.lora))
         self._pending: _Pending | None = None
+        self._buffers: dict[int, torch.Tensor] = {}
         self._active = False
         self._accelerator = None
 
@@ -137,9 +140,9 @@ class GradientTrackingCallback(TrainerCallback):
                 offset += n
         if record_update:
             phase = pending.phase if pending else self.run_state.phase
-            for lp, value in zip(self.lora, values[offset:]):
-                m = lp.module
-                self.writers["update"].add((step, phase, m.layer, m.group, m.module_type, np.float32(value)))
+            writer, head = self.writers["update"], f"{step},{cell(phase)},"
+            for module, value in zip(self._module_cells, values[offset:]):
+                writer.add_line(f"{head}{module},{cell(np.float32(value))}")
 
     def on_save(self, args, state, control, **kwargs):
         self.flush()
@@ -190,8 +193,20 @@ class GradientTrackingCallback(TrainerCallback):
         with torch.no_grad():
             # With every module frozen the tensors are empty and the step is still written (all cells empty).
             norms = foreach_norms(grads) if self.tracking.track_gradients else None
-            importance = taylor_importance(params, grads) if self.tracking.track_importance else None
+            if self.tracking.track_importance:
+                buffers = [self._buffer(i) for i in active]
+                importance = taylor_importance(params, grads, buffers)
+            else:
+                importance = None
         self._pending = _Pending(step, self.run_state.phase, np.array(active, dtype=int), norms, importance)
+
+    def _buffer(self, index: int) -> torch.Tensor:
+        """A scratch tensor shaped like parameter `index`, kept for the next steps (importance products)."""
+        buffer = self._buffers.get(index)
+        param = self.params[index]
+        if buffer is None or buffer.shape != param.shape or buffer.device != param.device or buffer.dtype != param.dtype:
+            buffer = self._buffers[index] = torch.empty_like(param, requires_grad=False)
+        return buffer
 
     # -- Rows ----------------------------------------------------------------------------------------------------
 
@@ -216,11 +231,10 @@ class GradientTrackingCallback(TrainerCallback):
         per_param = self._per_param(active, norms)
         squared = per_param**2
         module_sq = self._pair_sum(squared)
-        module_writer = self.writers["module"]
-        for i, lp in enumerate(self.lora):
-            m = lp.module
+        module_writer, head = self.writers["module"], f"{step},{cell(phase)},"
+        for i, module in enumerate(self._module_cells):
             for j, matrix in enumerate(MATRICES):
-                module_writer.add((step, phase, m.layer, m.group, m.module_type, matrix, np.float32(per_param[2 * i + j])))
+                module_writer.add_line(f"{head}{module},{matrix},{cell(np.float32(per_param[2 * i + j]))}")
         group = {g: math.sqrt(self._nan_sum(module_sq[idx])) for g, idx in self._group_index.items()}
         total = math.sqrt(self._nan_sum(module_sq))
         self.writers["group"].add((step, phase, *(group[g] for g in GROUPS), total))
@@ -231,16 +245,13 @@ class GradientTrackingCallback(TrainerCallback):
     def _write_importance(self, step: int, phase: str, active: np.ndarray, values: np.ndarray) -> None:
         per_param = self._per_param(active, values)
         beta = self.tracking.importance_ema
-        writer = self.writers["importance"]
+        writer, head = self.writers["importance"], f"{step},{cell(phase)},"
         module_values = self._pair_sum(per_param)  # sum over A and B
-        for i, lp in enumerate(self.lora):
-            current = module_values[i]
-            m = lp.module
-            if math.isnan(current):
-                writer.add((step, phase, m.layer, m.group, m.module_type, math.nan))
-                continue
-            self.ema[i] = beta * self.ema[i] + (1 - beta) * current
-            writer.add((step, phase, m.layer, m.group, m.module_type, float(self.ema[i])))
+        for i, module in enumerate(self._module_cells):
+            current = float(module_values[i])
+            if not math.isnan(current):
+                self.ema[i] = beta * self.ema[i] + (1 - beta) * current
+            writer.add_line(f"{head}{module},{cell(math.nan if math.isnan(current) else float(self.ema[i]))}")
 
     def _restore_ema(self) -> None:
         """On --resume, continue the EMA from the last value written (exact: written as repr of a float64)."""

@@ -51,7 +51,11 @@ class BufferedCsv:
         self.path.write_text(header + "".join(line + "\n" for line in kept))
 
     def add(self, values) -> None:
-        self._rows.append(",".join(cell(v) for v in values))
+        self.add_line(",".join(cell(v) for v in values))
+
+    def add_line(self, line: str) -> None:
+        """A row already formatted (callers that write many rows with a constant part format it once)."""
+        self._rows.append(line)
         if len(self._rows) >= MAX_BUFFERED_ROWS:
             self.flush()
 

@@ -59,14 +59,24 @@ def foreach_norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> torch.Te
     return _in_input_order(parts, device)
 
 
-def taylor_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """First-order Taylor importance sum(|theta * grad|) per tensor: the L1 norm of the elementwise product."""
+def taylor_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      buffers: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """First-order Taylor importance sum(|theta * grad|) per tensor: the L1 norm of the elementwise product.
+
+    `buffers` (same shapes as `params`, reused across steps) hold the product; without them it is allocated each
+    call, which on CPU costs more than the arithmetic (fresh pages).
+    """
     if not params:
         return torch.empty(0)
     device = params[0].device
     parts = []
     for idx in _groups(params, lambda t: (t.device, t.dtype)).values():
-        products = torch._foreach_mul([params[i].detach() for i in idx], [grads[i] for i in idx])
+        if buffers is None:
+            products = torch._foreach_mul([params[i].detach() for i in idx], [grads[i] for i in idx])
+        else:
+            products = [buffers[i] for i in idx]
+            torch._foreach_copy_(products, [params[i].detach() for i in idx])
+            torch._foreach_mul_(products, [grads[i] for i in idx])
         dtype = _accumulation_dtype(products[0].dtype)
         parts.append((idx, torch.stack(torch._foreach_norm(products, 1, dtype=dtype)).float()))
     return _in_input_order(parts, device)
