@@ -43,6 +43,14 @@ def test_grid_names_and_commands(tmp_path):
     assert dict(zip(static[4::2], static[5::2]))["--phase_strategy"] == "" and static[-2:] == ["--overwrite", "true"]
 
 
+def test_static_points_drop_schedule_flags(tmp_path):
+    flags = overrides(tmp_path) | {"max_steps": "30", "phase_ends": "10,20"}
+    static, phased = plan_sweep(None, None, flags, ["static", "both->mlp->attn"], None, None)
+    assert "--phase_ends" not in train_command(static, None, None, flags, rerun=False)
+    command = train_command(phased, None, None, flags, rerun=False)
+    assert command[command.index("--phase_ends") + 1] == "10,20"
+
+
 def test_strategy_lists_keep_lisa_parameters():
     assert split_strategies("static,lisa:layers=2,interval=5,both->mlp->attn") == [
         "static", "lisa:layers=2,interval=5", "both->mlp->attn"]

@@ -118,16 +118,15 @@ def plan_sweep(
     for value in seeds or []:
         if not value.lstrip("-").isdigit():
             raise UserError(f"--seeds must be integers, got {value!r}")
-    base = build_config(preset, config_file, overrides)
+    base = build_config(preset, config_file, _point_overrides(overrides, (strategies or [None])[0]))
     prefix = slug(sweep_name or base.preset or f"{base.data.dataset}")
     runs = []
     for strategy in strategies or [None]:
         for target in targets or [None]:
             for seed in seeds or [None]:
-                run_overrides = dict(overrides)
+                run_overrides = _point_overrides(overrides, strategy)
                 parts = [prefix]
                 if strategy is not None:
-                    run_overrides.update(_strategy_overrides(strategy))
                     parts.append(slug(strategy))
                 if target is not None:
                     run_overrides["target"] = target
@@ -145,10 +144,25 @@ def plan_sweep(
     return runs
 
 
+# Settings of a phase schedule; a static grid point has no phases, so they do not apply to it.
+SCHEDULE_ONLY = ("phase_ends", "phase1_end", "phase2_end", "reset_optimizer_on_switch")
+
+
 def _strategy_overrides(strategy: str) -> dict:
     if strategy == STATIC:
         return {"phase_strategy": None, "dynamic_lora": False}
     return {"phase_strategy": strategy, "dynamic_lora": True}
+
+
+def _point_overrides(overrides: dict, strategy: str | None) -> dict:
+    """The sweep-wide flags for one grid point: `static` drops the schedule-only ones (e.g. --phase_ends)."""
+    values = dict(overrides)
+    if strategy is not None:
+        if strategy == STATIC:
+            for key in SCHEDULE_ONLY:
+                values.pop(key, None)
+        values.update(_strategy_overrides(strategy))
+    return values
 
 
 def train_command(run: SweepRun, preset: str | None, config_file: str | None, overrides: dict, rerun: bool) -> list[str]:
@@ -158,9 +172,7 @@ def train_command(run: SweepRun, preset: str | None, config_file: str | None, ov
         command += ["--preset", preset]
     if config_file:
         command += ["--config", config_file]
-    values = dict(overrides)
-    if run.strategy is not None:
-        values.update(_strategy_overrides(run.strategy))
+    values = _point_overrides(overrides, run.strategy)
     if run.target is not None:
         values["target"] = run.target
     if run.seed is not None:
