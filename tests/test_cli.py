@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ FAST = ["--model", "tiny-random-llama", "--r", "4", "--batch_size", "4", "--max_
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: threads cost more than they give
     return subprocess.run([sys.executable, str(REPO / "run_experiment.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+                          cwd=REPO, timeout=600, env=env)
 
 
 def test_acceptance_command_on_real_e2e_writes_every_file(e2e_dir, tmp_path):
