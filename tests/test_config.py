@@ -95,3 +95,13 @@ def test_malformed_config_file(tmp_path):
         build_config(config_file=path)
     with pytest.raises(UserError, match="does not exist"):
         build_config(config_file=tmp_path / "missing.yaml")
+
+
+def test_report_to_a_tracker_that_is_not_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(UserError, match="--report_to wandb needs the wandb package"):
+        build_config(cli_overrides={"report_to": "wandb"})
+    assert build_config(cli_overrides={"report_to": "tensorboard"}).training.report_to == "tensorboard"

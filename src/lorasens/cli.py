@@ -19,9 +19,9 @@ EXIT_USAGE = 2
 COMMAND_MODULES = [
     "lorasens.commands.train",
     "lorasens.commands.listing",
+    "lorasens.commands.analyze",
     "lorasens.commands.evaluate",
     "lorasens.commands.score",
-    "lorasens.commands.analyze",
     "lorasens.commands.report",
     "lorasens.commands.compare",
     "lorasens.commands.sweep",

@@ -220,6 +220,11 @@ class ExperimentConfig:
 
         get_dataset_spec(data.dataset)
         check_model_name(self.model.model)
+        if tr.report_to != "none":
+            import importlib.util
+
+            if importlib.util.find_spec(tr.report_to) is None:
+                raise UserError(f"--report_to {tr.report_to} needs the {tr.report_to} package (pip install {tr.report_to}); valid without extra packages: none, tensorboard")
         if sched.phase_strategy:
             # Parsed without a model here (layer counts are checked again once the model is loaded).
             from lorasens.schedule import parse_schedule_from_config
