@@ -1,0 +1,33 @@
+"""Run every benchmark in this folder, one after the other (they must not share the CPU), printing each report.
+
+    make bench      # or: .venv/bin/python benchmarks/run_all.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = [
+    "bench_training_overhead.py",  # lorasens vs plain PEFT + Trainer (foundation)
+    "bench_backward_truncation.py",  # last half of the layers vs all (phase schedules)
+    "bench_grad_tracking.py",  # gradient tracking overhead (analysis)
+    "bench_generation.py",  # batched vs one-at-a-time generation (evaluation)
+]
+
+
+def main() -> int:
+    failed = []
+    for name in BENCHMARKS:
+        print(f"\n=== {name}", flush=True)
+        if subprocess.run([sys.executable, str(HERE / name)]).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
