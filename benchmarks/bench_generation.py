@@ -24,7 +24,12 @@ def main(argv=None) -> int:
     parser.add_argument("--num_prompts", type=int, default=64)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's). On a CPU shared with other jobs, 1 thread avoids "
+                             "OpenMP threads waiting for a descheduled sibling, which can make small matmuls ~25x slower.")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from lorasens.data.registry import group_by_prompt, load_examples, subset
     from lorasens.evaluation.generation import generate
