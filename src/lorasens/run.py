@@ -43,7 +43,11 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
     """Run one experiment; `extra_callbacks` are added to the Trainer (the extension point for users)."""
     started = time.time()
     run_dir = cfg.run_dir
-    check_run_dir(run_dir, cfg.output.overwrite, cfg.output.resume)
+    # Under torchrun every process runs this; only the main one (RANK 0, known before the process group exists)
+    # checks and prepares the run directory: another rank could see the folder rank 0 just created as "a run".
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        check_run_dir(run_dir, cfg.output.overwrite, cfg.output.resume)
     checkpoint = _checkpoint_to_resume(cfg, run_dir) if cfg.output.resume else None
     set_seed(cfg.training.seed)
 
@@ -70,9 +74,7 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
             f"no validation example fits --max_length {cfg.data.max_length}; raise it, or use --eval_steps 0 --ablation false"
         )
 
-    # Under torchrun every process runs this; only the main one (RANK 0, known before the process group exists)
-    # prepares the run directory, else --overwrite has two processes deleting and writing the same files at once.
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    # Only rank 0 writes, else --overwrite has two processes deleting and writing the same files at once.
     if main_process:
         if cfg.output.overwrite:
             replace_run_dir(run_dir)
