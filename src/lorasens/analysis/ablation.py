@@ -82,15 +82,22 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[dict]) -> float:
     was_training = model.training
     model.eval()
     try:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        head = base.get_output_embeddings()
         for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+            scored = labels != IGNORE_INDEX
+            if decoder is not None and head is not None:
+                # The LM head (hidden x vocab, 49k columns on SmolLM2) costs as much as the whole decoder: apply it
+                # only at the positions that have a label (the answer), not at every prompt token.
+                hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                logits = head(hidden[:, :-1][scored])
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][scored]
+            nll = F.cross_entropy(logits.float(), labels[scored], reduction="sum")
             total += nll.double().cpu()
-            tokens += int((labels != IGNORE_INDEX).sum())
+            tokens += int(scored.sum())
     finally:
         model.train(was_training)
     if tokens == 0:
