@@ -144,31 +144,22 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
 
 
 def _analysis_callbacks(context: dict) -> list:
-    """Callbacks of the analysis step (gradient norms, importance, update magnitude), when installed."""
-    try:
-        from lorasens.analysis.callbacks import analysis_callbacks
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("lorasens.analysis"):
-            return []
-        raise
+    """Callbacks of the analysis step (gradient norms, importance, update magnitude)."""
+    from lorasens.analysis.callbacks import analysis_callbacks
+
     return analysis_callbacks(context)
 
 
 def _after_training(context: dict) -> dict:
     """Evaluation, sensitivity analysis and the report, in that order; each adds to the summary."""
+    # Imported here, not at the top: each step pulls in its own heavy dependencies (metrics, plotting).
+    from lorasens import report
+    from lorasens.analysis import post
+    from lorasens.evaluation import runner
+
     summary: dict = {}
-    for module_name, function in (
-        ("lorasens.evaluation.runner", "evaluate_after_training"),
-        ("lorasens.analysis.post", "analyze_after_training"),
-        ("lorasens.report", "report_after_training"),
-    ):
-        try:
-            module = __import__(module_name, fromlist=[function])
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue
-            raise
-        summary.update(getattr(module, function)(context) or {})
+    for step in (runner.evaluate_after_training, post.analyze_after_training, report.report_after_training):
+        summary.update(step(context) or {})
     return summary
 
 

@@ -30,13 +30,11 @@ FROZEN_LABEL = "frozen / not recorded (no gradient)"
 DPI = 110
 MAX_PHASE_LABELS = 8  # more boundaries (e.g. LISA resampling) get thin unlabelled lines instead of a text pile-up
 
-GROUP_NORMS = "gradient_analysis.group_norms.csv"
-LAYER_NORMS = "gradient_analysis.layer_norms.csv"
-MODULE_NORMS = "gradient_analysis.module_norms.csv"
-IMPORTANCE = "importance.csv"
-UPDATE_MAGNITUDE = "update_magnitude.csv"
-ABLATION = "sensitivity_ablation.csv"
-SENSITIVITY = "sensitivity.json"
+# The analysis owns the names of the files it writes; plots read them under the same names.
+from lorasens.analysis.files import (  # noqa: E402
+    ABLATION, GROUP_NORMS, IMPORTANCE, LAYER_NORMS, MODULE_NORMS, SENSITIVITY, UPDATE_MAGNITUDE,
+)
+
 PHASES = "phases.json"
 TRAIN_LOG = "train_log.jsonl"
 EVAL_LOG = "eval_log.jsonl"
