@@ -182,3 +182,15 @@ def test_no_validation_example_fits_is_one_line(tmp_path, capsys):
     assert code == 2 and err[-1] == (
         "error: no validation example fits --max_length 64; raise it, or use --eval_steps 0 --ablation false")
     assert not (tmp_path / "v").exists()
+
+
+def test_missing_wordnet_fails_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "no_wordnet"))
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no_wordnet")])
+    code = main(["train", "--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps", "2",
+                 "--max_length", "192", "--output_dir", str(tmp_path), "--experiment_name", "w"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "METEOR needs WordNet" in err[-1]
+    assert not (tmp_path / "w").exists()

@@ -69,6 +69,12 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
     val_features, val_stats = build_features(val_examples, loaded.tokenizer, cfg.data.max_length, "validation")
     if not train_features:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
+    if cfg.evaluation.evaluate:
+        from lorasens.evaluation.metrics import ensure_wordnet
+        from lorasens.evaluation.predictions import scorer_name
+
+        if scorer_name(cfg.data.dataset) in ("e2e", "samsum"):
+            ensure_wordnet()  # METEOR needs WordNet: fail now, not after an hour of training
     if not val_features and (cfg.training.eval_steps or cfg.tracking.ablation):
         raise UserError(
             f"no validation example fits --max_length {cfg.data.max_length}; raise it, or use --eval_steps 0 --ablation false"
