@@ -229,7 +229,7 @@ class ExperimentConfig:
             # Parsed without a model here (layer counts are checked again once the model is loaded).
             from lorasens.schedule import parse_schedule_from_config
 
-            parse_schedule_from_config(self, num_layers=None)
+            parse_schedule_from_config(self)
         return self
 
 

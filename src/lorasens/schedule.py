@@ -254,7 +254,7 @@ def parse_schedule(
     return schedule
 
 
-def parse_schedule_from_config(cfg, num_layers: int | None = None, module_map: ModuleMap | None = None) -> Schedule:
+def parse_schedule_from_config(cfg, module_map: ModuleMap | None = None) -> Schedule:
     s = cfg.schedule
     return parse_schedule(s.phase_strategy, cfg.training.max_steps, s.phase_ends, s.phase1_end, s.phase2_end, module_map)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +37,6 @@ class RunState:
 
     phase: str = "static"
     phase_index: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def training_arguments(cfg: ExperimentConfig, run_dir: Path) -> TrainingArguments:

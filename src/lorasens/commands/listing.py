@@ -22,10 +22,9 @@ def list_presets(args) -> int:
 
 
 def list_datasets(args) -> int:
-    from lorasens.data.registry import DATASETS, _ensure_registered
+    from lorasens.data.registry import registered_datasets
 
-    _ensure_registered()
-    for name, spec in sorted(DATASETS.items()):
+    for name, spec in sorted(registered_datasets().items()):
         print(f"{name:12s} {spec.description}")
     return 0
 

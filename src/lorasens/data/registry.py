@@ -39,8 +39,8 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {}
 # Modules that register datasets; imported lazily so that `import lorasens` stays light.
-_DATASET_MODULES = ("lorasens.data.e2e", "lorasens.data.synthetic")
-_OPTIONAL_DATASET_MODULES = ("lorasens.data.samsum", "lorasens.data.wikisql", "lorasens.data.mnli")
+_DATASET_MODULES = ("lorasens.data.e2e", "lorasens.data.synthetic", "lorasens.data.samsum", "lorasens.data.wikisql",
+                    "lorasens.data.mnli")
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:
@@ -48,22 +48,18 @@ def register(spec: DatasetSpec) -> DatasetSpec:
     return spec
 
 
-def _ensure_registered() -> None:
+def registered_datasets() -> dict[str, DatasetSpec]:
+    """Every dataset, by name (importing the dataset modules registers them)."""
     for module in _DATASET_MODULES:
         importlib.import_module(module)
-    for module in _OPTIONAL_DATASET_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    return DATASETS
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
-    _ensure_registered()
-    if name not in DATASETS:
-        raise unknown_choice("dataset", name, DATASETS)
-    return DATASETS[name]
+    datasets = registered_datasets()
+    if name not in datasets:
+        raise unknown_choice("dataset", name, datasets)
+    return datasets[name]
 
 
 def load_examples(
