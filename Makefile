@@ -1,6 +1,7 @@
 # Two commands for a new user (see README):
 #   make demo   -> set up .venv (if needed) and run the quickstart experiment
-#   make test   -> set up .venv (if needed) and run the test suite
+#   make test   -> set up .venv (if needed) and run the whole test suite (what .ci/run runs)
+# For the edit-test loop: make test-fast (tests not marked slow, under a minute).
 # Everything lives inside the repo: .venv/ (packages) and .nltk_data/ (WordNet for METEOR).
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ export NLTK_DATA := $(NLTK_DATA_DIR)
 STAMP := $(VENV)/.lorasens-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean-venv chromium
+.PHONY: setup demo test test-fast test-all bench clean-venv chromium
 
 setup: $(STAMP) $(NLTK_DATA_DIR)/corpora/wordnet/data.noun
 
@@ -34,10 +35,12 @@ demo: setup
 	$(PY) -m lorasens train --preset quickstart --output_dir runs --experiment_name quickstart --overwrite
 
 test: setup chromium
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: setup chromium
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test-all: test
 
 bench: setup
 	$(PY) benchmarks/run_all.py

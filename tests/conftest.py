@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LORASENS_SHARED", REPO.parent / "shared"))
 SHARED_DATA = SHARED / "data"
 STORIES260K = SHARED / "models" / "stories260K"
+DDP_WORKER = REPO / "tests" / "ddp_worker.py"
 
 # One thread: the tests use tiny models, where thread start-up costs more than it saves, and CI may share cores.
 torch.set_num_threads(1)
@@ -40,3 +44,13 @@ def e2e_dir() -> Path:
 @pytest.fixture
 def stories260k() -> Path:
     return shared_path("models", "stories260K")
+
+
+def run_ddp(settings: dict, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`tests/ddp_worker.py SETTINGS` under torchrun on CPU (gloo): the one way the DDP tests launch processes.
+
+    `--standalone` picks a free rendezvous port, so parallel test runs on one machine do not collide."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(DDP_WORKER), json.dumps(settings)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

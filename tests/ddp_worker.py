@@ -19,9 +19,8 @@ def main() -> int:
 
     setup_logging()  # phase transitions go to stderr, as with `lorasens train`
     torch.set_num_threads(1)  # two processes share a small CPU
-    run_module._after_training = lambda context: {}
     cfg = build_config(cli_overrides=json.loads(sys.argv[1]))
-    run_module.run_experiment(cfg)
+    run_module.run_experiment(cfg, after_training=())
     return 0
 
 

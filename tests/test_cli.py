@@ -156,7 +156,8 @@ def test_original_commands_parse_and_validate():
 
     cfg = build_config("e2e_attention")
     assert (cfg.model.model, cfg.data.dataset, cfg.lora.target) == ("tinyllama", "e2e", "attn")
-    from lorasens.cli import build_parser, config_overrides
+    from lorasens.cli import build_parser
+    from lorasens.config import config_overrides
 
     args = build_parser().parse_args(["train", "--dataset", "wikisql", "--target", "both", "--r", "8", "--batch_size",
                                       "32", "--max_steps", "1000", "--lr", "2e-4"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import run_ddp
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ddp_worker.py"
@@ -31,22 +32,20 @@ def adapters(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
     return {s: load_file(run_dir / "checkpoints" / f"checkpoint-{s}" / "adapter_model.safetensors") for s in (2, 4, 6)}
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found next to the Python interpreter"
     ddp = {**SETTINGS, "batch_size": 1, "output_dir": str(tmp_path), "experiment_name": "ddp", "overwrite": True}
     # A previous run to --overwrite: only rank 0 may delete it (two processes deleting the same tree crash).
     (tmp_path / "ddp" / "checkpoints" / "checkpoint-99").mkdir(parents=True)
     (tmp_path / "ddp" / "config.json").write_text("{}")
     single = {**SETTINGS, "batch_size": 2, "output_dir": str(tmp_path), "experiment_name": "single"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), json.dumps(ddp)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = run_ddp(ddp, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Reducer errors ("Expected to mark a variable ready only once", "Expected to have finished reduction ...")
     # would have failed the run; make sure none was swallowed into a warning either.
     assert "Expected to" not in done.stderr and "Traceback" not in done.stderr
     assert "step 2: phase 2 (mlp@2-3)" in done.stderr and "step 4: phase 3 (both)" in done.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, str(WORKER), json.dumps(single)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import json
 from pathlib import Path
 
@@ -106,7 +108,7 @@ def test_evaluate_after_training_writes_files_and_baseline(tmp_path, lora_model)
 
     model, tok = lora_model
     cfg = _cfg("synthetic", baseline=True)
-    out = evaluate_after_training({"cfg": cfg, "model": model, "tokenizer": tok, "run_dir": tmp_path})
+    out = evaluate_after_training(SimpleNamespace(cfg=cfg, model=model, tokenizer=tok, run_dir=tmp_path))
     assert set(out["evaluation"]) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
     assert set(out["evaluation_baseline"]) == set(out["evaluation"])
     result = json.loads((tmp_path / "synthetic_evaluation.json").read_text())
@@ -128,7 +130,7 @@ def test_evaluation_off_returns_nothing(tmp_path):
 
     cfg = _cfg("synthetic")
     cfg.evaluation.evaluate = False
-    assert evaluate_after_training({"cfg": cfg, "model": None, "tokenizer": None, "run_dir": tmp_path}) == {}
+    assert evaluate_after_training(SimpleNamespace(cfg=cfg, model=None, tokenizer=None, run_dir=tmp_path)) == {}
     assert list(tmp_path.iterdir()) == []
 
 

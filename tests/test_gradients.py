@@ -9,12 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,34 +17,28 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from lorasens.analysis import files
+from lorasens.rundir import files
 from lorasens.analysis.callbacks import GradientTrackingCallback
 from lorasens.analysis.csvlog import BufferedCsv, cell
 from lorasens.analysis.measures import foreach_norms, taylor_importance
 from lorasens.config import build_config
-from lorasens.run import run_experiment
+from lorasens.report import report_after_training
+from lorasens.run import DEFAULT_STEPS, run_experiment
+
+from conftest import run_ddp
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(model="tiny-random-llama", dataset="synthetic", r=4, batch_size=4, max_length=128, eval_steps=0,
             evaluate=False, ablation=False, train_samples=64, eval_samples=16, lora_dropout=0.0, lr=1e-2)
 
 
-@pytest.fixture(scope="module")
-def no_report():
-    """The report (another area) is not under test here; leave it out of these runs to save time."""
-    with pytest.MonkeyPatch.context() as mp:
-        try:
-            import lorasens.report
-        except ModuleNotFoundError:
-            pass
-        else:
-            mp.setattr(lorasens.report, "report_after_training", lambda context: {})
-        yield
+# The report (another area) is not under test here; leave it out of these runs to save time.
+NO_REPORT = tuple(step for step in DEFAULT_STEPS if step is not report_after_training)
 
 
 def train(out: Path, name: str, callbacks=(), **overrides) -> Path:
     cfg = build_config(cli_overrides={**BASE, "output_dir": str(out), "experiment_name": name, **overrides})
-    run_experiment(cfg, extra_callbacks=list(callbacks))
+    run_experiment(cfg, callbacks=list(callbacks), after_training=NO_REPORT)
     return out / name
 
 
@@ -92,7 +81,7 @@ class GradientSnapshot(TrainerCallback):
 
 
 @pytest.fixture(scope="module")
-def schedule_run(tmp_path_factory, no_report):
+def schedule_run(tmp_path_factory):
     snapshot = GradientSnapshot()
     run = train(tmp_path_factory.mktemp("sched"), "sched", [snapshot], max_steps=6, phase_strategy="both->mlp->attn",
                 phase_ends="2,4", max_grad_norm=0.0)
@@ -216,7 +205,7 @@ def test_update_magnitude_equals_explicit_product_of_final_adapter(schedule_run)
 
 
 @pytest.fixture(scope="module")
-def accumulation_runs(tmp_path_factory, no_report):
+def accumulation_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("accum")
     clip = dict(max_steps=3, max_grad_norm=0.05)
     return (train(out, "accum", batch_size=2, grad_accum=2, **clip), train(out, "batch4", batch_size=4, **clip))
@@ -239,7 +228,7 @@ def test_gradient_accumulation_matches_the_larger_batch(accumulation_runs):
     assert max(accumulated) > 0.01
 
 
-def test_resume_continues_every_csv_without_gaps_or_duplicates(tmp_path, no_report):
+def test_resume_continues_every_csv_without_gaps_or_duplicates(tmp_path):
     names = (files.GROUP_NORMS, files.LAYER_NORMS, files.MODULE_NORMS, files.IMPORTANCE, files.UPDATE_MAGNITUDE)
     run = train(tmp_path, "resume", max_steps=6, save_steps=2)
     uninterrupted = {name: (run / name).read_text() for name in names}
@@ -338,31 +327,14 @@ def test_clipping_wrapper_is_per_instance_and_removed(tmp_path, tiny_llama):
 # DDP: two CPU processes (gloo) give the norms of one process on the same global batch (about 20 s on 2 cores,
 # so it runs by default; the issue asks for `slow` only above 60 s)
 
-DDP_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    from lorasens.config import build_config
-    from lorasens.run import run_experiment
-    import lorasens.report
-    lorasens.report.report_after_training = lambda context: {}
-    overrides = dict(model="tiny-random-llama", dataset="synthetic", r=4, batch_size=2, max_length=128, eval_steps=0,
-                     evaluate=False, ablation=False, train_samples=64, eval_samples=16, lora_dropout=0.0, lr=1e-2,
-                     max_steps=3, max_grad_norm=0.05, output_dir=sys.argv[1], experiment_name="ddp")
-    run_experiment(build_config(cli_overrides=overrides))
-    """
-)
+DDP_SETTINGS = dict(model="tiny-random-llama", dataset="synthetic", r=4, batch_size=2, max_length=128, eval_steps=0,
+                    evaluate=False, ablation=False, train_samples=64, eval_samples=16, lora_dropout=0.0, lr=1e-2,
+                    max_steps=3, max_grad_norm=0.05, experiment_name="ddp")
 
 
-def test_ddp_two_processes_match_one_process(tmp_path, no_report):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    with socket.socket() as sock:  # a free port: other test runs on this machine may use torchrun too
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run([*torchrun, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
-                            timeout=600, cwd=REPO)
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    result = run_ddp({**DDP_SETTINGS, "output_dir": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     single = train(tmp_path, "single", batch_size=4, max_steps=3, max_grad_norm=0.05)
     ddp_rows = rows(tmp_path / "ddp" / files.MODULE_NORMS)

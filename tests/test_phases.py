@@ -11,14 +11,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
 
 import lorasens.run as run_module
 from lorasens.config import build_config
+from lorasens.lora import PEFT_PREFIX
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -47,11 +50,18 @@ def names(layers, types) -> frozenset[str]:
     return frozenset(f"model.layers.{l}.{'self_attn' if t in ATTN else 'mlp'}.{t}" for l in layers for t in types)
 
 
+def lora_of(model) -> list[SimpleNamespace]:
+    """(module name, A, B) of every LoRA layer of a PEFT model, found on its own (as a user's callback would)."""
+    return [SimpleNamespace(module=SimpleNamespace(name=name.removeprefix(PEFT_PREFIX)),
+                            A=mod.lora_A["default"].weight, B=mod.lora_B["default"].weight)
+            for name, mod in model.named_modules() if isinstance(mod, LoraLayer) and "default" in mod.lora_A]
+
+
 class Recorder(TrainerCallback):
     """Snapshots per optimizer step (keys are `state.global_step` before the step, i.e. steps completed)."""
 
-    def __init__(self, context: dict):
-        self.lora = context["lora"]
+    def __init__(self):
+        self.lora: list[SimpleNamespace] = []  # found in the PEFT model at train begin
         self.trainable: dict[int, frozenset[str]] = {}
         self.with_grad: dict[int, dict[str, tuple[float, float]]] = {}
         self.weights: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -66,6 +76,7 @@ class Recorder(TrainerCallback):
         self.weights[step] = {lp.module.name: (lp.A.detach().clone(), lp.B.detach().clone()) for lp in self.lora}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.lora = lora_of(model)
         self.optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._snapshot(state.global_step)
         base = model.get_base_model()
@@ -120,18 +131,11 @@ class CrashAt(TrainerCallback):
 
 def train(monkeypatch, tmp_path, name, extra_callbacks=(), **overrides):
     """Run a full experiment through `run_experiment`; return (run_dir, recorder)."""
-    holder = {}
-
-    def callbacks(context):
-        holder["recorder"] = Recorder(context)
-        return [holder["recorder"], *extra_callbacks]
-
-    monkeypatch.setattr(run_module, "_analysis_callbacks", callbacks)
-    # Evaluation, analysis and report are other areas' work (and tested there); skip them to keep these tests fast.
-    monkeypatch.setattr(run_module, "_after_training", lambda context: {})
+    recorder = Recorder()
     cfg = build_config(cli_overrides={**FAST, "output_dir": str(tmp_path), "experiment_name": name, **overrides})
-    result = run_module.run_experiment(cfg)
-    return result.run_dir, holder["recorder"]
+    # Evaluation, analysis and report are other areas' work (and tested there); skip them to keep these tests fast.
+    result = run_module.run_experiment(cfg, callbacks=[recorder, *extra_callbacks], after_training=())
+    return result.run_dir, recorder
 
 
 def changed(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -316,7 +320,7 @@ def test_lisa_switches_whole_layers_every_interval(monkeypatch, tmp_path):
 
     run_dir, rec = train(monkeypatch, tmp_path, "run", phase_strategy="lisa:layers=2,interval=3", max_steps=9)
     module_map = build_module_map(build_tiny_random_llama(seed=0).model)
-    schedule = parse_schedule("lisa:layers=2,interval=3", 9, module_map=module_map)
+    schedule = parse_schedule("lisa:layers=2,interval=3", 9, module_map=module_map, seed=42)
     transitions = json.loads((run_dir / "phases.json").read_text())["transitions"]
     assert [t["step"] for t in transitions] == [0, 3, 6]
     for block, start in enumerate((0, 3, 6)):
@@ -324,7 +328,7 @@ def test_lisa_switches_whole_layers_every_interval(monkeypatch, tmp_path):
         layers = {int(n.split(".")[2]) for n in active}
         assert len(layers) == 2 and active == names(layers, ALL)
         # The layers drawn in training are the schedule's for the run's seed (42), reproducible from the data.
-        assert active == {m.name for m in schedule.modules(block, module_map, seed=42)}
+        assert active == {m.name for m in schedule.modules(block, module_map)}
         assert frozenset(transitions[block]["trainable_modules"]) == active
         for step in range(start, start + 3):
             assert rec.trainable[step] == active and set(rec.with_grad[step]) == active

@@ -75,7 +75,10 @@ def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path, capsy
     for key, title in SECTIONS:
         assert key in page.ids and title in html
     # Evaluation with baseline and delta.
-    assert "12.5" in html and "2.5" in html and ">10<" in html and "rouge_l" in html
+    # The whole row: metric, fine-tuned, base model, delta (a bare "2.5" would also match inside "12.5").
+    assert ('<tr><td>bleu</td><td class="num">12.5</td><td class="num">2.5</td><td class="num">10</td></tr>'
+            in html)
+    assert "<tr><td>rouge_l</td>" in html
     # Phases, sensitivity ranking, recommended config, from the run's own files.
     phases = json.loads((copy / "phases.json").read_text())
     assert all(t["label"] in html for t in phases["transitions"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lorasens.config import build_config
@@ -32,7 +34,8 @@ def names(layers, types) -> set[str]:
 
 
 def phases_of(schedule, module_map, seed=0) -> list[set[str]]:
-    return [{m.name for m in schedule.modules(i, module_map, seed)} for i in range(len(schedule.ends))]
+    seeded = dataclasses.replace(schedule, seed=seed)  # the seed lives in the schedule
+    return [{m.name for m in seeded.modules(i, module_map)} for i in range(len(schedule.ends))]
 
 
 @pytest.mark.parametrize(
@@ -93,7 +96,7 @@ def test_lisa_samples_whole_layers_seeded(module_map):
             layers = {int(name.split(".")[2]) for name in phase}
             assert len(layers) == 2
             assert phase == names(layers, ALL)  # every module of the sampled layers, nothing else
-            assert schedule.label(index, module_map, seed) == f"lisa{sorted(layers)}".replace(" ", "")
+            assert dataclasses.replace(schedule, seed=seed).label(index, module_map) == f"lisa{sorted(layers)}".replace(" ", "")
             seen_layers |= layers
     assert seen_layers == {0, 1, 2, 3}
     # Seeded: the same seed gives the same sample, different seeds differ somewhere.
@@ -103,8 +106,16 @@ def test_lisa_samples_whole_layers_seeded(module_map):
 
 
 def test_named_strategies_all_parse(module_map):
-    for name in NAMED_STRATEGIES:
-        assert parse_schedule(name, 12, module_map=module_map).strategy == name
+    """Each named strategy expands to its phases: the modules of each phase and the default equal-length ends."""
+    for name, expansion in NAMED_STRATEGIES.items():
+        schedule = parse_schedule(name, 12, module_map=module_map)
+        expected = parse_schedule(expansion, 12, module_map=module_map)
+        assert len(schedule.phases) == len(expansion.split("->")) >= 2
+        assert schedule.ends == expected.ends and schedule.ends[-1] == 12
+        assert phases_of(schedule, module_map) == phases_of(expected, module_map)
+        # Every phase trains something, and consecutive phases differ (a switch happens at each boundary).
+        phases = phases_of(schedule, module_map)
+        assert all(phases) and all(a != b for a, b in zip(phases, phases[1:]))
 
 
 # ------------------------------------------------------------------------------------------------- invalid input

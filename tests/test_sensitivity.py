@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lorasens.analysis import files
+from lorasens.rundir import files
 from lorasens.analysis.ablation import lora_switched_off, run_ablation, validation_batches, validation_loss
 from lorasens.analysis.measures import update_magnitudes
 from lorasens.analysis.sensitivity import agreement, combined_scores, recommended_lora_config, select_budget
@@ -191,19 +191,16 @@ def test_budget_in_modules_fractions_and_parameters():
 def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypatch):
     from lorasens.cli import main
     from lorasens.config import build_config
+    from lorasens.analysis.post import analyze_after_training
+    from lorasens.evaluation.runner import evaluate_after_training
     from lorasens.run import run_experiment
 
-    try:
-        import lorasens.report
-    except ModuleNotFoundError:
-        pass
-    else:  # the report (another area) is not under test here
-        monkeypatch.setattr(lorasens.report, "report_after_training", lambda context: {})
     cfg = build_config(cli_overrides=dict(
         model="tiny-random-llama", dataset="synthetic", r=4, batch_size=4, max_length=128, eval_steps=0,
         evaluate=False, train_samples=32, eval_samples=8, lora_dropout=0.0, lr=1e-2, max_steps=3,
         ablation_max_single=6, budget_modules=4, output_dir=str(tmp_path), experiment_name="run"))
-    summary = run_experiment(cfg).summary
+    # The report (another area) is not under test here.
+    summary = run_experiment(cfg, after_training=(evaluate_after_training, analyze_after_training)).summary
     run = tmp_path / "run"
     assert summary["recommendation"]["num_selected"] == 4 and len(summary["sensitivity_top"]) == 5
     with (run / files.ABLATION).open() as fh:

@@ -21,18 +21,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasens.config import fields_with, key_settings
 from lorasens.errors import UserError
-from lorasens.plots.common import EVAL_LOG, TRAIN_LOG, read_json, read_jsonl
+from lorasens.plots.common import MissingInput
+from lorasens.plots.compare_plots import COMPARE_PLOTS
+from lorasens.report import esc, image_tag, missing_box, render_page, table
+from lorasens.rundir.files import CONFIG_FILE, EVALUATION_SUFFIX, SUMMARY_FILE, TRAIN_LOG, evaluation_files, read_json
+from lorasens.rundir.metrics import read_run_metrics
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-EVALUATION_SUFFIX = "_evaluation.json"
 # Fields that do not change what is learnt: runs differing only here are repeats of one configuration.
-NOT_A_SETTING = {"seed", "output_dir", "experiment_name", "overwrite", "resume", "report_to", "save_steps",
-                 "logging_steps", "eval_batch_size"}
-KEY_SETTINGS = ("model", "dataset", "target", "phase_strategy", "r", "lora_alpha", "lr", "max_steps", "batch_size")
+NOT_A_SETTING = set(fields_with("not_a_setting"))
+# The run's key settings (as in the report), without the ones that only tell repeats apart (the seed).
+KEY_SETTINGS = tuple(name for _, _, name in key_settings() if name not in NOT_A_SETTING)
 LOSS_METRICS = ("final_train_loss", "final_eval_loss", "best_eval_loss")
 SUMMARY_METRICS = ("trainable_params", "train_runtime_s")
 
@@ -70,23 +72,20 @@ def load_run_record(run_dir: Path) -> RunRecord:
         raise UserError(f"{run_dir} is not a directory")
     config = read_json(run_dir / CONFIG_FILE)
     summary = read_json(run_dir / SUMMARY_FILE)
-    train = read_jsonl(run_dir / TRAIN_LOG)
-    evals = read_jsonl(run_dir / EVAL_LOG)
-    evaluations = sorted(run_dir.glob(f"*{EVALUATION_SUFFIX}"))
-    if config is None and summary is None and not train and not evaluations:
+    run_metrics = read_run_metrics(run_dir)
+    evaluations = evaluation_files(run_dir)
+    if config is None and summary is None and run_metrics.steps is None and not evaluations:
         raise UserError(f"{run_dir} is not a lorasens run directory (no {CONFIG_FILE}, {SUMMARY_FILE}, {TRAIN_LOG} "
                         f"or *{EVALUATION_SUFFIX})")
     missing = [f"{name} is missing" for name, data in ((CONFIG_FILE, config), (SUMMARY_FILE, summary)) if data is None]
     settings = {k: v for section in (config or {}).values() if isinstance(section, dict) for k, v in section.items()}
     metrics: dict[str, float] = {}
-    train_losses = [r["loss"] for r in train if r.get("loss") is not None]
-    eval_losses = [r["eval_loss"] for r in evals if r.get("eval_loss") is not None]
-    if train_losses:
-        metrics["final_train_loss"] = float(train_losses[-1])
-        metrics["steps"] = float(max(r["step"] for r in train))
-    if eval_losses:
-        metrics["final_eval_loss"] = float(eval_losses[-1])
-        metrics["best_eval_loss"] = float(min(eval_losses))
+    if run_metrics.final_train_loss is not None:
+        metrics["final_train_loss"] = run_metrics.final_train_loss
+        metrics["steps"] = float(run_metrics.steps)
+    if run_metrics.final_eval_loss is not None:
+        metrics["final_eval_loss"] = run_metrics.final_eval_loss
+        metrics["best_eval_loss"] = run_metrics.best_eval_loss
     for key in SUMMARY_METRICS:
         if isinstance((summary or {}).get(key), (int, float)):
             metrics[key] = float(summary[key])
@@ -273,8 +272,6 @@ def _markdown(groups, records, metrics, mixed, skipped) -> str:
 
 
 def _draw(records, out: Path) -> tuple[dict, list[str]]:
-    from lorasens.plots.common import MissingInput
-    from lorasens.plots.compare_plots import COMPARE_PLOTS
 
     plots, missing = {}, []
     for name, (function, _) in COMPARE_PLOTS.items():
@@ -287,8 +284,6 @@ def _draw(records, out: Path) -> tuple[dict, list[str]]:
 
 
 def _write_html(path, groups, records, metrics, mixed, skipped, plots, plot_missing) -> Path:
-    from lorasens.plots.compare_plots import COMPARE_PLOTS
-    from lorasens.report import esc, image_tag, missing_box, render_page, table
 
     intro = ('<p class="note">Runs that differ only by seed form one configuration: mean ± sample standard deviation '
              "(ddof=1) over its seeds, n = number of runs.</p>")

@@ -2,18 +2,33 @@
 
 Every field is also a CLI flag of the same name (`--r`, `--lora_alpha`, ...), so the flag names are defined once,
 here. Values are resolved in this order: defaults < preset < config file (YAML/JSON) < CLI flags. Unknown keys are
-errors that list the valid ones. `ExperimentConfig.validate()` raises `UserError` with an actionable message.
+errors that list the valid ones. Every section checks its own fields in `__post_init__` and `ExperimentConfig` the
+ones that span sections, so no path can build an invalid config (CLI, file, `config_from_dict`, `with_overrides`);
+`check_environment` checks what depends on the machine (dataset and model names, optional packages).
+
+Field categories live in the field's metadata (`opt(..., resumable=True)`), never in parallel lists of names:
+- resumable: may differ between a run and its `--resume`;
+- reanalysable: may be overridden by `lorasens analyze`;
+- schedule_only: only meaningful with a phase schedule (a sweep drops them from static grid points);
+- not_a_setting: does not change what is learnt (`compare` pools runs that differ only here, e.g. seeds);
+- key: (position, label) of a key setting: shown in the report's settings table and in `compare`'s tables.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+import yaml
+
+from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import UserError, unknown_choice
+from lorasens.presets import get_preset
 
 Target = Literal["attn", "mlp", "both"]
 TARGET_ALIASES = {"attention": "attn"}
@@ -23,11 +38,17 @@ Precision = Literal["auto", "fp32", "bf16"]
 BudgetUnit = Literal["modules", "params"]
 
 
-def opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help text (shown by `--help` and in docs/GUIDE.md)."""
+CATEGORIES = ("resumable", "reanalysable", "schedule_only", "not_a_setting")
+
+
+def opt(default: Any, help: str, *, key: tuple[int, str] | None = None, **categories: bool) -> Any:
+    """A dataclass field with a help text (shown by `--help` and in docs/GUIDE.md) and its categories."""
+    unknown = set(categories) - set(CATEGORIES)
+    assert not unknown, f"unknown field categories {unknown}"
+    metadata = {"help": help, "key": key, **categories}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -35,6 +56,7 @@ class ModelConfig:
     model: str = opt(
         "tinyllama",
         "Causal LM: an alias (tinyllama, smollm2-135m, tiny-random-llama), a Hugging Face Hub id, or a local path.",
+        key=(0, "model"),
     )
     attn_modules: str | None = opt(
         None, "Comma list of attention linear-module names, for architectures the module map does not know."
@@ -45,17 +67,24 @@ class ModelConfig:
 
 @dataclass
 class LoraSettings:
-    target: Target = opt("both", "Module groups that get LoRA: attn, mlp or both (attention = attn).")
-    r: int = opt(8, "LoRA rank.")
-    lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by lora_alpha / r.")
-    lora_dropout: float = opt(0.05, "Dropout on the LoRA input, in [0, 1).")
+    target: Target = opt("both", "Module groups that get LoRA: attn, mlp or both (attention = attn).", key=(2, "LoRA target"))
+    r: int = opt(8, "LoRA rank.", key=(5, "rank r"))
+    lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by lora_alpha / r.", key=(6, "lora_alpha"))
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input, in [0, 1).", key=(7, "lora_dropout"))
+
+    def __post_init__(self):
+        _positive("r", self.r)
+        _positive("lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("e2e", "Dataset name (see `lorasens datasets`).")
+    dataset: str = opt("e2e", "Dataset name (see `lorasens datasets`).", key=(1, "dataset"))
     data_dir: str | None = opt(None, "Local folder with the dataset's official files; default: the Hugging Face Hub.")
-    max_length: int = opt(256, "Maximum tokens per training example (prompt + target); prompts are cut first.")
+    max_length: int = opt(256, "Maximum tokens per training example (prompt + target); prompts are cut first.",
+                          key=(12, "max_length"))
     train_samples: int | None = opt(None, "Use a deterministic subset of this many training examples.")
     eval_samples: int = opt(200, "Held-out examples for validation loss and final evaluation.")
     prompt_template: str | None = opt(
@@ -63,37 +92,69 @@ class DataConfig:
         "(see docs/GUIDE.md); default: the dataset's own template."
     )
 
+    def __post_init__(self):
+        _positive("max_length", self.max_length)
+        _positive("eval_samples", self.eval_samples)
+        if self.train_samples is not None:
+            _positive("train_samples", self.train_samples)
+
 
 @dataclass
 class TrainingConfig:
-    batch_size: int = opt(8, "Per-device training batch size.")
-    grad_accum: int = opt(1, "Gradient accumulation steps.")
-    max_steps: int = opt(1000, "Optimizer steps to train.")
-    lr: float = opt(2e-4, "Peak learning rate (AdamW).")
+    batch_size: int = opt(8, "Per-device training batch size.", key=(10, "batch_size"))
+    grad_accum: int = opt(1, "Gradient accumulation steps.", key=(11, "grad_accum"))
+    max_steps: int = opt(1000, "Optimizer steps to train.", key=(9, "max_steps"), resumable=True)
+    lr: float = opt(2e-4, "Peak learning rate (AdamW).", key=(8, "learning rate"))
     lr_scheduler: LrScheduler = opt("linear", "Learning-rate schedule (transformers names).")
     warmup_steps: int = opt(0, "Linear warm-up steps.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.")
-    seed: int = opt(42, "Random seed (model init, data order, dropout).")
-    eval_steps: int = opt(100, "Validation loss every N steps; 0 = never.")
-    save_steps: int = opt(0, "Trainer checkpoint every N steps (needed for --resume); 0 = never.")
-    logging_steps: int = opt(1, "Log loss/lr/grad_norm to train_log.jsonl every N steps.")
+    seed: int = opt(42, "Random seed (model init, data order, dropout).", key=(13, "seed"), not_a_setting=True)
+    eval_steps: int = opt(100, "Validation loss every N steps; 0 = never.", resumable=True)
+    save_steps: int = opt(0, "Trainer checkpoint every N steps (needed for --resume); 0 = never.", resumable=True,
+                          not_a_setting=True)
+    logging_steps: int = opt(1, "Log loss/lr/grad_norm to train_log.jsonl every N steps.", resumable=True,
+                             not_a_setting=True)
     gradient_checkpointing: bool = opt(False, "Non-reentrant activation checkpointing (less memory, more compute).")
-    report_to: ReportTo = opt("none", "Also report to this tracker (passed to the Trainer).")
+    report_to: ReportTo = opt("none", "Also report to this tracker (passed to the Trainer).", resumable=True,
+                              not_a_setting=True)
+
+    def __post_init__(self):
+        for name in ("lr", "max_steps", "batch_size", "grad_accum", "logging_steps"):
+            _positive(name, getattr(self, name))
+        for name in ("warmup_steps", "eval_steps", "save_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise UserError("--weight_decay and --max_grad_norm must be >= 0")
 
 
 @dataclass
 class ScheduleConfig:
-    dynamic_lora: bool = opt(False, "Switch LoRA modules on and off in phases (needs --phase_strategy).")
+    dynamic_lora: bool = opt(False, "Switch LoRA modules on and off in phases (needs --phase_strategy); set from "
+                             "--phase_strategy when not given.")
     phase_strategy: str | None = opt(
-        None, "Phase schedule, e.g. both->mlp->attn, early->late, attn@0-10->mlp@11-21, lisa:layers=2,interval=50."
+        None, "Phase schedule, e.g. both->mlp->attn, early->late, attn@0-10->mlp@11-21, lisa:layers=2,interval=50.",
+        key=(3, "phase strategy"),
     )
-    phase1_end: int | None = opt(None, "Step at which phase 1 ends.")
-    phase2_end: int | None = opt(None, "Step at which phase 2 ends.")
-    phase_ends: str | None = opt(None, "Comma list of phase end steps (300,600) or fractions of max_steps (0.2,0.4).")
+    phase1_end: int | None = opt(None, "Step at which phase 1 ends.", schedule_only=True)
+    phase2_end: int | None = opt(None, "Step at which phase 2 ends.", schedule_only=True)
+    phase_ends: str | None = opt(None, "Comma list of phase end steps (300,600) or fractions of max_steps (0.2,0.4).",
+                                 key=(4, "phase ends"), schedule_only=True)
     reset_optimizer_on_switch: bool = opt(
-        False, "Reset AdamW state of modules that become trainable again (default: keep it)."
+        False, "Reset AdamW state of modules that become trainable again (default: keep it).", schedule_only=True
     )
+
+    def __post_init__(self):
+        if self.dynamic_lora and not self.phase_strategy:
+            raise UserError("--dynamic_lora needs --phase_strategy (e.g. both->mlp->attn); see `lorasens strategies`")
+        # Derived at construction: a strategy means a dynamic run, so config.json says so (and --resume compares equal).
+        self.dynamic_lora = bool(self.phase_strategy)
+        if not self.phase_strategy:
+            given = [f"--{f.name}" for f in fields(self) if f.metadata.get("schedule_only") and getattr(self, f.name)
+                     not in (None, False)]
+            if given:
+                raise UserError(f"{', '.join(given)} only apply to a phase schedule; add --phase_strategy (e.g. both->mlp->attn)")
 
 
 @dataclass
@@ -103,31 +164,57 @@ class TrackingConfig:
     track_importance: bool = opt(True, "Record first-order Taylor importance |theta * grad| (EMA-smoothed).")
     track_update_magnitude: bool = opt(True, "Record ||delta W||_F = scaling * ||B A||_F per module.")
     importance_ema: float = opt(0.85, "EMA factor for importance smoothing (as AdaLoRA's beta1).")
-    ablation: bool = opt(True, "Run the ablation study after training.")
-    ablation_max_single: int = opt(64, "At most this many single (layer, module) ablations.")
+    ablation: bool = opt(True, "Run the ablation study after training.", reanalysable=True)
+    ablation_max_single: int = opt(64, "At most this many single (layer, module) ablations.", reanalysable=True)
     budget_modules: float | None = opt(
-        None, "Recommendation budget: K modules (>= 1) or a fraction of all modules (< 1). Default: half."
+        None, "Recommendation budget: K modules (>= 1) or a fraction of all modules (< 1). Default: half.",
+        reanalysable=True,
     )
     budget_unit: BudgetUnit = opt(
-        "modules", "What --budget_modules counts: modules, or LoRA parameters (a count >= 1 or a fraction < 1)."
+        "modules", "What --budget_modules counts: modules, or LoRA parameters (a count >= 1 or a fraction < 1).",
+        reanalysable=True,
     )
+
+    def __post_init__(self):
+        _positive("grad_log_interval", self.grad_log_interval)
+        if not 0 < self.importance_ema < 1:
+            raise UserError(f"--importance_ema must be in (0, 1), got {self.importance_ema}")
+        budget = self.budget_modules
+        if budget is not None and not budget > 0:
+            raise UserError(f"--budget_modules must be > 0 (a count >= 1 or a fraction < 1), got {budget}")
+        if budget is not None and budget > 1 and not float(budget).is_integer():
+            raise UserError(f"--budget_modules must be a whole count (>= 1) or a fraction (< 1), got {budget}")
+        if self.ablation_max_single < 0:
+            raise UserError(f"--ablation_max_single must be >= 0, got {self.ablation_max_single}")
 
 
 @dataclass
 class EvaluationConfig:
     evaluate: bool = opt(True, "Generate on the held-out split and score it at the end of training.")
-    eval_batch_size: int = opt(16, "Batch size for generation.")
+    eval_batch_size: int = opt(16, "Batch size for generation (and the ablation's validation passes).",
+                               reanalysable=True, not_a_setting=True)
     max_new_tokens: int | None = opt(None, "Generation length; default: the dataset's own.")
     num_beams: int = opt(1, "Beam search width (1 = greedy).")
     baseline: bool = opt(False, "Also score the base model without LoRA.")
 
+    def __post_init__(self):
+        _positive("eval_batch_size", self.eval_batch_size)
+        _positive("num_beams", self.num_beams)
+
 
 @dataclass
 class OutputConfig:
-    output_dir: str = opt("runs", "Folder that holds run directories.")
-    experiment_name: str | None = opt(None, "Run directory name; default: derived from preset/dataset/target.")
-    overwrite: bool = opt(False, "Replace an existing run directory of the same name.")
-    resume: bool = opt(False, "Continue the run in the run directory from its latest checkpoint.")
+    output_dir: str = opt("runs", "Folder that holds run directories.", not_a_setting=True)
+    experiment_name: str | None = opt(None, "Run directory name; default: derived from preset/dataset/target.",
+                                      not_a_setting=True)
+    overwrite: bool = opt(False, "Replace an existing run directory of the same name.", resumable=True,
+                          not_a_setting=True)
+    resume: bool = opt(False, "Continue the run in the run directory from its latest checkpoint.", resumable=True,
+                       not_a_setting=True)
+
+    def __post_init__(self):
+        if self.overwrite and self.resume:
+            raise UserError("--overwrite and --resume exclude each other: one replaces the run, the other continues it")
 
 
 SECTIONS: dict[str, type] = {
@@ -170,72 +257,55 @@ class ExperimentConfig:
         name = base if not self.schedule.phase_strategy else f"{base}_{strategy}"
         return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
-    def validate(self) -> ExperimentConfig:
-        """Check values a user can get wrong; raise `UserError` naming the field and the valid range."""
-        lora, tr, data, sched = self.lora, self.training, self.data, self.schedule
-        _positive("r", lora.r)
-        _positive("lr", tr.lr)
-        _positive("max_steps", tr.max_steps)
-        _positive("batch_size", tr.batch_size)
-        _positive("grad_accum", tr.grad_accum)
-        _positive("max_length", data.max_length)
-        _positive("eval_samples", data.eval_samples)
-        _positive("logging_steps", tr.logging_steps)
-        _positive("grad_log_interval", self.tracking.grad_log_interval)
-        _positive("eval_batch_size", self.evaluation.eval_batch_size)
-        _positive("num_beams", self.evaluation.num_beams)
-        if lora.lora_alpha <= 0:
-            raise UserError(f"--lora_alpha must be > 0, got {lora.lora_alpha}")
-        if not 0 <= lora.lora_dropout < 1:
-            raise UserError(f"--lora_dropout must be in [0, 1), got {lora.lora_dropout}")
-        for name in ("warmup_steps", "eval_steps", "save_steps"):
-            if getattr(tr, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(tr, name)}")
-        if tr.weight_decay < 0 or tr.max_grad_norm < 0:
-            raise UserError("--weight_decay and --max_grad_norm must be >= 0")
-        if data.train_samples is not None and data.train_samples <= 0:
-            raise UserError(f"--train_samples must be > 0, got {data.train_samples}")
-        if not 0 < self.tracking.importance_ema < 1:
-            raise UserError(f"--importance_ema must be in (0, 1), got {self.tracking.importance_ema}")
-        if self.tracking.budget_modules is not None and self.tracking.budget_modules <= 0:
-            raise UserError(f"--budget_modules must be > 0 (a count >= 1 or a fraction < 1), got {self.tracking.budget_modules}")
-        budget = self.tracking.budget_modules
-        if budget is not None and budget > 1 and not float(budget).is_integer():
-            raise UserError(f"--budget_modules must be a whole count (>= 1) or a fraction (< 1), got {budget}")
-        if self.tracking.ablation_max_single < 0:
-            raise UserError(f"--ablation_max_single must be >= 0, got {self.tracking.ablation_max_single}")
-        if sched.dynamic_lora and not sched.phase_strategy:
-            raise UserError("--dynamic_lora needs --phase_strategy (e.g. both->mlp->attn); see `lorasens strategies`")
-        # A strategy means a dynamic run: record it so config.json says so (and --resume compares equal).
-        sched.dynamic_lora = bool(sched.phase_strategy)
-        if not sched.phase_strategy:
-            given = [f"--{n}" for n in ("phase_ends", "phase1_end", "phase2_end") if getattr(sched, n) is not None]
-            given += ["--reset_optimizer_on_switch"] if sched.reset_optimizer_on_switch else []
-            if given:
-                raise UserError(f"{', '.join(given)} only apply to a phase schedule; add --phase_strategy (e.g. both->mlp->attn)")
-        if self.output.overwrite and self.output.resume:
-            raise UserError("--overwrite and --resume exclude each other: one replaces the run, the other continues it")
-        from lorasens.data.registry import get_dataset_spec
-        from lorasens.models import check_model_name
+    def __post_init__(self):
+        """Checks that span sections. A schedule is parsed without a model here (its layer counts are checked
+        again once the model is loaded)."""
+        if self.schedule.phase_strategy:
+            # Not at the top: config is imported by `lorasens --help`, and the schedule's module map imports torch
+            # (seconds of start-up, see cli.py).
+            from lorasens.schedule import parse_schedule
 
-        get_dataset_spec(data.dataset)
-        check_model_name(self.model.model)
-        if tr.report_to != "none":
-            import importlib.util
+            s = self.schedule
+            parse_schedule(s.phase_strategy, self.training.max_steps, s.phase_ends, s.phase1_end, s.phase2_end)
 
-            if importlib.util.find_spec(tr.report_to) is None:
-                raise UserError(f"--report_to {tr.report_to} needs the {tr.report_to} package (pip install {tr.report_to}); valid without extra packages: none, tensorboard")
-        if sched.phase_strategy:
-            # Parsed without a model here (layer counts are checked again once the model is loaded).
-            from lorasens.schedule import parse_schedule_from_config
 
-            parse_schedule_from_config(self)
-        return self
+def check_environment(cfg: ExperimentConfig) -> ExperimentConfig:
+    """What a valid config can still get wrong on this machine: unknown dataset or model, a missing package."""
+    from lorasens.models import check_model_name  # imports torch: not at start-up (see cli.py)
+
+    get_dataset_spec(cfg.data.dataset)
+    check_model_name(cfg.model.model)
+    report_to = cfg.training.report_to
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise UserError(f"--report_to {report_to} needs the {report_to} package (pip install {report_to}); valid "
+                        "without extra packages: none, tensorboard")
+    return cfg
 
 
 def _positive(name: str, value: float) -> None:
-    if value is None or value <= 0:
+    if value is None or not value > 0:  # `not value > 0` also refuses NaN
         raise UserError(f"--{name} must be > 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field categories (from each field's metadata)
+
+
+def fields_with(category: str) -> tuple[str, ...]:
+    """Names of the fields marked with `category` (see the module docstring), in declaration order."""
+    assert category in CATEGORIES, category
+    return tuple(f.name for cls in SECTIONS.values() for f in fields(cls) if f.metadata.get(category))
+
+
+def resumable_fields() -> set[str]:
+    return set(fields_with("resumable"))
+
+
+def key_settings() -> tuple[tuple[str, str, str], ...]:
+    """(label, section, field) of the run's key settings, shown by the report and compared by `compare`."""
+    keyed = [(f.metadata["key"], section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)
+             if f.metadata.get("key")]
+    return tuple((label, section, name) for (_, label), section, name in sorted(keyed))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,8 +396,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text) or {}
     except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
         raise UserError(f"config file {str(path)!r} is not valid: {str(exc).splitlines()[0]}") from None
@@ -342,8 +410,6 @@ def build_config(
     cli_overrides: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     """Resolve defaults < preset < file < CLI into a validated `ExperimentConfig`."""
-    from lorasens.presets import get_preset
-
     layers: list[dict[str, Any]] = []
     file_data = load_config_file(config_file) if config_file else {}
     if preset is None and isinstance(file_data.get("preset"), str):
@@ -363,15 +429,61 @@ def config_from_flat(values: dict[str, Any], preset: str | None = None) -> Exper
     for key, value in values.items():
         sections[index[key][0]][key] = value
     cfg = ExperimentConfig(**{name: SECTIONS[name](**vals) for name, vals in sections.items()}, preset=preset)
-    return cfg.validate()
+    return check_environment(cfg)
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    """Rebuild the config a run wrote to `config.json` (no validation of the environment: the run already did)."""
+    """Rebuild the config a run wrote to `config.json` (fields are checked again; the environment is not: the run
+    already did, and a run made elsewhere can still be reported on)."""
     return ExperimentConfig(
         **{name: SECTIONS[name](**data.get(name, {})) for name in SECTIONS}, preset=data.get("preset")
     )
 
 
+def with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any], source: str = "command line") -> ExperimentConfig:
+    """A copy of `cfg` with flat `overrides` (field -> value) applied; values are coerced and every check runs again
+    (dataclasses.replace re-runs `__post_init__`). `cfg` itself is not changed."""
+    values = normalise_overrides(overrides, source)
+    index = field_index()
+    changed: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        changed.setdefault(index[name][0], {})[name] = value
+    sections = {name: dataclasses.replace(getattr(cfg, name), **changed.get(name, {})) for name in SECTIONS}
+    return dataclasses.replace(cfg, **sections)
+
+
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line flags: one per field, generated from the dataclasses
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None,
+                     help_suffix: str = "") -> None:
+    """One flag per config field (same name), defaulting to 'not given' so presets and files can supply it.
+
+    `names` restricts the flags to those fields (e.g. the reanalysable ones of `lorasens analyze`); without it
+    `--preset` and `--config` are added too."""
+    if names is None:
+        parser.add_argument("--preset", default=None, help="Named preset (see `lorasens presets`).")
+        parser.add_argument("--config", default=None, help="YAML or JSON config file (preset < file < flags).")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section) if names is None else parser
+        for f in fields(cls):
+            if names is not None and f.name not in names:
+                continue
+            typ = field_type(section, f.name)
+            base = next((a for a in get_args(typ) if a is not type(None)), typ) if type(None) in get_args(typ) else typ
+            kwargs: dict = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "") + help_suffix}
+            if base is bool:
+                kwargs.update(nargs="?", const="true", metavar="BOOL")
+            elif get_origin(base) is Literal:
+                kwargs.update(metavar="{" + ",".join(get_args(base)) + "}")
+            group.add_argument(f"--{f.name}", **kwargs)
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The config flags given on the command line (field -> text)."""
+    return {name: getattr(args, name) for name in field_index() if hasattr(args, name)}

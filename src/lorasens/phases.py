@@ -24,12 +24,12 @@ from transformers import TrainerCallback
 
 from lorasens.lora import LoraParams, set_trainable
 from lorasens.module_map import ModuleMap
+from lorasens.rundir.files import PHASES
 from lorasens.schedule import Schedule
 from lorasens.training import RunState
 
 logger = logging.getLogger(__name__)
 
-PHASES_FILE = "phases.json"
 
 
 class PhaseCallback(TrainerCallback):
@@ -40,15 +40,13 @@ class PhaseCallback(TrainerCallback):
         lora: list[LoraParams],
         state: RunState,
         run_dir: Path | None = None,
-        seed: int = 0,
         reset_optimizer_on_switch: bool = False,
     ):
         self.schedule = schedule
         self.module_map = module_map
         self.lora = lora
         self.state = state
-        self.path = run_dir / PHASES_FILE if run_dir else None
-        self.seed = seed
+        self.path = run_dir / PHASES if run_dir else None
         self.reset_optimizer = reset_optimizer_on_switch
         self.current: int | None = None
         self.transitions: list[dict] = []
@@ -71,18 +69,18 @@ class PhaseCallback(TrainerCallback):
             self._enter(index, self.current, state, model, optimizer, record=True)
 
     def _enter(self, index: int, previous: int | None, state, model, optimizer, record: bool) -> None:
-        modules = self.schedule.modules(index, self.module_map, self.seed)
+        modules = self.schedule.modules(index, self.module_map)
         trainable = set_trainable(model, self.lora, modules)
         if self.reset_optimizer and optimizer is not None and previous is not None and previous != index:
             # Decided from the schedule, not from requires_grad, so a resumed run resets exactly what the
             # uninterrupted run reset at the same step.
-            was_active = set(self.schedule.modules(previous, self.module_map, self.seed))
+            was_active = set(self.schedule.modules(previous, self.module_map))
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
             for lp in self.lora:
                 if lp.module in modules and lp.module not in was_active:
                     for p in (lp.A, lp.B):
                         inner.state.pop(p, None)  # AdamW re-initialises moments and its step count lazily
-        label = self.schedule.label(index, self.module_map, self.seed)
+        label = self.schedule.label(index, self.module_map)
         self.current = index
         self.state.phase, self.state.phase_index = label, index
         if not record:
@@ -105,7 +103,7 @@ class PhaseCallback(TrainerCallback):
         return {
             "strategy": self.schedule.strategy,
             "ends": list(self.schedule.ends),
-            "phases": [self.schedule.label(i, self.module_map, self.seed) for i in range(len(self.schedule.ends))],
+            "phases": [self.schedule.label(i, self.module_map) for i in range(len(self.schedule.ends))],
             "transitions": self.transitions,
         }
 

@@ -15,42 +15,32 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasens.config import key_settings
+from lorasens.context import RunContext
 from lorasens.errors import UserError
-from lorasens.plots.common import (
-    ABLATION,
-    EVAL_LOG,
-    GROUP_NORMS,
-    LAYER_NORMS,
-    MODULE_NORMS,
+from lorasens.plots import RUN_PLOTS, plot_run
+from lorasens.rundir.files import (
+    CONFIG_FILE,
+    EVALUATION_SUFFIX,
     PHASES,
     SENSITIVITY,
     TRAIN_LOG,
+    PREDICTIONS_SUFFIX,
+    RECOMMENDED_CONFIG,
+    REPORT_FILE,
+    RUN_FILES,
+    SUMMARY_FILE,
+    evaluation_files,
     read_json,
     read_jsonl,
 )
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-RECOMMENDED = "recommended_lora_config.json"
-EVALUATION_SUFFIX = "_evaluation.json"
-PREDICTIONS_SUFFIX = "_predictions.jsonl"
-# Files a run directory may hold; a folder with none of them is not a run and gets no report.
-RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, TRAIN_LOG, EVAL_LOG, PHASES, GROUP_NORMS, LAYER_NORMS, MODULE_NORMS,
-             SENSITIVITY, ABLATION, RECOMMENDED)
 SECTIONS = (("config", "Configuration"), ("phases", "Phases"), ("evaluation", "Evaluation"),
             ("sensitivity", "Sensitivity ranking"), ("recommendation", "Recommended LoRA config"), ("plots", "Plots"))
 # (label, config section, field) shown in the config summary table.
-KEY_SETTINGS = (
-    ("model", "model", "model"), ("dataset", "data", "dataset"), ("LoRA target", "lora", "target"),
-    ("phase strategy", "schedule", "phase_strategy"), ("phase ends", "schedule", "phase_ends"),
-    ("rank r", "lora", "r"), ("lora_alpha", "lora", "lora_alpha"), ("lora_dropout", "lora", "lora_dropout"),
-    ("learning rate", "training", "lr"), ("max_steps", "training", "max_steps"),
-    ("batch_size", "training", "batch_size"), ("grad_accum", "training", "grad_accum"),
-    ("max_length", "data", "max_length"), ("seed", "training", "seed"),
-)
+KEY_SETTINGS = key_settings()
 SUMMARY_KEYS = ("steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "final_model_from",
                 "trainable_params", "lora_modules", "num_layers", "train_runtime_s", "wall_time_s")
 RANKING_TOP = 10
@@ -78,31 +68,18 @@ class ReportResult:
     missing: list[str] = field(default_factory=list)  # what could not be shown, one line each
 
 
-def report_after_training(context: dict) -> dict:
-    """Called by `lorasens.run` at the end of a run: draws all plots and writes report.html."""
-    run_dir = Path(context["run_dir"])
+def report_after_training(ctx: RunContext) -> dict:
+    """Step after training in run_experiment: draws all plots and writes report.html.
+
+    summary.json is written after the report (the report's outcome is part of it), so the summary so far stands in.
+    """
     try:
-        result = write_report(run_dir, summary=_summary_so_far(context, run_dir))
+        result = write_report(ctx.run_dir, summary=ctx.summary)
     except Exception as exc:  # noqa: BLE001 - the trained run and its summary matter more than its report
         logger.error("report.html not written (%s: %s); redraw it with `lorasens report %s`", type(exc).__name__, exc,
-                     run_dir, exc_info=True)
+                     ctx.run_dir, exc_info=True)
         return {"report": None, "report_error": f"{type(exc).__name__}: {exc}"}
     return {"report": str(result.path), "plots": sorted(result.plots), "report_missing": result.missing}
-
-
-def _summary_so_far(context: dict, run_dir: Path) -> dict:
-    """At the end of a run summary.json is not written yet (the report is part of it): the same facts, from the run."""
-    train = [r["loss"] for r in read_jsonl(run_dir / TRAIN_LOG) if r.get("loss") is not None]
-    evals = [r["eval_loss"] for r in read_jsonl(run_dir / EVAL_LOG) if r.get("eval_loss") is not None]
-    summary = {"steps": context["trainer"].state.global_step if context.get("trainer") else None,
-               "final_train_loss": train[-1] if train else None, "final_eval_loss": evals[-1] if evals else None,
-               "best_eval_loss": min(evals) if evals else None}
-    if context.get("lora") is not None:
-        summary["trainable_params"] = sum(p.A.numel() + p.B.numel() for p in context["lora"])
-        summary["lora_modules"] = len(context["lora"])
-    if context.get("module_map") is not None:
-        summary["num_layers"] = context["module_map"].num_layers
-    return summary
 
 
 def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None = None) -> ReportResult:
@@ -111,12 +88,11 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
     `redraw=False` embeds the PNGs already there and draws only the absent ones. `summary` stands in for
     summary.json when the run is finishing (the report is written before summary.json).
     """
-    from lorasens.plots import RUN_PLOTS, plot_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory; give a run directory (one that holds {CONFIG_FILE})")
-    if not any((run_dir / name).exists() for name in RUN_FILES) and not _evaluation_files(run_dir):
+    if not any((run_dir / name).exists() for name in RUN_FILES) and not evaluation_files(run_dir):
         raise UserError(f"{run_dir} is not a lorasens run directory: none of {', '.join(RUN_FILES)} is there")
     missing: list[str] = []
     outcome = plot_run(run_dir, redraw=redraw)
@@ -131,7 +107,7 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
         _section("phases", (PHASES,), _phases_section, run_dir),
         _section("evaluation", (f"*{EVALUATION_SUFFIX}",), _evaluation_section, run_dir, config),
         _section("sensitivity", (SENSITIVITY,), _sensitivity_section, run_dir),
-        _section("recommendation", (RECOMMENDED,), _recommendation_section, run_dir),
+        _section("recommendation", (RECOMMENDED_CONFIG,), _recommendation_section, run_dir),
         _plots_section(run_dir, plots, outcome, RUN_PLOTS),
     ]
     missing += [line for _, lines in body for line in lines]
@@ -263,12 +239,8 @@ def _phases_section(run_dir: Path) -> tuple[str, list[str]]:
     return text, []
 
 
-def _evaluation_files(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob(f"*{EVALUATION_SUFFIX}"))
-
-
 def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[str]]:
-    files = _evaluation_files(run_dir)
+    files = evaluation_files(run_dir)
     if not files:
         dataset = (config or {}).get("data", {}).get("dataset", "{dataset}")
         line = f"{dataset}{EVALUATION_SUFFIX} is missing (evaluation off or not run)"
@@ -343,13 +315,13 @@ def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
 
 
 def _recommendation_section(run_dir: Path) -> tuple[str, list[str]]:
-    data = read_json(run_dir / RECOMMENDED)
+    data = read_json(run_dir / RECOMMENDED_CONFIG)
     if data is None:
-        line = f"{RECOMMENDED} is missing (analysis not run)"
+        line = f"{RECOMMENDED_CONFIG} is missing (analysis not run)"
         return missing_box([line]), [line]
     usage = ("import json\nfrom peft import LoraConfig, get_peft_model\n"
-             f"config = LoraConfig(**json.load(open({RECOMMENDED!r})))\nmodel = get_peft_model(model, config)")
-    return (f"<p>{esc(RECOMMENDED)} — keyword arguments for <code>peft.LoraConfig</code>:</p>"
+             f"config = LoraConfig(**json.load(open({RECOMMENDED_CONFIG!r})))\nmodel = get_peft_model(model, config)")
+    return (f"<p>{esc(RECOMMENDED_CONFIG)} — keyword arguments for <code>peft.LoraConfig</code>:</p>"
             f"<pre>{esc(json.dumps(data, indent=2))}</pre><p class=\"note\">Use it:</p><pre>{esc(usage)}</pre>", [])
 
 

@@ -13,24 +13,38 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import set_seed
 
-from lorasens.config import ExperimentConfig, config_from_dict, save_config
+from lorasens import report
+from lorasens.analysis import post
+from lorasens.analysis.callbacks import analysis_callbacks
+from lorasens.config import ExperimentConfig, resumable_fields, save_config
+from lorasens.context import AfterTrainingStep, RunContext
 from lorasens.data.features import build_features
-from lorasens.data.registry import load_examples
+from lorasens.data.registry import get_dataset_spec, load_examples
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
+from lorasens.evaluation import runner
+from lorasens.evaluation.metrics import ensure_wordnet
 from lorasens.lora import apply_lora, lora_parameters, set_trainable, targets_for
 from lorasens.models import load_model
 from lorasens.module_map import build_module_map
-from lorasens.rundir import CONFIG_FILE, check_run_dir, replace_run_dir
+from lorasens.phases import PhaseCallback
+from lorasens.plots import plot_training_loss
+from lorasens.rundir import check_run_dir, replace_run_dir
+from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL, RUN_LOG, SUMMARY_FILE
+from lorasens.rundir.load import read_run_config
+from lorasens.rundir.metrics import read_run_metrics
 from lorasens.schedule import Schedule, parse_schedule_from_config
+from lorasens.tensorboard_scalars import tensorboard_callbacks
 from lorasens.training import BestAdapterCallback, RunState, TrainLogCallback, build_trainer, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
-FINAL_MODEL = "final_model"
-SUMMARY_FILE = "summary.json"
-# Settings that may change between a run and its --resume; anything else must match the checkpoint.
-RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "eval_steps", "save_steps", "logging_steps", "report_to"}
+# What happens after training, in order; each step adds to summary.json. Tests and scripts pass their own.
+DEFAULT_STEPS: tuple[AfterTrainingStep, ...] = (
+    runner.evaluate_after_training,
+    post.analyze_after_training,
+    report.report_after_training,
+)
 
 
 @dataclass
@@ -39,8 +53,13 @@ class RunResult:
     summary: dict
 
 
-def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) -> RunResult:
-    """Run one experiment; `extra_callbacks` are added to the Trainer (the extension point for users)."""
+def run_experiment(
+    cfg: ExperimentConfig,
+    callbacks: list | tuple = (),
+    after_training: tuple[AfterTrainingStep, ...] = DEFAULT_STEPS,
+) -> RunResult:
+    """Run one experiment. `callbacks` are added to the Trainer (the extension point for users);
+    `after_training` are the steps run on the trained model (evaluation, analysis, report by default)."""
     started = time.time()
     run_dir = cfg.run_dir
     # Under torchrun every process runs this; only the main one (RANK 0, known before the process group exists)
@@ -69,12 +88,8 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
     val_features, val_stats = build_features(val_examples, loaded.tokenizer, cfg.data.max_length, "validation")
     if not train_features:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
-    if cfg.evaluation.evaluate:
-        from lorasens.evaluation.metrics import ensure_wordnet
-        from lorasens.evaluation.predictions import scorer_name
-
-        if scorer_name(cfg.data.dataset) in ("e2e", "samsum"):
-            ensure_wordnet()  # METEOR needs WordNet: fail now, not after an hour of training
+    if cfg.evaluation.evaluate and get_dataset_spec(cfg.data.dataset).evaluation.needs_wordnet:
+        ensure_wordnet()  # METEOR needs WordNet: fail now, not after an hour of training
     if not val_features and (cfg.training.eval_steps or cfg.tracking.ablation):
         raise UserError(
             f"no validation example fits --max_length {cfg.data.max_length}; raise it, or use --eval_steps 0 --ablation false"
@@ -92,26 +107,22 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
         lora = lora_parameters(model, module_map)
         # All LoRA parameters of every phase require grad now, so the Trainer's optimizer holds all of them.
         set_trainable(model, lora, lora_modules)
-        state = RunState(phase=cfg.lora.target)
+        ctx = RunContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=loaded.tokenizer, module_map=module_map,
+                         lora=lora, state=RunState(phase=cfg.lora.target), schedule=schedule,
+                         val_features=val_features)
         best = BestAdapterCallback(lambda: get_peft_model_state_dict(model))
-        callbacks = [TrainLogCallback(run_dir, state), best]
+        trainer_callbacks = [TrainLogCallback(run_dir, ctx.state), best]
         if schedule is not None:
-            from lorasens.phases import PhaseCallback
-
-            callbacks.append(
-                PhaseCallback(schedule, module_map, lora, state, run_dir, cfg.training.seed, cfg.schedule.reset_optimizer_on_switch)
-            )
-        context = {"cfg": cfg, "run_dir": run_dir, "model": model, "module_map": module_map, "lora": lora,
-                   "state": state, "schedule": schedule, "val_features": val_features, "tokenizer": loaded.tokenizer}
-        callbacks.extend(_analysis_callbacks(context))
-        from lorasens.tensorboard_scalars import tensorboard_callbacks  # gradient norms as scalars (--report_to)
-
-        callbacks.extend(tensorboard_callbacks(context))
-        callbacks.extend(extra_callbacks)
-        trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features, val_features if cfg.training.eval_steps else None, callbacks)
-        context["trainer"] = trainer
-        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if not trainer.is_world_process_zero():
+            trainer_callbacks.append(PhaseCallback(schedule, module_map, lora, ctx.state, run_dir,
+                                                   cfg.schedule.reset_optimizer_on_switch))
+        trackers = analysis_callbacks(ctx)
+        trainer_callbacks.extend(trackers)
+        trainer_callbacks.extend(tensorboard_callbacks(ctx, trackers))  # gradient norms as scalars (--report_to)
+        trainer_callbacks.extend(callbacks)
+        ctx.trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features,
+                                    val_features if cfg.training.eval_steps else None, trainer_callbacks)
+        train_output = ctx.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if not ctx.trainer.is_world_process_zero():
             return RunResult(run_dir, {})
 
         final_source = "last step"
@@ -121,57 +132,37 @@ def run_experiment(cfg: ExperimentConfig, extra_callbacks: list | tuple = ()) ->
         model.save_pretrained(run_dir / FINAL_MODEL)
         loaded.tokenizer.save_pretrained(run_dir / FINAL_MODEL)
 
-        from lorasens.plots import plot_training_loss
-
         plot_training_loss(run_dir)
-        summary = {
+        metrics = read_run_metrics(run_dir)
+        ctx.summary.update({
             "run_dir": str(run_dir),
             "model": loaded.source,
             "architecture": module_map.architecture,
             "num_layers": module_map.num_layers,
             "lora_modules": len(lora_modules),
             "trainable_params": sum(p.A.numel() + p.B.numel() for p in lora),
-            "steps": trainer.state.global_step,
-            "final_train_loss": _last(run_dir / "train_log.jsonl", "loss"),
-            "final_eval_loss": _last(run_dir / "eval_log.jsonl", "eval_loss"),
-            "best_eval_loss": best.best_loss,
+            "steps": ctx.trainer.state.global_step,
+            "final_train_loss": metrics.final_train_loss,
+            "final_eval_loss": metrics.final_eval_loss,
+            "best_eval_loss": metrics.best_eval_loss,
             "final_model_from": final_source,
             "train_data": train_stats.as_dict(),
             "validation_data": val_stats.as_dict(),
             "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
-        }
-        summary.update(_after_training(context))
-        summary["wall_time_s"] = round(time.time() - started, 2)
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        return RunResult(run_dir, summary)
+        })
+        for step in after_training:
+            ctx.summary.update(step(ctx) or {})
+        ctx.summary["wall_time_s"] = round(time.time() - started, 2)
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(ctx.summary, indent=2) + "\n")
+        return RunResult(run_dir, ctx.summary)
     finally:
         logging.getLogger("lorasens").removeHandler(log_handler)
         log_handler.close()
 
 
-def _analysis_callbacks(context: dict) -> list:
-    """Callbacks of the analysis step (gradient norms, importance, update magnitude)."""
-    from lorasens.analysis.callbacks import analysis_callbacks
-
-    return analysis_callbacks(context)
-
-
-def _after_training(context: dict) -> dict:
-    """Evaluation, sensitivity analysis and the report, in that order; each adds to the summary."""
-    # Imported here, not at the top: each step pulls in its own heavy dependencies (metrics, plotting).
-    from lorasens import report
-    from lorasens.analysis import post
-    from lorasens.evaluation import runner
-
-    summary: dict = {}
-    for step in (runner.evaluate_after_training, post.analyze_after_training, report.report_after_training):
-        summary.update(step(context) or {})
-    return summary
-
-
 def _checkpoint_to_resume(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    saved = config_from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
-    differences = _config_differences(saved, cfg) - RESUMABLE_CHANGES
+    saved = read_run_config(run_dir)
+    differences = _config_differences(saved, cfg) - resumable_fields()
     if differences:
         raise UserError(f"--resume: settings differ from the saved run in {', '.join(sorted(differences))}; resume with the same settings")
     checkpoint = latest_checkpoint(run_dir)
@@ -185,16 +176,8 @@ def _config_differences(a: ExperimentConfig, b: ExperimentConfig) -> set[str]:
     return {k for section in da if isinstance(da[section], dict) for k in da[section] if da[section][k] != db[section].get(k)}
 
 
-def _last(path: Path, key: str):
-    if not path.exists():
-        return None
-    values = [json.loads(line).get(key) for line in path.read_text().splitlines() if line]
-    values = [v for v in values if v is not None]
-    return values[-1] if values else None
-
-
 def _attach_file_log(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "run.log")
+    handler = logging.FileHandler(run_dir / RUN_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("lorasens").addHandler(handler)
     return handler
@@ -204,32 +187,3 @@ def device_summary() -> str:
     if torch.cuda.is_available():
         return f"CUDA ({torch.cuda.get_device_name(0)})"
     return f"CPU ({torch.get_num_threads()} threads)"
-
-
-@dataclass
-class LoadedRun:
-    cfg: ExperimentConfig
-    model: torch.nn.Module  # PeftModel with the run's final adapter, eval mode
-    tokenizer: object
-    module_map: object
-    lora: list
-
-
-def load_run(run_dir: str | Path, adapter: bool = True) -> LoadedRun:
-    """Rebuild a finished run's model: the base model of its config.json + `final_model/` (for eval/analyze)."""
-    from peft import PeftModel
-
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).exists():
-        raise UserError(f"{run_dir} is not a lorasens run directory (no {CONFIG_FILE})")
-    cfg = config_from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
-    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
-    module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
-    model = loaded.model
-    if adapter:
-        if not (run_dir / FINAL_MODEL / "adapter_config.json").exists():
-            raise UserError(f"{run_dir} has no {FINAL_MODEL}/ adapter (did the run finish?)")
-        model = PeftModel.from_pretrained(model, run_dir / FINAL_MODEL)
-    model.eval()
-    lora = lora_parameters(model, module_map) if adapter else []
-    return LoadedRun(cfg, model, loaded.tokenizer, module_map, lora)

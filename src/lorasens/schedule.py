@@ -89,6 +89,7 @@ class Schedule:
     phases: tuple[PhaseSpec, ...]
     ends: tuple[int, ...]  # end step of each phase; the last equals max_steps
     lisa: Lisa | None = None
+    seed: int = 0  # the run's seed: which layers LISA samples in each block
 
     def phase_index(self, global_step: int) -> int:
         """Phase of the optimizer step that follows `global_step` completed steps."""
@@ -99,15 +100,15 @@ class Schedule:
                 return index
         return len(self.ends) - 1
 
-    def label(self, index: int, module_map: ModuleMap | None = None, seed: int = 0) -> str:
+    def label(self, index: int, module_map: ModuleMap | None = None) -> str:
         if self.lisa:
-            layers = self.lisa.layers_for_block(index, module_map.num_layers, seed) if module_map else "?"
+            layers = self.lisa.layers_for_block(index, module_map.num_layers, self.seed) if module_map else "?"
             return f"lisa{list(layers)}".replace(" ", "")
         return self.phases[index].text
 
-    def modules(self, index: int, module_map: ModuleMap, seed: int = 0) -> tuple[LoraModule, ...]:
+    def modules(self, index: int, module_map: ModuleMap) -> tuple[LoraModule, ...]:
         if self.lisa:
-            return module_map.select(layers=self.lisa.layers_for_block(index, module_map.num_layers, seed))
+            return module_map.select(layers=self.lisa.layers_for_block(index, module_map.num_layers, self.seed))
         return self.phases[index].modules(module_map)
 
     def all_modules(self, module_map: ModuleMap) -> tuple[LoraModule, ...]:
@@ -237,15 +238,18 @@ def parse_schedule(
     phase1_end: int | None = None,
     phase2_end: int | None = None,
     module_map: ModuleMap | None = None,
+    seed: int = 0,
 ) -> Schedule:
     phases, lisa = parse_phases(strategy)
     if lisa:
         if phase_ends or phase1_end is not None or phase2_end is not None:
             raise UserError("LISA samples layers every `interval` steps; it takes no phase boundaries")
         n_blocks = -(-max_steps // lisa.interval)
-        schedule = Schedule(strategy, (), tuple(min((i + 1) * lisa.interval, max_steps) for i in range(n_blocks)), lisa)
+        ends = tuple(min((i + 1) * lisa.interval, max_steps) for i in range(n_blocks))
+        schedule = Schedule(strategy, (), ends, lisa, seed)
     else:
-        schedule = Schedule(strategy, phases, resolve_ends(len(phases), max_steps, phase_ends, phase1_end, phase2_end))
+        ends = resolve_ends(len(phases), max_steps, phase_ends, phase1_end, phase2_end)
+        schedule = Schedule(strategy, phases, ends, seed=seed)
     if module_map is not None:
         if lisa:
             lisa.layers_for_block(0, module_map.num_layers, 0)
@@ -256,8 +260,5 @@ def parse_schedule(
 
 def parse_schedule_from_config(cfg, module_map: ModuleMap | None = None) -> Schedule:
     s = cfg.schedule
-    return parse_schedule(s.phase_strategy, cfg.training.max_steps, s.phase_ends, s.phase1_end, s.phase2_end, module_map)
-
-
-def static_phase(target: str) -> PhaseSpec:
-    return PhaseSpec(GROUP_WORDS[target], None, None, target)
+    return parse_schedule(s.phase_strategy, cfg.training.max_steps, s.phase_ends, s.phase1_end, s.phase2_end, module_map,
+                          seed=cfg.training.seed)

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Literal
 
 from lorasens.errors import UserError
+from lorasens.compare import compare_runs
+from lorasens.config import build_config, fields_with
+from lorasens.rundir.files import CONFIG_FILE, SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +49,9 @@ class SweepRun:
     seed: int | None
 
     def status(self) -> Status:
-        if (self.run_dir / "summary.json").exists():
+        if (self.run_dir / SUMMARY_FILE).exists():
             return "complete"
-        if (self.run_dir / "config.json").exists():
+        if (self.run_dir / CONFIG_FILE).exists():
             return "incomplete"
         return "new"
 
@@ -106,7 +109,6 @@ def plan_sweep(
     sweep_name: str | None = None,
 ) -> list[SweepRun]:
     """The grid, each run's config built and validated now, so a typo fails before any run starts."""
-    from lorasens.config import build_config
 
     for flag, reason in SWEEP_OWNED.items():
         if flag in overrides:
@@ -145,7 +147,7 @@ def plan_sweep(
 
 
 # Settings of a phase schedule; a static grid point has no phases, so they do not apply to it.
-SCHEDULE_ONLY = ("phase_ends", "phase1_end", "phase2_end", "reset_optimizer_on_switch")
+SCHEDULE_ONLY = fields_with("schedule_only")
 
 
 def _strategy_overrides(strategy: str) -> dict:
@@ -283,7 +285,6 @@ def run_sweep(
     complete = [r.run_dir for r in runs if r.status() == "complete"]
     comparison = None
     if complete:
-        from lorasens.compare import compare_runs
 
         comparison = compare_runs(complete, compare_out or output_dir / f"{prefix}_comparison").out_dir
     _write_manifest(manifest, runs, outcome, comparison)

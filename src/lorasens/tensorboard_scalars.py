@@ -14,62 +14,51 @@ import logging
 import math
 
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+
+from lorasens.analysis.callbacks import GradientTrackingCallback
+from lorasens.context import RunContext
 
 logger = logging.getLogger(__name__)
 
 
-def tensorboard_callbacks(context: dict) -> list[TrainerCallback]:
+def tensorboard_callbacks(ctx: RunContext, trackers: list[GradientTrackingCallback]) -> list[TrainerCallback]:
     """The scalar callback when the run reports to TensorBoard, else nothing."""
-    if context["cfg"].training.report_to != "tensorboard":
+    if ctx.cfg.training.report_to != "tensorboard":
         return []
-    return [GradientScalarsCallback(context)]
+    return [GradientScalarsCallback(lambda: ctx.trainer, trackers[0] if trackers else None)]
 
 
 class GradientScalarsCallback(TrainerCallback):
-    def __init__(self, context: dict):
-        self.context = context
+    """Subscribes to the tracker's group and layer rows and writes them to the Trainer's TensorBoard writer."""
+
+    def __init__(self, get_trainer, tracker: GradientTrackingCallback | None):
+        self.get_trainer = get_trainer
+        self.tracker = tracker
         self.writer = None
-        self._tapped: list = []  # BufferedCsv objects whose `add` we wrapped (unwrapped at the end)
+        self._subscribed = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from transformers.integrations import TensorBoardCallback
-
-        from lorasens.analysis.callbacks import GradientTrackingCallback
-
-        callbacks = self.context["trainer"].callback_handler.callbacks
+        callbacks = self.get_trainer().callback_handler.callbacks
         board = next((c for c in callbacks if isinstance(c, TensorBoardCallback)), None)
-        tracker = next((c for c in callbacks if isinstance(c, GradientTrackingCallback)), None)
         if board is None or board.tb_writer is None:
             logger.warning("--report_to tensorboard: no TensorBoard writer (is tensorboard installed?); "
                            "gradient norms are not logged as scalars")
             return
-        if tracker is None or "group" not in tracker.writers:
+        if self.tracker is None or "group" not in self.tracker.writers:
             logger.warning("--report_to tensorboard: gradient tracking is off (--track_gradients false); "
                            "no gradient-norm scalars")
             return
         self.writer = board.tb_writer
-        self._tap(tracker.writers["group"], self._group_row)
-        self._tap(tracker.writers["layer"], self._layer_row)
+        if not self._subscribed:  # once, even if train() is called again
+            self.tracker.add_listener("group", self._group_row)
+            self.tracker.add_listener("layer", self._layer_row)
+            self._subscribed = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        for csv_writer in self._tapped:
-            csv_writer.__dict__.pop("add", None)
-        self._tapped.clear()
         self.writer = None
-
-    def _tap(self, csv_writer, on_row) -> None:
-        """Wrap one CSV writer's `add` (on this instance only): each row goes to the file and to TensorBoard."""
-        original = csv_writer.add
-        columns = csv_writer.columns
-
-        def add(values):
-            on_row(dict(zip(columns, values)))
-            return original(values)
-
-        csv_writer.add = add
-        self._tapped.append(csv_writer)
 
     def _scalar(self, tag: str, value, step: int) -> None:
         if self.writer is None or value is None:

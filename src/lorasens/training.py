@@ -23,12 +23,10 @@ from transformers.trainer_callback import ProgressCallback
 
 from lorasens.config import ExperimentConfig
 from lorasens.data.features import IGNORE_INDEX
+from lorasens.rundir.files import CHECKPOINTS, EVAL_LOG, TRAIN_LOG
 
 logger = logging.getLogger(__name__)
 
-TRAIN_LOG = "train_log.jsonl"
-EVAL_LOG = "eval_log.jsonl"
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass

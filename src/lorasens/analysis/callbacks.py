@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
+from accelerate.utils import DistributedType
+from transformers import Trainer, TrainerCallback
 
-from lorasens.analysis import files
+from lorasens.rundir import files
 from lorasens.analysis.csvlog import BufferedCsv, cell, read_rows
 from lorasens.analysis.measures import foreach_norms, taylor_importance, update_magnitudes
 from lorasens.config import TrackingConfig
+from lorasens.context import RunContext
 from lorasens.lora import LoraParams
 from lorasens.module_map import GROUPS
 from lorasens.training import RunState
@@ -39,12 +42,18 @@ logger = logging.getLogger(__name__)
 MATRICES = ("A", "B")
 
 
-def analysis_callbacks(context: dict) -> list[TrainerCallback]:
+# A listener gets every aggregate row the tracker writes, as {column: value}, at the step it was measured.
+RowListener = Callable[[dict], None]
+# Rows published to listeners: the group and layer norms (module-level rows stay in their files).
+PUBLISHED = ("group", "layer")
+
+
+def analysis_callbacks(ctx: RunContext) -> list["GradientTrackingCallback"]:
     """The analysis callbacks for `run_experiment` (none when every measurement is switched off)."""
-    tracking: TrackingConfig = context["cfg"].tracking
+    tracking: TrackingConfig = ctx.cfg.tracking
     if not (tracking.track_gradients or tracking.track_importance or tracking.track_update_magnitude):
         return []
-    return [GradientTrackingCallback(context["run_dir"], context["lora"], context["state"], tracking, context)]
+    return [GradientTrackingCallback(ctx.run_dir, ctx.lora, ctx.state, tracking, lambda: ctx.trainer)]
 
 
 @dataclass
@@ -61,15 +70,17 @@ class _Pending:
 class GradientTrackingCallback(TrainerCallback):
     """Writes the gradient-norm CSVs, importance.csv and update_magnitude.csv every `grad_log_interval` steps.
 
-    `context` must hold the Trainer under "trainer" by `on_train_begin` (run_experiment sets it after building it).
+    `get_trainer` returns the Trainer whose accelerator is wrapped; it is called at `on_train_begin`, so the
+    Trainer may be built after this callback. Listeners (`add_listener`) get the group and layer rows.
     """
 
     def __init__(self, run_dir: Path, lora: list[LoraParams], run_state: RunState, tracking: TrackingConfig,
-                 context: dict):
+                 get_trainer: Callable[[], Trainer | None]):
         self.lora = list(lora)
         self.run_state = run_state
         self.tracking = tracking
-        self.context = context
+        self.get_trainer = get_trainer
+        self.listeners: dict[str, list[RowListener]] = {kind: [] for kind in PUBLISHED}
         self.interval = tracking.grad_log_interval
         self.params = [p for lp in self.lora for p in (lp.A, lp.B)]
         self.writers: dict[str, BufferedCsv] = {}
@@ -113,7 +124,7 @@ class GradientTrackingCallback(TrainerCallback):
         if self.tracking.track_importance and state.global_step:
             self._restore_ema()
         if self._needs_gradients:
-            self._wrap_clipping(self.context["trainer"])
+            self._wrap_clipping(self.get_trainer())
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self._active:
@@ -158,9 +169,18 @@ class GradientTrackingCallback(TrainerCallback):
 
     # -- Measuring at clipping time ------------------------------------------------------------------------------
 
-    def _wrap_clipping(self, trainer) -> None:
-        from accelerate.utils import DistributedType
+    def add_listener(self, kind: str, listener: RowListener) -> None:
+        """Call `listener` with every row of kind "group" or "layer" as it is recorded."""
+        self.listeners[kind].append(listener)
 
+    def _publish(self, kind: str, values: tuple) -> None:
+        """Buffer the row for its CSV and hand it to the listeners of its kind."""
+        writer = self.writers[kind]
+        writer.add(values)
+        for listener in self.listeners[kind]:
+            listener(dict(zip(writer.columns, values)))
+
+    def _wrap_clipping(self, trainer: Trainer) -> None:
         accelerator = trainer.accelerator
         if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             # Sharded gradients: one rank does not hold whole LoRA gradients, so per-module norms would be wrong.
@@ -237,10 +257,10 @@ class GradientTrackingCallback(TrainerCallback):
                 module_writer.add_line(f"{head}{module},{matrix},{cell(np.float32(per_param[2 * i + j]))}")
         group = {g: math.sqrt(self._nan_sum(module_sq[idx])) for g, idx in self._group_index.items()}
         total = math.sqrt(self._nan_sum(module_sq))
-        self.writers["group"].add((step, phase, *(group[g] for g in GROUPS), total))
+        self._publish("group", (step, phase, *(group[g] for g in GROUPS), total))
         for layer in self.layers:
             cells = (math.sqrt(self._nan_sum(module_sq[self._layer_index[layer, g]])) for g in GROUPS)
-            self.writers["layer"].add((step, phase, layer, *cells))
+            self._publish("layer", (step, phase, layer, *cells))
 
     def _write_importance(self, step: int, phase: str, active: np.ndarray, values: np.ndarray) -> None:
         per_param = self._per_param(active, values)

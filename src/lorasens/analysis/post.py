@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lorasens.analysis import files
+from lorasens.rundir import files
 from lorasens.analysis.ablation import run_ablation, validation_batches
 from lorasens.analysis.csvlog import BufferedCsv
 from lorasens.analysis.measures import update_magnitudes
@@ -27,19 +27,22 @@ from lorasens.analysis.sensitivity import (
     recommended_lora_config,
     select_budget,
 )
-from lorasens.config import ExperimentConfig
+from lorasens.config import ExperimentConfig, with_overrides
+from lorasens.context import RunContext
+from lorasens.data.features import build_features
+from lorasens.data.registry import load_examples
 from lorasens.lora import LoraParams
 from lorasens.module_map import ModuleMap
+from lorasens.rundir.load import load_run
 
 logger = logging.getLogger(__name__)
 
 TOP_IN_SUMMARY = 5
 
 
-def analyze_after_training(context: dict) -> dict:
-    """Hook called by run_experiment after training (main process only)."""
-    return analyze(context["run_dir"], context["cfg"], context["model"], context["module_map"], context["lora"],
-                   context["val_features"], context["tokenizer"])
+def analyze_after_training(ctx: RunContext) -> dict:
+    """Step after training in run_experiment (main process only)."""
+    return analyze(ctx.run_dir, ctx.cfg, ctx.model, ctx.module_map, ctx.lora, ctx.val_features, ctx.tokenizer)
 
 
 def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module_map: ModuleMap,
@@ -128,17 +131,11 @@ def _finite(scores: dict[str, float]) -> dict[str, float | None]:
 
 
 def analyze_run(run_dir: str | Path, overrides: dict | None = None) -> dict:
-    """`lorasens analyze`: rebuild a finished run's model and re-run the analysis with optional tracking overrides."""
-    from lorasens.data.features import build_features
-    from lorasens.data.registry import load_examples
-    from lorasens.run import load_run
-
+    """`lorasens analyze`: rebuild a finished run's model and re-run the analysis with optional overrides
+    (flat field -> value, fields marked `reanalysable`; checked like any config)."""
     run_dir = Path(run_dir)
     loaded = load_run(run_dir)
-    cfg = loaded.cfg
-    for name, value in (overrides or {}).items():
-        section = cfg.evaluation if hasattr(cfg.evaluation, name) else cfg.tracking
-        setattr(section, name, value)
+    cfg = with_overrides(loaded.cfg, overrides or {})
     val_features = None
     if cfg.tracking.ablation:
         examples = load_examples(cfg.data.dataset, "validation", cfg.data.data_dir, cfg.training.seed,

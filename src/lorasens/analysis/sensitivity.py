@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lorasens.analysis import files
+from lorasens.rundir import files
 from lorasens.analysis.csvlog import read_rows
-from lorasens.errors import UserError
+from lorasens.errors import UserError, unknown_choice
 from lorasens.lora import LoraParams
 from lorasens.module_map import LoraModule, ModuleMap
 
@@ -120,8 +120,6 @@ def select_budget(lora: Sequence[LoraParams], scores: dict[str, float], budget: 
                 used += sizes[i]
         chosen = chosen or order[:1]  # the single best module even if it alone exceeds the budget
     else:
-        from lorasens.errors import unknown_choice
-
         raise unknown_choice("budget unit", unit, ("modules", "params"))
     return [modules[i] for i in sorted(chosen)]
 

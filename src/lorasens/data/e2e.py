@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lorasens.data.registry import DatasetSpec, Example, read_csv_rows, register
+from lorasens.data.hub import load_hub_split
+from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, read_csv_rows, register
+from lorasens.evaluation.predictions import score_e2e_rows
 from lorasens.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -45,10 +47,12 @@ def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
 
 
 def _load_hub(split: str) -> list[tuple[str, str]]:
-    from lorasens.data.hub import load_hub_split
 
     ds = load_hub_split(HUB_ID, split, revision="refs/convert/parquet")
     return [(r["meaning_representation"], r["human_reference"]) for r in ds]
 
 
-SPEC = register(DatasetSpec("e2e", "E2E NLG: restaurant MR -> description (BLEU/NIST/METEOR/ROUGE-L/CIDEr)", load, 64))
+# Scored the way the E2E challenge scores: one prediction per distinct MR against all of its references.
+EVALUATION = EvaluationSpec(score_e2e_rows, needs_wordnet=True)
+SPEC = register(DatasetSpec("e2e", "E2E NLG: restaurant MR -> description (BLEU/NIST/METEOR/ROUGE-L/CIDEr)", load,
+                            EVALUATION, max_new_tokens=64))

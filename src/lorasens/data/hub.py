@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import datasets
+
 from lorasens.errors import UserError
 
 
 def load_hub_split(hub_id: str, split: str, config: str | None = None, revision: str | None = None):
-    import datasets
-
     try:
         return datasets.load_dataset(hub_id, config, split=split, revision=revision)
     except Exception as exc:  # ConnectionError, DatasetNotFoundError, OfflineModeIsEnabled, ...

@@ -21,7 +21,9 @@ import logging
 from pathlib import Path
 
 from lorasens.data.files import find_file, read_records, read_tsv_records, stable_bucket
-from lorasens.data.registry import DatasetSpec, Example, register
+from lorasens.data.hub import load_hub_split
+from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, register
+from lorasens.evaluation.predictions import score_mnli_rows
 from lorasens.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -97,7 +99,6 @@ def read_file(path: Path, prefix: str) -> list[Example]:
 def load_set(name: str, data_dir: Path | None) -> list[Example] | None:
     """All labelled pairs of one file ("train", "matched" or "mismatched"); None when it is not there."""
     if data_dir is None:
-        from lorasens.data.hub import load_hub_split
 
         ds = load_hub_split(HUB_ID, HUB_SPLITS[name], config=HUB_CONFIG)
         return make_examples(list(enumerate(ds, start=1)), name, f"{HUB_ID}/{HUB_CONFIG}:{HUB_SPLITS[name]}")
@@ -132,4 +133,20 @@ def load_mismatched(data_dir: Path | None) -> list[Example] | None:
     return load_set("mismatched", data_dir)
 
 
-SPEC = register(DatasetSpec("mnli", "MultiNLI: premise + hypothesis -> label (accuracy, matched and mismatched)", load, 4))
+def eval_sets(split: str, data_dir: Path | None, select) -> tuple[dict[str, list[Example]], dict]:
+    """Final evaluation on dev matched and, when the folder has it, dev mismatched (else its metrics are null)."""
+    if split == "validation":
+        return {"validation": select()}, {}
+    sets = {"matched": select()}
+    mismatched = load_mismatched(data_dir)
+    if mismatched is None:
+        reason = f"no dev_mismatched file in {data_dir}"
+        return sets, {"accuracy_mismatched": None, "generated_accuracy_mismatched": None,
+                      "accuracy_mismatched_unavailable": reason}
+    sets["mismatched"] = select(mismatched)
+    return sets, {}
+
+
+SPEC = register(DatasetSpec("mnli", "MultiNLI: premise + hypothesis -> label (accuracy, matched and mismatched)", load,
+                            EvaluationSpec(score_mnli_rows, label_choices=LABELS, eval_sets=eval_sets),
+                            max_new_tokens=4))

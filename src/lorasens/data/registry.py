@@ -27,12 +27,34 @@ class Example:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+# Extra evaluation sets of a dataset: (split, data_dir, select) -> (named example sets, metrics of sets that are
+# unavailable). `select(examples=None)` applies the run's prompt template and --eval_samples subset to `examples`
+# (default: the split's own examples).
+EvalSetsHook = Callable[[Split, "Path | None", Callable[..., list[Example]]], tuple[dict[str, list[Example]], dict]]
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """How a dataset is scored; the evaluation runner and `lorasens score` read only this."""
+
+    # prediction rows ({id, prompt, prediction, references, + row_fields}) -> metrics; the one scorer of a dataset
+    score_rows: Callable[[list[dict]], dict]
+    # Where a generation ends besides EOS: every built-in dataset's answer is one line (the next line would be a
+    # new, unrelated prompt).
+    stop_strings: tuple[str, ...] = ("\n",)
+    needs_wordnet: bool = False  # METEOR: checked before training, not after it
+    row_fields: Callable[[Example], dict] | None = None  # extra fields of a predictions row (WikiSQL: its table)
+    label_choices: tuple[str, ...] = ()  # also scored by label log-likelihood (rows get `ll_prediction`, `subset`)
+    eval_sets: EvalSetsHook | None = None  # default: one set, named after the split
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
     description: str
     # (split, data_dir or None for the Hub, seed) -> examples; raises UserError for missing files/columns
     load: Callable[[Split, Path | None, int], list[Example]]
+    evaluation: EvaluationSpec
     max_new_tokens: int = 64
     needs_data_dir: bool = False  # True when there is no Hub fallback
 

@@ -13,7 +13,9 @@ import logging
 from pathlib import Path
 
 from lorasens.data.files import find_file, read_records
-from lorasens.data.registry import DatasetSpec, Example, register
+from lorasens.data.hub import load_hub_split
+from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, register
+from lorasens.evaluation.predictions import score_samsum_rows
 from lorasens.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,6 @@ def make_examples(records: list[dict], split: str, source: str) -> list[Example]
 
 def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
     if data_dir is None:
-        from lorasens.data.hub import load_hub_split
 
         return make_examples(list(load_hub_split(HUB_ID, split)), split, HUB_ID)
     path = find_file(data_dir, (split,), SUFFIXES)
@@ -56,4 +57,5 @@ def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
     return make_examples([record for _, record in read_records(path, FIELDS)], split, str(path))
 
 
-SPEC = register(DatasetSpec("samsum", "SAMSum: dialogue -> summary (ROUGE-1/2/L/Lsum, BLEU, METEOR)", load, 96))
+SPEC = register(DatasetSpec("samsum", "SAMSum: dialogue -> summary (ROUGE-1/2/L/Lsum, BLEU, METEOR)", load,
+                            EvaluationSpec(score_samsum_rows, needs_wordnet=True), max_new_tokens=96))

@@ -11,6 +11,7 @@ import random
 import zlib
 from pathlib import Path
 
+from lorasens.data.e2e import EVALUATION as E2E_EVALUATION
 from lorasens.data.e2e import PROMPT
 from lorasens.data.registry import DatasetSpec, Example, register
 
@@ -90,4 +91,6 @@ def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
     ]
 
 
-SPEC = register(DatasetSpec("synthetic", "Offline E2E-style restaurant MR -> description, generated in code", load, 64))
+# E2E-shaped (three references per MR), so scored like E2E.
+SPEC = register(DatasetSpec("synthetic", "Offline E2E-style restaurant MR -> description, generated in code", load,
+                            E2E_EVALUATION, max_new_tokens=64))

@@ -17,27 +17,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from peft import PeftModel
+
+from lorasens.config import DataConfig, EvaluationConfig, ExperimentConfig, TrainingConfig
+from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import UserError
+from lorasens.evaluation.runner import evaluate_model, settings_from_config
+from lorasens.models import load_model
+from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL
+from lorasens.rundir.load import load_run
 
 
 def _load(model_path: str | None, base_model_id: str | None, precision: str):
     """(model, tokenizer, the run's config or None)."""
-    from lorasens.models import load_model
-
     if model_path is None:
         if base_model_id is None:
             raise UserError("give model_path (run directory, adapter folder or model) or base_model_id")
         loaded = load_model(base_model_id, precision)
         return loaded.model, loaded.tokenizer, None
     path = Path(model_path).expanduser()
-    if (path / "config.json").exists() and (path / "final_model").is_dir():
-        from lorasens.run import load_run
-
+    if (path / CONFIG_FILE).exists() and (path / FINAL_MODEL).is_dir():
         run = load_run(path)
         return run.model, run.tokenizer, run.cfg
     if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
         base = base_model_id or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise UserError(f"{path}/adapter_config.json names no base model; pass base_model_id")
@@ -65,22 +67,19 @@ def evaluate_dataset(
     precision: str = "auto",
     output_dir: str | None = None,
 ) -> dict:
-    from lorasens.config import ExperimentConfig
-    from lorasens.data.registry import get_dataset_spec
-    from lorasens.evaluation.runner import evaluate_model, settings_from_config
-
     get_dataset_spec(dataset)
     model, tokenizer, run_cfg = _load(model_path, base_model_id, precision)
-    cfg = ExperimentConfig()
-    cfg.data.dataset, cfg.data.data_dir, cfg.data.max_length = dataset, data_dir, max_length or 512
-    cfg.data.prompt_template = prompt_template
+    data = DataConfig(dataset=dataset, data_dir=data_dir, max_length=max_length or 512, prompt_template=prompt_template)
     if run_cfg is not None and run_cfg.data.dataset == dataset:
         # What training saw: the same files, prompt length and template.
-        cfg.data.data_dir = data_dir if data_dir is not None else run_cfg.data.data_dir
-        cfg.data.max_length = max_length or run_cfg.data.max_length
-        cfg.data.prompt_template = prompt_template if prompt_template is not None else run_cfg.data.prompt_template
-    cfg.evaluation.max_new_tokens, cfg.evaluation.num_beams = max_new_tokens, num_beams
-    cfg.training.seed = seed
+        data = DataConfig(
+            dataset=dataset,
+            data_dir=data_dir if data_dir is not None else run_cfg.data.data_dir,
+            max_length=max_length or run_cfg.data.max_length,
+            prompt_template=prompt_template if prompt_template is not None else run_cfg.data.prompt_template,
+        )
+    cfg = ExperimentConfig(data=data, evaluation=EvaluationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams),
+                           training=TrainingConfig(seed=seed))
     settings = settings_from_config(cfg, split, num_samples, batch_size)
     result = evaluate_model(model, tokenizer, cfg, settings, baseline, output_dir)
     metrics = dict(result["metrics"])

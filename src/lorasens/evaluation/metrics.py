@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from lorasens.errors import UserError, unknown_choice
+from lorasens.errors import UserError
 
 References = Sequence[str | Sequence[str]]
 # The repo's own WordNet folder (make setup -> scripts/fetch_wordnet.py); src/lorasens/evaluation/ -> repo root.
@@ -175,21 +175,3 @@ def mnli_metrics(predictions: Sequence[str], references: References) -> dict[str
     refs = _ref_lists(predictions, references)
     correct = sum(first_label_word(p) == rs[0].strip().lower() for p, rs in zip(predictions, refs))
     return {"accuracy": correct / len(refs)}
-
-
-def wikisql_metrics(predictions: Sequence[str], references: References, tables=None) -> dict:
-    from lorasens.evaluation.wikisql import wikisql_metrics as score
-
-    return score(predictions, references, tables)
-
-
-Scorer = Callable[..., dict]
-SCORERS: dict[str, Scorer] = {"e2e": e2e_metrics, "samsum": samsum_metrics, "wikisql": wikisql_metrics, "mnli": mnli_metrics}
-# Which scorer each dataset uses: the synthetic dataset is E2E-shaped (three references per MR).
-DATASET_SCORER = {"e2e": "e2e", "synthetic": "e2e", "samsum": "samsum", "wikisql": "wikisql", "mnli": "mnli"}
-
-
-def scorer_name(dataset: str) -> str:
-    if dataset not in DATASET_SCORER:
-        raise unknown_choice("dataset to score", dataset, DATASET_SCORER)
-    return DATASET_SCORER[dataset]

@@ -13,9 +13,10 @@ import logging
 from pathlib import Path
 
 from lorasens.data.files import read_records
-from lorasens.data.registry import Example, group_by_prompt
+from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt
 from lorasens.errors import UserError
-from lorasens.evaluation.metrics import SCORERS, mnli_metrics, scorer_name
+from lorasens.evaluation.metrics import e2e_metrics, mnli_metrics, samsum_metrics
+from lorasens.evaluation.wikisql import wikisql_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,26 +57,37 @@ def group_e2e_rows(rows: list[dict]) -> list[dict]:
 
 
 def score_rows(dataset: str, rows: list[dict]) -> dict:
-    """The dataset's metrics for prediction rows."""
-    kind = scorer_name(dataset)
+    """The dataset's metrics for prediction rows (its registry entry names the scorer)."""
+    spec = get_dataset_spec(dataset)
     if not rows:
         raise UserError(f"no predictions to score for {dataset}")
-    if kind == "e2e":
-        rows = group_e2e_rows(rows)
-    preds, refs = [r["prediction"] for r in rows], [r["references"] for r in rows]
-    if kind == "wikisql":
-        tables = [r.get("table") for r in rows]
-        if any(t is None for t in tables):
-            logger.warning("WikiSQL scoring without a `table` per row: SQL is parsed without the header (column names "
-                           "holding ' = ', ' > ' or ' AND ' may mis-parse) and execution accuracy is unavailable")
-            tables = None
-        return SCORERS[kind](preds, refs, tables)
-    if kind == "mnli":
-        return _mnli_scores(rows)
-    return SCORERS[kind](preds, refs)
+    return spec.evaluation.score_rows(rows)
 
 
-def _mnli_scores(rows: list[dict]) -> dict:
+def _columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    return [r["prediction"] for r in rows], [r["references"] for r in rows]
+
+
+def score_e2e_rows(rows: list[dict]) -> dict:
+    """E2E (and the E2E-shaped synthetic set): one prediction per distinct MR against all of its references."""
+    return e2e_metrics(*_columns(group_e2e_rows(rows)))
+
+
+def score_samsum_rows(rows: list[dict]) -> dict:
+    return samsum_metrics(*_columns(rows))
+
+
+def score_wikisql_rows(rows: list[dict]) -> dict:
+    tables = [r.get("table") for r in rows]
+    if any(t is None for t in tables):
+        logger.warning("WikiSQL scoring without a `table` per row: SQL is parsed without the header (column names "
+                       "holding ' = ', ' > ' or ' AND ' may mis-parse) and execution accuracy is unavailable")
+        tables = None
+    return wikisql_metrics(*_columns(rows), tables)
+
+
+def score_mnli_rows(rows: list[dict]) -> dict:
+    """Per subset (matched / mismatched / ...): label log-likelihood accuracy and generated-label accuracy."""
     metrics: dict = {}
     subsets: dict[str, list[dict]] = {}
     for row in rows:

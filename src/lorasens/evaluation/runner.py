@@ -16,19 +16,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, load_examples, subset
+from lorasens.config import ExperimentConfig
+from lorasens.context import RunContext
+from lorasens.data.registry import EvaluationSpec, Example, get_dataset_spec, group_by_prompt, load_examples, subset
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError, unknown_choice
 from lorasens.evaluation.generation import generate, label_loglikelihoods
-from lorasens.evaluation.metrics import scorer_name
 from lorasens.evaluation.predictions import score_rows, write_rows
+from lorasens.rundir.files import evaluation_file, predictions_file
 
 logger = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("validation", "test")  # never "train": scores on training data say nothing about generalisation
-# Where a generation ends besides EOS: every dataset's answer is one line (E2E/synthetic sentence, SAMSum summary,
-# SQL query, NLI label); the model's next line would be a new, unrelated prompt.
-STOP_STRINGS = {"e2e": ("\n",), "samsum": ("\n",), "wikisql": ("\n",), "mnli": ("\n",)}
 
 
 @dataclass
@@ -41,15 +40,21 @@ class EvalSettings:
     max_prompt_tokens: int
     seed: int
 
+    def __post_init__(self):
+        if self.split not in EVAL_SPLITS:
+            raise unknown_choice("evaluation split", self.split, EVAL_SPLITS)
+        for name in ("num_samples", "batch_size", "max_new_tokens", "num_beams"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
+
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def settings_from_config(cfg, split: str = "test", num_samples: int | None = None, batch_size: int | None = None) -> EvalSettings:
-    if split not in EVAL_SPLITS:
-        raise unknown_choice("evaluation split", split, EVAL_SPLITS)
+def settings_from_config(cfg: ExperimentConfig, split: str = "test", num_samples: int | None = None,
+                         batch_size: int | None = None) -> EvalSettings:
     spec = get_dataset_spec(cfg.data.dataset)
-    settings = EvalSettings(
+    return EvalSettings(
         split=split,
         num_samples=num_samples if num_samples is not None else cfg.data.eval_samples,
         batch_size=batch_size if batch_size is not None else cfg.evaluation.eval_batch_size,
@@ -59,10 +64,6 @@ def settings_from_config(cfg, split: str = "test", num_samples: int | None = Non
         max_prompt_tokens=cfg.data.max_length,
         seed=cfg.training.seed,
     )
-    for name in ("num_samples", "batch_size", "max_new_tokens", "num_beams"):
-        if getattr(settings, name) <= 0:
-            raise UserError(f"--{name} must be > 0, got {getattr(settings, name)}")
-    return settings
 
 
 def eval_examples(cfg, split: str, num_samples: int, seed: int, examples: list[Example] | None = None) -> list[Example]:
@@ -73,60 +74,54 @@ def eval_examples(cfg, split: str, num_samples: int, seed: int, examples: list[E
     return subset(group_by_prompt(examples), num_samples, seed)
 
 
-def _rows(examples: list[Example], predictions: list[str], dataset: str) -> list[dict]:
+def _rows(examples: list[Example], predictions: list[str], evaluation: EvaluationSpec) -> list[dict]:
     rows = []
     for ex, pred in zip(examples, predictions):
         row = {"id": ex.id, "prompt": ex.prompt, "prediction": pred, "references": list(ex.references or (ex.target,))}
-        if dataset == "wikisql":
-            row["table"] = ex.meta["table"].as_dict()
+        if evaluation.row_fields is not None:
+            row.update(evaluation.row_fields(ex))
         rows.append(row)
     return rows
 
 
 def _predict(model, tokenizer, dataset: str, sets: dict[str, list[Example]], s: EvalSettings, label: str) -> list[dict]:
     """Prediction rows for every evaluation set (MNLI: matched/mismatched; others: one set)."""
-    kind = scorer_name(dataset)
+    evaluation = get_dataset_spec(dataset).evaluation
     rows: list[dict] = []
     for name, examples in sets.items():
         prompts = [ex.prompt for ex in examples]
         preds = generate(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                         num_beams=s.num_beams, stop_strings=STOP_STRINGS[kind], max_prompt_tokens=s.max_prompt_tokens,
-                         desc=f"{label} {dataset} {name}")
-        part = _rows(examples, preds, dataset)
-        if kind == "mnli":
-            from lorasens.data.mnli import LABELS
-
-            scores = label_loglikelihoods(model, tokenizer, prompts, LABELS, batch_size=s.batch_size,
+                         num_beams=s.num_beams, stop_strings=evaluation.stop_strings,
+                         max_prompt_tokens=s.max_prompt_tokens, desc=f"{label} {dataset} {name}")
+        part = _rows(examples, preds, evaluation)
+        labels = evaluation.label_choices
+        if labels:
+            scores = label_loglikelihoods(model, tokenizer, prompts, labels, batch_size=s.batch_size,
                                           max_prompt_tokens=s.max_prompt_tokens, desc=f"{label} {dataset} {name} labels")
             for row, sc in zip(part, scores):
                 row["subset"] = name
-                row["ll_prediction"] = LABELS[max(range(len(LABELS)), key=sc.__getitem__)]
+                row["ll_prediction"] = labels[max(range(len(labels)), key=sc.__getitem__)]
         rows.extend(part)
     return rows
 
 
-def _mnli_sets(cfg, s: EvalSettings) -> tuple[dict[str, list[Example]], dict[str, str]]:
-    from lorasens.data import mnli
+def _eval_sets(cfg: ExperimentConfig, s: EvalSettings) -> tuple[dict[str, list[Example]], dict]:
+    """The example sets to evaluate and the metrics of sets that are unavailable (the dataset's hook decides)."""
+    def select(examples: list[Example] | None = None) -> list[Example]:
+        return eval_examples(cfg, s.split, s.num_samples, s.seed, examples=examples)
 
+    hook = get_dataset_spec(cfg.data.dataset).evaluation.eval_sets
+    if hook is None:
+        return {s.split: select()}, {}
     data_dir = Path(cfg.data.data_dir).expanduser() if cfg.data.data_dir else None
-    if s.split == "validation":
-        return {"validation": eval_examples(cfg, "validation", s.num_samples, s.seed)}, {}
-    sets = {"matched": eval_examples(cfg, "test", s.num_samples, s.seed)}
-    mismatched = mnli.load_mismatched(data_dir)
-    if mismatched is None:
-        return sets, {"mismatched": f"no dev_mismatched file in {data_dir}"}
-    sets["mismatched"] = eval_examples(cfg, "test", s.num_samples, s.seed, examples=mismatched)
-    return sets, {}
+    return hook(s.split, data_dir, select)
 
 
 def evaluate_model(model, tokenizer, cfg, settings: EvalSettings, baseline: bool = False, run_dir: str | Path | None = None) -> dict:
     """Generate and score; returns (and, with `run_dir`, writes) the {dataset}_evaluation.json content."""
     started = time.time()
     dataset = cfg.data.dataset
-    if scorer_name(dataset) == "mnli":
-        sets, unavailable = _mnli_sets(cfg, settings)
-    else:
-        sets, unavailable = {settings.split: eval_examples(cfg, settings.split, settings.num_samples, settings.seed)}, {}
+    sets, unavailable = _eval_sets(cfg, settings)
     count = sum(len(v) for v in sets.values())
     logger.info("Evaluating %s (%s): %d prompts, batch %d, max_new_tokens %d, %s", dataset, settings.split, count,
                 settings.batch_size, settings.max_new_tokens, "greedy" if settings.num_beams == 1 else f"{settings.num_beams} beams")
@@ -134,14 +129,14 @@ def evaluate_model(model, tokenizer, cfg, settings: EvalSettings, baseline: bool
     model.eval()
     try:
         rows = _predict(model, tokenizer, dataset, sets, settings, "lora" if _has_adapter(model) else "model")
-        metrics = _with_unavailable(score_rows(dataset, rows), unavailable)
+        metrics = {**score_rows(dataset, rows), **unavailable}
         baseline_result = None
         if baseline:
             if not _has_adapter(model):
                 raise UserError("--baseline needs a model with a LoRA adapter (the baseline is the model without it)")
             with model.disable_adapter():
                 base_rows = _predict(model, tokenizer, dataset, sets, settings, "base")
-            baseline_result = {"metrics": _with_unavailable(score_rows(dataset, base_rows), unavailable)}
+            baseline_result = {"metrics": {**score_rows(dataset, base_rows), **unavailable}}
             for row, base in zip(rows, base_rows):
                 row["baseline_prediction"] = base["prediction"]
                 if "ll_prediction" in base:
@@ -160,20 +155,12 @@ def evaluate_model(model, tokenizer, cfg, settings: EvalSettings, baseline: bool
     if run_dir is not None:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_rows(run_dir / f"{dataset}_predictions.jsonl", rows)
-        (run_dir / f"{dataset}_evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_rows(run_dir / predictions_file(dataset), rows)
+        (run_dir / evaluation_file(dataset)).write_text(json.dumps(result, indent=2) + "\n")
     logger.info("Evaluation %s: %s (%.1f s)", dataset, format_metrics(metrics), result["wall_time_s"])
     if baseline_result:
         logger.info("Baseline (no LoRA): %s", format_metrics(baseline_result["metrics"]))
     return result
-
-
-def _with_unavailable(metrics: dict, unavailable: dict[str, str]) -> dict:
-    for name, reason in unavailable.items():
-        metrics[f"accuracy_{name}"] = None
-        metrics[f"generated_accuracy_{name}"] = None
-        metrics[f"accuracy_{name}_unavailable"] = reason
-    return metrics
 
 
 def _has_adapter(model) -> bool:
@@ -192,13 +179,13 @@ def format_metrics(metrics: dict) -> str:
     return ", ".join(parts)
 
 
-def evaluate_after_training(context: dict) -> dict:
-    """Called by `run_experiment` after training: scores the final adapter on the test split."""
-    cfg = context["cfg"]
+def evaluate_after_training(ctx: RunContext) -> dict:
+    """Step after training in run_experiment: scores the final adapter on the test split."""
+    cfg = ctx.cfg
     if not cfg.evaluation.evaluate:
         return {}
     settings = settings_from_config(cfg, "test")
-    result = evaluate_model(context["model"], context["tokenizer"], cfg, settings, cfg.evaluation.baseline, context["run_dir"])
+    result = evaluate_model(ctx.model, ctx.tokenizer, cfg, settings, cfg.evaluation.baseline, ctx.run_dir)
     summary = {"evaluation": result["metrics"]}
     if result["baseline"] is not None:
         summary["evaluation_baseline"] = result["baseline"]["metrics"]

@@ -22,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from lorasens.data.wikisql import AGGS, OPS, LogicalForm, Table, parse_sql
+from lorasens.data.sql import AGGS, OPS, LogicalForm, Table, parse_sql
 
 logger = logging.getLogger(__name__)
 

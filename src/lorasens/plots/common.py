@@ -7,7 +7,6 @@ area, so a frozen module never looks like a module whose gradient is zero.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,6 +15,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+
+# The run-directory module owns the names of the files plots read, and the tolerant JSON readers.
+from lorasens.rundir.files import (  # noqa: E402, F401 - re-exported for the plot modules
+    ABLATION, EVAL_LOG, GROUP_NORMS, IMPORTANCE, LAYER_NORMS, MODULE_NORMS, PHASES, SENSITIVITY, TRAIN_LOG,
+    UPDATE_MAGNITUDE, read_json, read_jsonl,
+)
 
 # Okabe-Ito: a colour-blind-safe palette (Okabe & Ito 2008).
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -30,43 +35,8 @@ FROZEN_LABEL = "frozen / not recorded (no gradient)"
 DPI = 110
 MAX_PHASE_LABELS = 8  # more boundaries (e.g. LISA resampling) get thin unlabelled lines instead of a text pile-up
 
-# The analysis owns the names of the files it writes; plots read them under the same names.
-from lorasens.analysis.files import (  # noqa: E402
-    ABLATION, GROUP_NORMS, IMPORTANCE, LAYER_NORMS, MODULE_NORMS, SENSITIVITY, UPDATE_MAGNITUDE,
-)
-
-PHASES = "phases.json"
-TRAIN_LOG = "train_log.jsonl"
-EVAL_LOG = "eval_log.jsonl"
-
-
 class MissingInput(Exception):
     """A plot cannot be drawn because an input file is absent, empty or lacks columns; the message names it."""
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a run killed mid-write leaves a partial last line; keep what was complete
-    return rows
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file, or None when it is absent or unreadable (the caller names it as missing)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def read_table(run_dir: Path, name: str, columns: tuple[str, ...]):

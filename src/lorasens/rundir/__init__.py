@@ -1,4 +1,9 @@
-"""The run directory: created safely, never deleted by accident."""
+"""The run directory: created safely, never deleted by accident.
+
+The package owns everything about a run's folder: its file names and readers (`rundir.files`), the figures
+computed from its logs (`rundir.metrics.read_run_metrics`) and rebuilding a finished run's model
+(`rundir.load.load_run`). This module decides whether a folder may be used for a run.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,7 @@ import shutil
 from pathlib import Path
 
 from lorasens.errors import UserError
-
-CONFIG_FILE = "config.json"
+from lorasens.rundir.files import CONFIG_FILE
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:

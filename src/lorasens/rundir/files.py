@@ -1,0 +1,91 @@
+"""Every file name of a run directory, defined once, and the tolerant readers of the run's JSON files.
+
+Writers (run, training callbacks, analysis, evaluation, report) and readers (plots, report, compare, sweep,
+`load_run`) import the names from here, so a file can never be written under one name and looked for under another.
+Plot PNG names are the keys of `lorasens.plots.RUN_PLOTS` (the plot registry owns them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# The run itself
+CONFIG_FILE = "config.json"  # the resolved config; what eval/analyze/report/--resume rebuild a run from
+SUMMARY_FILE = "summary.json"  # written last: its presence means "the run finished"
+RUN_LOG = "run.log"
+TRAIN_LOG = "train_log.jsonl"
+EVAL_LOG = "eval_log.jsonl"
+PHASES = "phases.json"
+CHECKPOINTS = "checkpoints"
+FINAL_MODEL = "final_model"
+REPORT_FILE = "report.html"
+
+# Evaluation: one pair per dataset, e.g. e2e_predictions.jsonl and e2e_evaluation.json
+PREDICTIONS_SUFFIX = "_predictions.jsonl"
+EVALUATION_SUFFIX = "_evaluation.json"
+
+
+def predictions_file(dataset: str) -> str:
+    return f"{dataset}{PREDICTIONS_SUFFIX}"
+
+
+def evaluation_file(dataset: str) -> str:
+    return f"{dataset}{EVALUATION_SUFFIX}"
+
+
+# Analysis. The first two names are the ones of the tool lorasens replaces; keep them.
+GROUP_NORMS = "gradient_analysis.group_norms.csv"
+LAYER_NORMS = "gradient_analysis.layer_norms.csv"
+MODULE_NORMS = "gradient_analysis.module_norms.csv"
+IMPORTANCE = "importance.csv"
+UPDATE_MAGNITUDE = "update_magnitude.csv"
+ABLATION = "sensitivity_ablation.csv"
+SENSITIVITY = "sensitivity.json"
+RECOMMENDED_CONFIG = "recommended_lora_config.json"
+
+GROUP_NORMS_COLUMNS = ("step", "phase", "attn", "mlp", "total")
+LAYER_NORMS_COLUMNS = ("step", "phase", "layer", "attn", "mlp")
+MODULE_NORMS_COLUMNS = ("step", "phase", "layer", "group", "module", "matrix", "grad_norm")
+IMPORTANCE_COLUMNS = ("step", "phase", "layer", "group", "module", "importance")
+UPDATE_MAGNITUDE_COLUMNS = ("step", "phase", "layer", "group", "module", "delta_w_norm")
+ABLATION_COLUMNS = ("kind", "name", "layer", "group", "module", "num_modules", "loss", "delta_loss")
+
+# Files a run directory may hold; a folder with none of them (and no evaluation file) is not a run.
+RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, TRAIN_LOG, EVAL_LOG, PHASES, GROUP_NORMS, LAYER_NORMS, MODULE_NORMS,
+             SENSITIVITY, ABLATION, RECOMMENDED_CONFIG)
+
+
+def module_key(layer: int, module_type: str) -> str:
+    """The key of one (layer, module) in sensitivity.json, e.g. "L3.q_proj"."""
+    return f"L{layer}.{module_type}"
+
+
+def evaluation_files(run_dir: Path) -> list[Path]:
+    return sorted(Path(run_dir).glob(f"*{EVALUATION_SUFFIX}"))
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file, or None when it is absent or unreadable (the caller names it as missing)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSON-lines log (absent file: no rows)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a run killed mid-write leaves a partial last line; keep what was complete
+    return rows
