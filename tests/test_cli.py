@@ -25,6 +25,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_acceptance_command_on_real_e2e_writes_every_file(e2e_dir, tmp_path):
     """The issue's command, verbatim (plus the output folder): files written and the adapter loads."""
     result = run_cli("--dataset", "e2e", "--data_dir", str(e2e_dir), "--model", "tiny-random-llama", "--target",
@@ -62,6 +63,7 @@ def _train(tmp_path: Path, name: str, *extra: str) -> Path:
     return tmp_path / name
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_losses_and_adapter(tmp_path):
     a, b = _train(tmp_path, "a", "--seed", "3"), _train(tmp_path, "b", "--seed", "3")
     losses = [[json.loads(line)["loss"] for line in (r / "train_log.jsonl").read_text().splitlines()] for r in (a, b)]
@@ -74,6 +76,7 @@ def test_same_seed_gives_identical_losses_and_adapter(tmp_path):
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_best_adapter_by_validation_loss_is_the_final_model(tmp_path):
     run = _train(tmp_path, "best")
     summary = json.loads((run / "summary.json").read_text())
@@ -83,6 +86,7 @@ def test_best_adapter_by_validation_loss_is_the_final_model(tmp_path):
     assert summary["best_eval_loss"] == pytest.approx(best["eval_loss"])
 
 
+@pytest.mark.slow
 def test_existing_run_is_refused_then_overwritten_only_when_asked(tmp_path, capsys):
     run = _train(tmp_path, "x")
     marker = (run / "summary.json").read_text()
@@ -144,6 +148,7 @@ def test_data_dir_missing_or_incomplete(tmp_path, capsys):
     assert not (tmp_path / "e2e_both").exists()  # nothing written for a run that never started
 
 
+@pytest.mark.slow
 def test_bad_input_through_the_real_entry_point_has_no_traceback():
     result = run_cli("--target", "ffn")
     assert result.returncode == 2

@@ -306,7 +306,7 @@ def test_clipping_wrapper_is_per_instance_and_removed(tmp_path, tiny_llama):
             is_world_process_zero = True
 
     trainer, other = FakeTrainer(), Accelerator(cpu=True)
-    callback = GradientTrackingCallback(tmp_path, lora, RunState("both"), TrackingConfig(), {"trainer": trainer})
+    callback = GradientTrackingCallback(tmp_path, lora, RunState("both"), TrackingConfig(), lambda: trainer)
     callback.on_train_begin(None, trainer.state, None)
     assert "clip_grad_norm_" in vars(trainer.accelerator) and "clip_grad_norm_" not in vars(other)
     ids = torch.tensor([[5, 8, 9, 12, 40, 41, 60]])

@@ -288,6 +288,7 @@ def test_resume_matches_uninterrupted_run(monkeypatch, tmp_path, crash_at, resum
     assert [r["loss"] for r in resumed_log] == pytest.approx([r["loss"] for r in full_log], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_black_box_checkpoints(tmp_path):
     """The issue's black-box check through the real CLI: frozen groups are identical between checkpoints."""
     command = [

@@ -81,6 +81,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
     out = tmp_path / "runs"
     first, second = out / "t_seed1", out / "t_seed2"
