@@ -52,6 +52,18 @@ def test_report_written_at_the_end_of_the_run(run_dir):
     assert f"<td>trainable_params</td><td class=\"num\">{summary['trainable_params']}</td>" in html
 
 
+def test_report_states_the_metrics_note(run_dir, tmp_path):
+    # Without Java the E2E scorer reports stand-ins under other names and a note; the report must say so.
+    from lorasens.evaluation.coco import NO_JAVA
+    from lorasens.report import write_report
+
+    copy = copy_run(run_dir, tmp_path / "run")
+    write_evaluation(copy, {"bleu": 12.5, "meteor_nltk": 20.0, "metrics_note": NO_JAVA})
+    write_report(copy, redraw=False)
+    html = (copy / "report.html").read_text()
+    assert "<b>Note:</b> no Java runtime" in html and "<td>meteor_nltk</td>" in html and "<td>metrics_note</td>" not in html
+
+
 def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path, capsys):
     copy = copy_run(run_dir, tmp_path / "run")
     write_evaluation(copy, {"bleu": 12.5, "rouge_l": 0.25}, baseline={"bleu": 2.5, "rouge_l": 0.05})

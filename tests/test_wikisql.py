@@ -26,8 +26,9 @@ def table() -> Table:
 def test_canonical_sql_matches_the_issue_example():
     assert to_sql({"sel": 5, "agg": 3, "conds": [[1, 0, "3"]]}, HEADER) == "SELECT COUNT(School/Club Team) FROM table WHERE No. = 3"
     assert to_sql({"sel": 3, "agg": 0, "conds": []}, HEADER) == "SELECT Position FROM table"
+    # Values are written as str(value), the string the official equality compares: 10.0 stays "10.0".
     assert to_sql({"sel": 0, "agg": 1, "conds": [[1, 1, 10.0], [3, 0, "Guard"]]}, HEADER) == \
-        "SELECT MAX(Player) FROM table WHERE No. > 10 AND Position = Guard"
+        "SELECT MAX(Player) FROM table WHERE No. > 10.0 AND Position = Guard"
 
 
 def test_parser_uses_the_header_for_awkward_column_names():
@@ -38,14 +39,70 @@ def test_parser_uses_the_header_for_awkward_column_names():
     assert parse_sql(sql) is None
 
 
-def test_logical_forms_ignore_condition_order_case_and_number_spelling():
+def test_logical_forms_ignore_condition_order_and_case():
     a = parse_sql("SELECT COUNT(Player) FROM table WHERE Position = Guard AND No. > 10", HEADER)
-    b = parse_sql("select count(player) from table where no. > 10.0 and position = guard;", HEADER)
+    b = parse_sql("select  count(player) from table where no. > 10 and position = guard;", HEADER)
     assert a.key() == b.key()
     c = parse_sql("SELECT COUNT(Player) FROM table WHERE Position = Guard AND No. > 11", HEADER)
     assert c.key() != a.key()
     for bad in ("SELECT Height FROM table", "SELECT Player FROM players", "Player", "", "SELECT Player FROM table WHERE Age = 3"):
         assert parse_sql(bad, HEADER) is None
+
+
+def _same(pred, gold) -> bool:
+    """Logical-form equality of a prediction and a gold query, each SQL text or a `sql` dict, as lorasens scores it."""
+    return wikisql_metrics([pred], [gold], [Table("t", HEADER)])["logical_form_accuracy"] == 1.0
+
+
+def test_logical_form_equality_is_the_official_query_eq():
+    # salesforce/WikiSQL lib/query.py Query.__eq__: same sel and agg, and the *set* of (col, op, str(value).lower()).
+    gold = {"sel": 0, "agg": 0, "conds": [[2, 0, "United States"], [1, 0, 2]]}
+    assert _same("SELECT Player FROM table WHERE Nationality = united states AND No. = 2", gold)
+    assert _same("SELECT Player FROM table WHERE No. = 2 AND Nationality = UNITED STATES", gold)  # order, case
+    # 1. A double space inside a value is a different value (nothing inside a value is normalised).
+    assert not _same("SELECT Player FROM table WHERE Nationality = United  States AND No. = 2", gold)
+    # 2. A trailing space inside a value (before the " AND " that starts the next condition) too.
+    assert not _same("SELECT Player FROM table WHERE Nationality = United States  AND No. = 2", gold)
+    assert not _same({"sel": 0, "agg": 0, "conds": [[2, 0, "United States "], [1, 0, 2]]}, gold)
+    # 3. Numbers compare as their text: "2" is not "2.0" (str(2.0) == "2.0"), in text and in dicts.
+    assert not _same("SELECT Player FROM table WHERE Nationality = United States AND No. = 2.0", gold)
+    assert not _same({"sel": 0, "agg": 0, "conds": [[2, 0, "United States"], [1, 0, 2.0]]}, gold)
+    assert _same({"sel": 0, "agg": 0, "conds": [[2, 0, "united states"], [1, 0, "2"]]}, gold)  # str(2) == "2"
+    # 4. A repeated condition is the same query (conditions are a set).
+    assert _same("SELECT Player FROM table WHERE No. = 2 AND Nationality = United States AND No. = 2", gold)
+    # Not the same: another column, aggregation or operator.
+    assert not _same("SELECT COUNT(Player) FROM table WHERE Nationality = United States AND No. = 2", gold)
+    assert not _same("SELECT Player FROM table WHERE Nationality = United States AND No. > 2", gold)
+
+
+def test_official_format_rows_score_without_rewriting(tmp_path, capsys, table):
+    from lorasens.cli import main
+
+    gold = {"sel": 0, "agg": 3, "conds": [[3, 0, "Guard"], [1, 1, 40.0]]}
+    rows = [
+        # official test format: table_id + sql, the prediction a `query` dict
+        {"id": 1, "prompt": "q1", "table_id": table.id, "sql": gold, "query": {"sel": 0, "agg": 3, "conds": [[1, 1, 40.0], [3, 0, "guard"]]}},
+        {"id": 2, "prompt": "q2", "table_id": table.id, "sql": gold, "query": {"sel": 0, "agg": 3, "conds": [[3, 0, "Guard"], [1, 1, 40]]}},
+        # text prediction against the gold dict, parsed with the row's table
+        {"id": 3, "prompt": "q3", "sql": gold, "prediction": "SELECT COUNT(Player) FROM table WHERE Position = Guard AND No. > 40.0",
+         "table": table.as_dict()},
+    ]
+    path = tmp_path / "official.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["score", "wikisql", str(path)]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    # Row 2 writes 40 where the gold has 40.0: str() differs, so the official equality says no.
+    assert metrics["logical_form_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["execution_accuracy"] == 1.0 and metrics["execution_examples"] == 1
+
+
+def test_rows_with_a_table_parse_against_its_header_even_when_others_have_none(table):
+    header = ("Week", "Points for", "Points", "Result")
+    sql = "SELECT Points for FROM table WHERE Week = 3 AND Result = W and L"
+    m = wikisql_metrics([sql, "SELECT Position FROM table"], [sql, "SELECT Position FROM table"],
+                        [Table("t2", header), None])
+    assert m["logical_form_accuracy"] == 1.0 and m["unparsed_predictions"] == 0
+    assert wikisql_metrics([sql], [sql])["unparsed_predictions"] == 1  # header-free, " and " splits the value
 
 
 def test_round_trip_on_committed_fixtures():
@@ -75,7 +132,7 @@ def test_execution_accuracy_on_a_table_built_here(table):
         'SELECT COUNT(*) FROM "table" WHERE "Position" = \'Guard\' AND "No." > 40',  # real SQL, runs in the sandbox
     ]
     m = wikisql_metrics(preds, [gold] * len(preds), [table] * len(preds))
-    assert m["exact_match"] == pytest.approx(1 / 5)
+    assert m["exact_string_match"] == pytest.approx(1 / 5)
     assert m["logical_form_accuracy"] == pytest.approx(2 / 5)
     assert m["execution_accuracy"] == pytest.approx(4 / 5)
     assert m["execution_examples"] == 5 and m["unparsed_predictions"] == 1
@@ -147,7 +204,7 @@ def test_score_command_on_gold_sql_gives_logical_form_accuracy_one(tmp_path, cap
     out = json.loads(capsys.readouterr().out)
     assert out["num_rows"] == 8
     assert out["metrics"]["logical_form_accuracy"] == 1.0
-    assert out["metrics"]["exact_match"] == 1.0
+    assert out["metrics"]["exact_string_match"] == 1.0
     # 7 of the 8 questions have table rows in the fixtures; the eighth table has rows: null.
     assert out["metrics"]["execution_accuracy"] == 1.0 and out["metrics"]["execution_examples"] == 7
 

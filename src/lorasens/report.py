@@ -255,6 +255,8 @@ def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[s
         headers = ["metric", "fine-tuned"] + (["base model", "Δ (fine-tuned − base)"] if baseline else [])
         rows = []
         for name, value in metrics.items():
+            if name == "metrics_note":  # e.g. no Java: stand-in metrics under other names; shown below the table
+                continue
             row = [name, value]
             if baseline:
                 base = baseline.get(name)
@@ -263,6 +265,8 @@ def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[s
             rows.append(row)
         parts.append(f"<h3>{esc(data.get('dataset', path.name))} · split {esc(data.get('split'))} · "
                      f"{esc(data.get('num_examples'))} examples</h3>" + table(headers, rows))
+        if metrics.get("metrics_note"):
+            parts.append(f'<p class="note"><b>Note:</b> {esc(metrics["metrics_note"])}</p>')
         if not baseline:
             parts.append('<p class="note">No baseline (run with --baseline true to score the base model too).</p>')
         if data.get("settings"):

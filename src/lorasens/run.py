@@ -23,7 +23,7 @@ from lorasens.data.registry import get_dataset_spec, load_examples
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
 from lorasens.evaluation import runner
-from lorasens.evaluation.metrics import ensure_wordnet
+from lorasens.evaluation.metrics import ensure_meteor_ready
 from lorasens.lora import apply_lora, lora_parameters, set_trainable, targets_for
 from lorasens.models import load_model
 from lorasens.module_map import build_module_map
@@ -88,8 +88,8 @@ def run_experiment(
     val_features, val_stats = build_features(val_examples, loaded.tokenizer, cfg.data.max_length, "validation")
     if not train_features:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
-    if cfg.evaluation.evaluate and get_dataset_spec(cfg.data.dataset).evaluation.needs_wordnet:
-        ensure_wordnet()  # METEOR needs WordNet: fail now, not after an hour of training
+    if cfg.evaluation.evaluate and get_dataset_spec(cfg.data.dataset).evaluation.needs_meteor:
+        ensure_meteor_ready()  # METEOR needs Java (else WordNet for meteor_nltk): fail now, not after an hour of training
     if not val_features and (cfg.training.eval_steps or cfg.tracking.ablation):
         raise UserError(
             f"no validation example fits --max_length {cfg.data.max_length}; raise it, or use --eval_steps 0 --ablation false"

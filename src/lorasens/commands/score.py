@@ -12,7 +12,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("score", help="Score a predictions file (jsonl: id, prompt, prediction, references).")
     p.add_argument("dataset", metavar="DATASET", help="Which dataset's metrics (see `lorasens datasets`).")
     p.add_argument("predictions", metavar="PREDICTIONS.jsonl", help="One JSON object a line: id, prompt, prediction, "
-                   "references (list); WikiSQL rows may add table {header, types, rows}, MNLI rows subset and ll_prediction.")
+                   "references (list); WikiSQL rows may add table {header, types, rows} and give the official sql "
+                   "(gold) / query (predicted) dicts instead of text; MNLI labels may be words or GLUE ids 0/1/2 "
+                   "(-1 and - mark unlabelled rows, excluded and counted); MNLI rows may add subset and ll_prediction.")
     p.add_argument("--output", default=None, help="Also write the metrics as JSON to this file.")
     p.set_defaults(func=run, _subparser=p)
 

@@ -53,6 +53,6 @@ def _load_hub(split: str) -> list[tuple[str, str]]:
 
 
 # Scored the way the E2E challenge scores: one prediction per distinct MR against all of its references.
-EVALUATION = EvaluationSpec(score_e2e_rows, needs_wordnet=True)
+EVALUATION = EvaluationSpec(score_e2e_rows, needs_meteor=True)
 SPEC = register(DatasetSpec("e2e", "E2E NLG: restaurant MR -> description (BLEU/NIST/METEOR/ROUGE-L/CIDEr)", load,
                             EVALUATION, max_new_tokens=64))

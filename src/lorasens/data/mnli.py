@@ -23,13 +23,13 @@ from pathlib import Path
 from lorasens.data.files import find_file, read_records, read_tsv_records, stable_bucket
 from lorasens.data.hub import load_hub_split
 from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, register
+from lorasens.evaluation.metrics import MNLI_LABELS as LABELS  # index = GLUE's integer label
 from lorasens.evaluation.predictions import score_mnli_rows
 from lorasens.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 HUB_ID, HUB_CONFIG = "nyu-mll/glue", "mnli"
-LABELS = ("entailment", "neutral", "contradiction")  # index = GLUE's integer label
 EVAL_SETS = ("matched", "mismatched")
 PROMPT = ("Premise: {premise}\nHypothesis: {hypothesis}\n"
           "Does the premise entail the hypothesis? Answer entailment, neutral or contradiction.\nAnswer:")

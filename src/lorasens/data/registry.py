@@ -42,7 +42,7 @@ class EvaluationSpec:
     # Where a generation ends besides EOS: every built-in dataset's answer is one line (the next line would be a
     # new, unrelated prompt).
     stop_strings: tuple[str, ...] = ("\n",)
-    needs_wordnet: bool = False  # METEOR: checked before training, not after it
+    needs_meteor: bool = False  # METEOR (Java, else WordNet for meteor_nltk): checked before training, not after it
     row_fields: Callable[[Example], dict] | None = None  # extra fields of a predictions row (WikiSQL: its table)
     label_choices: tuple[str, ...] = ()  # also scored by label log-likelihood (rows get `ll_prediction`, `subset`)
     eval_sets: EvalSetsHook | None = None  # default: one set, named after the split
@@ -112,13 +112,20 @@ def subset(items: list, limit: int | None, seed: int) -> list:
 
 
 def group_by_prompt(examples: list[Example]) -> list[Example]:
-    """One example per distinct prompt with all its references (the E2E way of scoring), first-seen order."""
+    """One example per distinct prompt with all its references (the E2E way of scoring), first-seen order.
+
+    Duplicate references stay, as the official E2E scorer keeps them (they weigh in BLEU/NIST counts and CIDEr).
+    Examples that all carry the same multi-reference tuple (the loaders give every row of an MR all of its
+    references) contribute it once; otherwise (one reference per row) the references are concatenated.
+    """
     grouped: dict[str, list[Example]] = {}
     for ex in examples:
         grouped.setdefault(ex.prompt, []).append(ex)
     out = []
     for group in grouped.values():
-        refs = tuple(dict.fromkeys(r for ex in group for r in (ex.references or (ex.target,))))
+        tuples = [tuple(ex.references or (ex.target,)) for ex in group]
+        shared = len(set(tuples)) == 1 and (len(group) == 1 or len(tuples[0]) > 1)
+        refs = tuples[0] if shared else tuple(r for t in tuples for r in t)
         first = group[0]
         out.append(Example(first.id, first.prompt, first.target, refs, first.meta))
     return out

@@ -58,4 +58,4 @@ def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
 
 
 SPEC = register(DatasetSpec("samsum", "SAMSum: dialogue -> summary (ROUGE-1/2/L/Lsum, BLEU, METEOR)", load,
-                            EvaluationSpec(score_samsum_rows, needs_wordnet=True), max_new_tokens=96))
+                            EvaluationSpec(score_samsum_rows, needs_meteor=True), max_new_tokens=96))

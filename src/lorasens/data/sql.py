@@ -6,7 +6,6 @@ so neither imports the other's module: the dataset module registers the scorer, 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -44,25 +43,14 @@ class LogicalForm:
     conds: tuple[tuple[int | str, int, str], ...]
 
     def key(self) -> tuple:
-        """What equality means: condition order and value case/number spelling do not matter."""
-        return (self.sel, self.agg, tuple(sorted((c, o, _value_key(v)) for c, o, v in self.conds)))
-
-
-def _value_key(value) -> tuple:
-    text = " ".join(str(value).split()).lower()
-    try:
-        number = float(text)
-    except ValueError:
-        return (1, text, 0.0)
-    if math.isfinite(number):
-        return (0, "", number)
-    return (1, text, 0.0)
+        """What equality means (WikiSQL `Query.__eq__`): same sel and agg, the same *set* of (column, operator,
+        `str(value).lower()`) conditions; condition order and repeats do not matter, spelling of values does."""
+        return (self.sel, self.agg, frozenset((c, o, str(v).lower()) for c, o, v in self.conds))
 
 
 def format_value(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
+    """A condition value as the canonical SQL writes it: `str(value)`, the string the official equality compares."""
+    return str(value)
 
 
 def to_sql(sql: dict, header: tuple[str, ...] | list[str]) -> str:
@@ -75,12 +63,14 @@ def to_sql(sql: dict, header: tuple[str, ...] | list[str]) -> str:
 
 
 def logical_form(sql: dict) -> LogicalForm:
-    return LogicalForm(int(sql["sel"]), int(sql["agg"]), tuple((int(c), int(o), format_value(v)) for c, o, v in sql["conds"]))
+    """The logical form of a WikiSQL `sql` dict, values untouched (the official format, no rewriting)."""
+    return LogicalForm(int(sql["sel"]), int(sql["agg"]), tuple((int(c), int(o), v) for c, o, v in sql["conds"]))
 
 
-_SELECT = re.compile(r"^select (.+?) from table(?: where (.+))?$", re.IGNORECASE | re.DOTALL)
+_SELECT = re.compile(r"^select\s+(.+?)\s+from\s+table(?:\s+where\s(.+))?$", re.IGNORECASE | re.DOTALL)
 _AGG = re.compile(r"^(max|min|count|sum|avg) ?\((.+)\)$", re.IGNORECASE)
 _COND_NO_HEADER = re.compile(r"^(.+?) (=|>|<) (.*)$", re.DOTALL)
+_AND = " and "
 
 
 def _norm(text: str) -> str:
@@ -90,17 +80,21 @@ def _norm(text: str) -> str:
 def parse_sql(text: str, header: tuple[str, ...] | list[str] | None = None) -> LogicalForm | None:
     """The logical form of a canonical SQL string, or None when it is not one (a wrong, not a crash).
 
-    With the header, column names are matched against it (longest name first), so names containing spaces,
-    operators or 'AND' still parse; without it, a column is the text before the first operator.
+    Keywords, the select clause and column names may use any white space and case. A condition is `column op
+    value`: one space after the operator, and the value is everything up to the " AND " (single spaces) that starts
+    the next condition, or the end of the query (less a final ";" and outer white space). Inside a value nothing is
+    normalised: the official equality compares values literally. With the header, column names are matched against
+    it (longest name first), so names containing spaces, operators or 'AND' still parse; without it, a column is
+    the text before the first operator and a value cannot contain " and ".
     """
-    text = _norm(text).rstrip(";").strip()
+    text = text.strip()
+    if text.endswith(";"):
+        text = text[:-1].rstrip()
     match = _SELECT.match(text)
     if not match:
         return None
-    select, where = match.group(1), match.group(2)
+    select, where = _norm(match.group(1)), match.group(2)
     names = [_norm(h).lower() for h in header] if header is not None else None
-    # Longest first, so "Points" does not shadow "Points for".
-    order = sorted(range(len(names)), key=lambda i: -len(names[i])) if names is not None else []
 
     def column(name: str) -> int | str | None:
         name = _norm(name).lower()
@@ -111,49 +105,53 @@ def parse_sql(text: str, header: tuple[str, ...] | list[str] | None = None) -> L
     agg = 0
     sel = column(select)
     agg_match = _AGG.match(select)
-    if sel is None and agg_match:
-        agg, sel = AGGS.index(agg_match.group(1).upper()), column(agg_match.group(2))
-    elif names is None and agg_match:
+    if agg_match and (sel is None or names is None):
         agg, sel = AGGS.index(agg_match.group(1).upper()), column(agg_match.group(2))
     if sel is None:
         return None
     if where is None:
         return LogicalForm(sel, agg, ())
-    conds = _parse_conditions(where, names, order) if names is not None else _parse_conditions_plain(where)
+    where = where.lstrip()
+    conds = _parse_conditions(where, _column_patterns(header)) if header is not None else _parse_conditions_plain(where)
     return None if conds is None else LogicalForm(sel, agg, conds)
 
 
-def _condition_start(where_lower: str, pos: int, names: list[str], order: list[int]) -> tuple[int, int, int] | None:
+def _column_patterns(header: tuple[str, ...] | list[str]) -> list[tuple[int, re.Pattern]]:
+    """(column index, pattern matching `name op `), longest name first so "Points" does not shadow "Points for"."""
+    order = sorted(range(len(header)), key=lambda i: -len(_norm(header[i])))
+    # Any white space between the words of a name, then the operator and the one space before the value.
+    patterns = [r"\s+".join(map(re.escape, header[i].split())) + r"\s+(=|>|<) " for i in order]
+    return [(i, re.compile(pattern, re.IGNORECASE)) for i, pattern in zip(order, patterns)]
+
+
+def _condition_start(where: str, pos: int, patterns: list[tuple[int, re.Pattern]]) -> tuple[int, int, int] | None:
     """(column index, op index, value start) when a condition `column op ` starts at `pos`."""
-    for i in order:
-        name = names[i]
-        if where_lower.startswith(name, pos):
-            for op_index, op in enumerate(OPS[:3]):
-                lead = f" {op} "
-                if where_lower.startswith(lead, pos + len(name)):
-                    return i, op_index, pos + len(name) + len(lead)
+    for i, pattern in patterns:
+        match = pattern.match(where, pos)
+        if match:
+            return i, OPS.index(match.group(1)), match.end()
     return None
 
 
-def _parse_conditions(where: str, names: list[str], order: list[int]) -> tuple | None:
+def _parse_conditions(where: str, patterns: list[tuple[int, re.Pattern]]) -> tuple | None:
     lower = where.lower()
     conds, pos = [], 0
     while True:
-        start = _condition_start(lower, pos, names, order)
+        start = _condition_start(where, pos, patterns)
         if start is None:
             return None
         col, op, value_start = start
         # The value ends at the first " AND " that is followed by another condition, else at the end.
         end, search = len(where), value_start
-        while (hit := lower.find(" and ", search)) != -1:
-            if _condition_start(lower, hit + 5, names, order) is not None:
+        while (hit := lower.find(_AND, search)) != -1:
+            if _condition_start(where, hit + len(_AND), patterns) is not None:
                 end = hit
                 break
             search = hit + 1
-        conds.append((col, op, where[value_start:end].strip()))
+        conds.append((col, op, where[value_start:end]))
         if end == len(where):
             return tuple(conds)
-        pos = end + 5
+        pos = end + len(_AND)
 
 
 def _parse_conditions_plain(where: str) -> tuple | None:
@@ -162,8 +160,5 @@ def _parse_conditions_plain(where: str) -> tuple | None:
         match = _COND_NO_HEADER.match(part)
         if not match:
             return None
-        conds.append((_norm(match.group(1)).lower(), OPS.index(match.group(2)), match.group(3).strip()))
+        conds.append((_norm(match.group(1)).lower(), OPS.index(match.group(2)), match.group(3)))
     return tuple(conds)
-
-
-# ------------------------------------------------------------------------------------------------------ loading

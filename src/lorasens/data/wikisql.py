@@ -4,8 +4,10 @@ Target format. The model writes a canonical, readable SQL built from the `sql` d
 `SELECT COUNT(School) FROM table WHERE No. = 3` — aggregation `AGG(col)` or a bare column, the literal table name
 `table`, conditions `col op value` joined by `AND` in the dataset's order, values unquoted. `parse_sql` reads it
 back into a `LogicalForm` using the header (so column names with spaces, dots or brackets parse), and logical forms
-compare the way WikiSQL's own evaluation compares queries: same select column, same aggregation, the same set of
-conditions (order does not matter), values compared case-insensitively (numbers by value: "3" == "3.0").
+compare exactly as WikiSQL's own evaluation compares queries (`lib/query.py` `Query.__eq__`): same select column,
+same aggregation, the same *set* of conditions (order and repeats do not matter), values as `str(value).lower()`
+compared literally ("2" is not "2.0", "a  b" is not "a b"). Values are written as `str(value)`, so the canonical
+text of a gold query parses back to exactly the official values. See `lorasens.data.sql`.
 
 Local files (official release): `{train,dev,test}.jsonl` ({phase, table_id, question, sql: {sel, agg, conds}}) and
 `{split}.tables.jsonl` ({id, header, types, rows}). Splits map train->train, validation->dev, test->test.
@@ -117,9 +119,10 @@ def _load_hub(split: str) -> list[Example]:
 
 
 def _row_fields(example: Example) -> dict:
-    """Predictions rows carry their table: the scorer parses with its header and executes on its rows."""
-    return {"table": example.meta["table"].as_dict()}
+    """Predictions rows carry their table (the scorer parses with its header and executes on its rows) and the gold
+    `sql` dict, which the official equality compares (no round trip through SQL text)."""
+    return {"table": example.meta["table"].as_dict(), "sql": example.meta["sql"]}
 
 
-SPEC = register(DatasetSpec("wikisql", "WikiSQL: question + table header -> SQL (logical-form, execution, exact match)",
+SPEC = register(DatasetSpec("wikisql", "WikiSQL: question + table header -> SQL (logical-form, execution, exact string match)",
                             load, EvaluationSpec(score_wikisql_rows, row_fields=_row_fields), max_new_tokens=64))

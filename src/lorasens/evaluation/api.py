@@ -3,7 +3,7 @@
     from lorasens.evaluation import evaluate_wikisql
     metrics = evaluate_wikisql(model_path="runs/wikisql_both", num_samples=200, batch_size=16,
                                data_dir="../shared/data/wikisql")
-    metrics["logical_form_accuracy"], metrics["exact_match"]
+    metrics["logical_form_accuracy"], metrics["execution_accuracy"]
 
 `model_path` is a lorasens run directory, a PEFT adapter folder (its base model: `base_model_id`, else the one
 recorded in adapter_config.json), or a full model (alias, Hub id, local folder); with `model_path=None` the base
@@ -102,7 +102,8 @@ def evaluate_samsum(model_path: str | None = None, base_model_id: str | None = N
 
 def evaluate_wikisql(model_path: str | None = None, base_model_id: str | None = None, num_samples: int = 200,
                      batch_size: int = 16, **kwargs) -> dict:
-    """WikiSQL: exact_match, logical_form_accuracy, execution_accuracy (None when table rows are missing)."""
+    """WikiSQL: logical_form_accuracy (official `Query` equality), execution_accuracy (None without table rows),
+    exact_string_match."""
     return evaluate_dataset("wikisql", model_path, base_model_id, num_samples, batch_size, **kwargs)
 
 

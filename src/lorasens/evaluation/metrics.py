@@ -1,28 +1,26 @@
 """Metrics as pure functions `(predictions, references) -> dict[str, float]`; heavy scorers import lazily.
 
-`references[i]` is the list of references of prediction `i` (a single string is one reference). Scales follow
-the literature each dataset is compared with: BLEU, METEOR and ROUGE in points (0-100, as in the LoRA paper's E2E
-table: BLEU 70.4, METEOR 46.8, ROUGE-L 71.8), NIST and CIDEr as they come (8.85, 2.53), accuracies as fractions.
+`references[i]` is the list of references of prediction `i` (a single string is one reference); every reference
+counts, duplicates included, as in the official scorers. Scales follow the literature each dataset is compared
+with: BLEU, METEOR and ROUGE in points (0-100, as in the LoRA paper's E2E table: BLEU 70.4, METEOR 46.8, ROUGE-L
+71.8), NIST and CIDEr as they come (8.85, 2.53), accuracies as fractions.
 
-- BLEU: sacrebleu `corpus_bleu`, 13a tokenisation (mteval-v13a, what the E2E scripts use), references of unequal
-  number per segment padded with None (sacrebleu skips them).
-- NIST: nltk `corpus_nist`, n = 5, on 13a tokens.
-- METEOR: nltk `meteor_score` (max over references, lowercased, WordNet synonyms) on 13a tokens, averaged over
-  segments. nltk's METEOR is a re-implementation of METEOR 1.0-style matching (exact, stem, synonym); the E2E
-  scripts run METEOR 1.5 in Java, so small differences from published METEOR values are expected.
-- ROUGE-L for E2E: coco-caption's multi-reference definition (the E2E scripts call it): the LCS precision and
-  recall of the best reference each, combined with beta = 1.2; LCS precision/recall come from rouge-score.
+- BLEU, NIST: mteval-v13a.pl, as the E2E scripts run it (case-insensitive, 13a tokens, all references); see
+  `lorasens.evaluation.mteval`.
+- METEOR, ROUGE-L (E2E), CIDEr: METEOR 1.5, coco-caption ROUGE-L and CIDEr-D on PTB tokens, through pycocoevalcap,
+  exactly as the E2E scripts; see `lorasens.evaluation.coco`. They need Java; without it the pure-Python stand-ins
+  are reported under other names (`meteor_nltk`, `rouge_l_13a`, `cider_13a`) with a `metrics_note` saying so.
+- `meteor_nltk`: nltk `meteor_score` (METEOR 1.0-style exact/stem/WordNet matching, max over references,
+  lowercased) on 13a tokens, averaged over segments: typically tens of points away from METEOR 1.5.
 - ROUGE-1/2/L/Lsum for SAMSum: rouge-score with the Porter stemmer, F-measure, max over references; for Lsum
   sentences are split at . ! ? followed by white space (nltk's punkt model is not available offline).
-- CIDEr: CIDEr-D, see `lorasens.evaluation.cider`, on lowercased 13a tokens without punctuation tokens (the
-  coco-caption PTB tokeniser drops punctuation).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +29,9 @@ from lorasens.errors import UserError
 References = Sequence[str | Sequence[str]]
 # The repo's own WordNet folder (make setup -> scripts/fetch_wordnet.py); src/lorasens/evaluation/ -> repo root.
 REPO_NLTK_DATA = Path(__file__).resolve().parents[3] / ".nltk_data"
-_PUNCT = set(string.punctuation)
+logger = logging.getLogger(__name__)
+MNLI_LABELS = ("entailment", "neutral", "contradiction")  # index = GLUE's integer label
+UNLABELLED = frozenset({"-1", "-", ""})  # GLUE marks pairs without a gold label -1, the MNLI files "-"
 
 
 def _ref_lists(predictions: Sequence[str], references: References) -> list[list[str]]:
@@ -67,31 +67,30 @@ def ensure_wordnet() -> None:
         ) from None
 
 
+def ensure_meteor_ready() -> None:
+    """Fail before training, not after it, when METEOR cannot run: METEOR 1.5 needs Java, `meteor_nltk` WordNet."""
+    from lorasens.evaluation.coco import java_available
+
+    if not java_available():
+        ensure_wordnet()
+
+
 # ------------------------------------------------------------------------------------------- single measures
 
 
 def bleu(predictions: Sequence[str], references: References) -> float:
-    import sacrebleu
+    from lorasens.evaluation import mteval
 
-    refs = _ref_lists(predictions, references)
-    width = max(len(r) for r in refs)
-    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
-    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+    return mteval.bleu(predictions, _ref_lists(predictions, references))
 
 
 def nist(predictions: Sequence[str], references: References, n: int = 5) -> float:
-    from nltk.translate.nist_score import corpus_nist
+    from lorasens.evaluation import mteval
 
-    refs = _ref_lists(predictions, references)
-    hyps = [tokenize(p) for p in predictions]
-    # An order no hypothesis reaches contributes 0 (mteval), but nltk divides by its zero count: leave it out.
-    n = min(n, max(len(h) for h in hyps))
-    if n == 0:
-        return 0.0
-    return float(corpus_nist([[tokenize(r) for r in rs] for rs in refs], hyps, n=n))
+    return mteval.nist(predictions, _ref_lists(predictions, references), n)
 
 
-def meteor(predictions: Sequence[str], references: References) -> float:
+def meteor_nltk(predictions: Sequence[str], references: References) -> float:
     refs = _ref_lists(predictions, references)
     ensure_wordnet()
     from nltk.translate.meteor_score import meteor_score
@@ -100,18 +99,16 @@ def meteor(predictions: Sequence[str], references: References) -> float:
     return 100.0 * sum(scores) / len(scores)
 
 
-def rouge_l_coco(predictions: Sequence[str], references: References, beta: float = 1.2) -> float:
-    from rouge_score import rouge_scorer
+def coco_metrics(predictions: Sequence[str], references: References) -> dict:
+    """METEOR 1.5, ROUGE-L, CIDEr-D as the E2E scripts compute them, or (no Java) the named stand-ins + a note."""
+    from lorasens.evaluation import coco
 
     refs = _ref_lists(predictions, references)
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    total = 0.0
-    for p, rs in zip(predictions, refs):
-        scores = [scorer.score(r, p)["rougeL"] for r in rs]
-        prec, rec = max(s.precision for s in scores), max(s.recall for s in scores)
-        if prec and rec:
-            total += (1 + beta**2) * prec * rec / (rec + beta**2 * prec)
-    return 100.0 * total / len(refs)
+    if coco.java_available():
+        return coco.official_scores(predictions, refs)
+    logger.warning("%s", coco.NO_JAVA)
+    return {"meteor_nltk": meteor_nltk(predictions, refs), **coco.approximate_scores(predictions, refs),
+            "metrics_note": coco.NO_JAVA}
 
 
 def _split_sentences(text: str) -> str:
@@ -132,36 +129,27 @@ def rouge(predictions: Sequence[str], references: References) -> dict[str, float
     return {k: 100.0 * v / len(refs) for k, v in sums.items()}
 
 
-def cider(predictions: Sequence[str], references: References) -> float:
-    from lorasens.evaluation.cider import cider_d
-
-    def toks(text: str) -> list[str]:
-        return [t for t in tokenize(text.lower()) if not all(c in _PUNCT for c in t)]
-
-    refs = _ref_lists(predictions, references)
-    return cider_d([toks(p) for p in predictions], [[toks(r) for r in rs] for rs in refs])
-
-
 # -------------------------------------------------------------------------------------------- per dataset
 
 
-def e2e_metrics(predictions: Sequence[str], references: References) -> dict[str, float]:
+def e2e_metrics(predictions: Sequence[str], references: References) -> dict:
     """The official E2E set; call with one prediction per distinct MR and all of its references."""
-    return {
-        "bleu": bleu(predictions, references),
-        "nist": nist(predictions, references),
-        "meteor": meteor(predictions, references),
-        "rouge_l": rouge_l_coco(predictions, references),
-        "cider": cider(predictions, references),
-    }
+    return {"bleu": bleu(predictions, references), "nist": nist(predictions, references),
+            **coco_metrics(predictions, references)}
 
 
-def samsum_metrics(predictions: Sequence[str], references: References) -> dict[str, float]:
+def samsum_metrics(predictions: Sequence[str], references: References) -> dict:
     scores = rouge(predictions, references)
-    return {
-        "rouge1": scores["rouge1"], "rouge2": scores["rouge2"], "rougeL": scores["rougeL"],
-        "rougeLsum": scores["rougeLsum"], "bleu": bleu(predictions, references), "meteor": meteor(predictions, references),
-    }
+    out: dict = {"rouge1": scores["rouge1"], "rouge2": scores["rouge2"], "rougeL": scores["rougeL"],
+                 "rougeLsum": scores["rougeLsum"], "bleu": bleu(predictions, references)}
+    coco = coco_metrics(predictions, references)
+    # SAMSum reports METEOR only; ROUGE comes from rouge-score above.
+    if "meteor" in coco:
+        out["meteor"] = coco["meteor"]
+    else:
+        out["meteor_nltk"] = coco["meteor_nltk"]
+        out["metrics_note"] = coco["metrics_note"]
+    return out
 
 
 def first_label_word(text: str) -> str:
@@ -170,8 +158,26 @@ def first_label_word(text: str) -> str:
     return match.group(0).lower() if match else ""
 
 
-def mnli_metrics(predictions: Sequence[str], references: References) -> dict[str, float]:
-    """Accuracy of generated labels (the first word of each prediction against the gold label)."""
+def mnli_label(value) -> str | None:
+    """The MNLI label a prediction or reference names: a label word (a generation's first word) or a GLUE id
+    (0 entailment, 1 neutral, 2 contradiction); None for GLUE's unlabelled pairs (-1, "-") and empty text."""
+    text = str(value).strip().lower()
+    if text in UNLABELLED:
+        return None
+    if text.isdigit():
+        return MNLI_LABELS[int(text)] if int(text) < len(MNLI_LABELS) else text
+    return first_label_word(text) or None
+
+
+def mnli_metrics(predictions: Sequence, references: References) -> dict:
+    """Accuracy of predicted labels (words or GLUE ids) over the labelled pairs; unlabelled pairs are excluded and
+    counted in `unlabelled_excluded`, and accuracy is None when no pair has a label."""
     refs = _ref_lists(predictions, references)
-    correct = sum(first_label_word(p) == rs[0].strip().lower() for p, rs in zip(predictions, refs))
-    return {"accuracy": correct / len(refs)}
+    gold = [mnli_label(rs[0]) for rs in refs]
+    unknown = sorted({str(rs[0]) for rs, g in zip(refs, gold) if g is not None and g not in MNLI_LABELS})
+    if unknown:
+        raise UserError(f"MNLI reference label(s) {', '.join(map(repr, unknown[:5]))} are not one of "
+                        f"{', '.join(MNLI_LABELS)}, 0/1/2 or -1/- (unlabelled)")
+    scored = [(mnli_label(p), g) for p, g in zip(predictions, gold) if g is not None]
+    correct = sum(p == g for p, g in scored)
+    return {"accuracy": correct / len(scored) if scored else None, "unlabelled_excluded": len(refs) - len(scored)}

@@ -2,7 +2,8 @@
 
 `score_rows` is the one place predictions become metrics: `lorasens eval`, evaluation after training and
 `lorasens score` (predictions made anywhere) all call it, so the same file always gives the same numbers.
-Extras: WikiSQL rows carry `table` ({id, header, types, rows}) for parsing and execution; MNLI rows carry
+Extras: WikiSQL rows carry `table` ({id, header, types, rows}) for parsing and execution and `sql` (the gold
+query dict the official equality compares); MNLI rows carry
 `subset` (matched / mismatched / ...) and `ll_prediction` (the label with the highest log-likelihood).
 """
 
@@ -32,18 +33,35 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a predictions file; missing fields, wrong types, malformed lines or an empty file are `UserError`s."""
+    """Rows of a predictions file; missing fields, wrong types, malformed lines or an empty file are `UserError`s.
+
+    Integer predictions and references (MNLI's GLUE label ids) are read as their text. A WikiSQL row in the
+    official format may give `sql` (the gold {sel, agg, conds}) instead of `references` and `query` (the predicted
+    one) instead of `prediction`.
+    """
     path = Path(path)
     rows = []
-    for lineno, row in read_records(path, REQUIRED):
+    for lineno, row in read_records(path, ("id", "prompt")):
+        if "references" not in row and isinstance(row.get("sql"), dict):
+            row = {**row, "references": []}
+        if "prediction" not in row and isinstance(row.get("query"), dict):
+            row = {**row, "prediction": ""}
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise UserError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; required: {', '.join(REQUIRED)}")
         refs = row["references"]
-        if isinstance(refs, str):
+        if isinstance(refs, (str, int)):
             refs = [refs]
-        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        if isinstance(refs, list):
+            refs = [str(r) if isinstance(r, int) and not isinstance(r, bool) else r for r in refs]
+        if not isinstance(refs, list) or not (refs or "sql" in row) or not all(isinstance(r, str) for r in refs):
             raise UserError(f"{path}:{lineno}: references must be a non-empty list of strings")
-        if not isinstance(row["prediction"], str):
+        prediction = row["prediction"]
+        if isinstance(prediction, int) and not isinstance(prediction, bool):
+            prediction = str(prediction)
+        if not isinstance(prediction, str):
             raise UserError(f"{path}:{lineno}: prediction must be a string")
-        rows.append({**row, "references": refs})
+        rows.append({**row, "prediction": prediction, "references": refs})
     return rows
 
 
@@ -78,16 +96,20 @@ def score_samsum_rows(rows: list[dict]) -> dict:
 
 
 def score_wikisql_rows(rows: list[dict]) -> dict:
-    tables = [r.get("table") for r in rows]
-    if any(t is None for t in tables):
-        logger.warning("WikiSQL scoring without a `table` per row: SQL is parsed without the header (column names "
-                       "holding ' = ', ' > ' or ' AND ' may mis-parse) and execution accuracy is unavailable")
-        tables = None
-    return wikisql_metrics(*_columns(rows), tables)
+    """Gold `sql` dicts and predicted `query` dicts are used as they are; text is parsed with the row's table."""
+    missing = sum(r.get("table") is None for r in rows)
+    if missing:
+        logger.warning("WikiSQL scoring: %d of %d rows have no `table`: their SQL text is parsed without the header "
+                       "(values holding ' and ' or column names holding ' = ' may mis-parse) and cannot be executed",
+                       missing, len(rows))
+    preds = [r["query"] if isinstance(r.get("query"), dict) else r["prediction"] for r in rows]
+    golds = [r["sql"] if isinstance(r.get("sql"), dict) else r["references"] for r in rows]
+    return wikisql_metrics(preds, golds, [r.get("table") for r in rows])
 
 
 def score_mnli_rows(rows: list[dict]) -> dict:
-    """Per subset (matched / mismatched / ...): label log-likelihood accuracy and generated-label accuracy."""
+    """Per subset (matched / mismatched / ...): label log-likelihood accuracy and generated-label accuracy over the
+    labelled pairs, how many were scored, and how many unlabelled pairs (-1, "-") were excluded."""
     metrics: dict = {}
     subsets: dict[str, list[dict]] = {}
     for row in rows:
@@ -96,6 +118,11 @@ def score_mnli_rows(rows: list[dict]) -> dict:
         refs = [r["references"] for r in part]
         if all("ll_prediction" in r for r in part):
             metrics[f"accuracy_{name}"] = mnli_metrics([r["ll_prediction"] for r in part], refs)["accuracy"]
-        metrics[f"generated_accuracy_{name}"] = mnli_metrics([r["prediction"] for r in part], refs)["accuracy"]
-        metrics[f"num_{name}"] = len(part)
+        generated = mnli_metrics([r["prediction"] for r in part], refs)
+        metrics[f"generated_accuracy_{name}"] = generated["accuracy"]
+        metrics[f"num_{name}"] = len(part) - generated["unlabelled_excluded"]
+        metrics[f"unlabelled_excluded_{name}"] = generated["unlabelled_excluded"]
+        if generated["unlabelled_excluded"]:
+            logger.warning("MNLI %s: %d row(s) without a gold label (-1 / -) are excluded from the accuracy",
+                           name, generated["unlabelled_excluded"])
     return metrics

@@ -1,4 +1,5 @@
-"""WikiSQL scoring: exact match, logical-form accuracy and execution accuracy in a sandboxed sqlite.
+"""WikiSQL scoring: logical-form accuracy (the official `Query` equality), execution accuracy in a sandboxed
+sqlite, and an exact string match of the SQL.
 
 Model-generated SQL is untrusted input. A prediction that parses as the canonical form is executed as a query
 *built* from its logical form (quoted identifiers, values bound as parameters), so a value like `3; DROP TABLE x`
@@ -22,7 +23,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from lorasens.data.sql import AGGS, OPS, LogicalForm, Table, parse_sql
+from lorasens.data.sql import AGGS, OPS, LogicalForm, Table, logical_form, parse_sql, to_sql
 
 logger = logging.getLogger(__name__)
 
@@ -150,24 +151,48 @@ def _table(value) -> Table | None:
     return Table.from_dict(value)
 
 
-def wikisql_metrics(predictions: Sequence[str], references: Sequence, tables: Sequence | None = None) -> dict:
-    """exact_match, logical_form_accuracy, execution_accuracy (None when no table has rows) as fractions.
+def _query(value, header) -> tuple[LogicalForm | None, str]:
+    """(logical form, SQL text) of a prediction or reference: a WikiSQL `sql` dict (official format, taken as is) or
+    canonical SQL text (parsed against the header when the table is known)."""
+    if isinstance(value, dict):
+        try:
+            lf = logical_form(value)
+        except (KeyError, TypeError, ValueError):
+            return None, str(value)
+        used = [lf.sel, *(c for c, _, _ in lf.conds)]
+        if header is not None and not all(0 <= i < len(header) for i in used) or not 0 <= lf.agg < len(AGGS) \
+                or not all(0 <= o < 3 for _, o, _ in lf.conds):
+            return None, str(value)
+        names = header if header is not None else [f"col{i}" for i in range(1 + max(used))]
+        return lf, to_sql(value, names)
+    if not isinstance(value, str):  # a one-element list of references
+        value = value[0]
+    return parse_sql(value, header), value
 
-    `references[i]` is the gold canonical SQL (or a one-element list of it); `tables[i]` the example's table
-    (a `Table` or its dict) — without tables the SQL is parsed header-free and execution is unavailable.
+
+def wikisql_metrics(predictions: Sequence, references: Sequence, tables: Sequence | None = None) -> dict:
+    """logical_form_accuracy, execution_accuracy (None when no table has rows), exact_string_match, as fractions.
+
+    `predictions[i]` is canonical SQL text or a WikiSQL `sql` dict ({sel, agg, conds}); `references[i]` the gold
+    `sql` dict (official, compared without rewriting), or its canonical SQL (or a one-element list of it);
+    `tables[i]` the example's table (a `Table`, its dict or None): text is parsed against its header, and
+    execution needs its rows. Logical-form accuracy is the official `Query.__eq__` (see `LogicalForm.key`);
+    exact_string_match compares the SQL strings (white space collapsed, case and a final ";" ignored).
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
-    golds = [r if isinstance(r, str) else r[0] for r in references]
-    tabs = [_table(t) for t in tables] if tables is not None else [None] * len(golds)
+    tabs = [_table(t) for t in tables] if tables is not None else [None] * len(references)
+    if len(tabs) != len(references):
+        raise ValueError(f"{len(tabs)} tables but {len(references)} references")
     exact = lf_correct = unparsed = gold_unparsed = 0
     exec_total = exec_correct = 0
-    for pred, gold, table in zip(predictions, golds, tabs):
-        exact += normalise_sql(pred) == normalise_sql(gold)
+    for pred, gold, table in zip(predictions, references, tabs):
         header = table.header if table is not None else None
-        gold_lf, pred_lf = parse_sql(gold, header), parse_sql(pred, header)
+        gold_lf, gold_text = _query(gold, header)
+        pred_lf, pred_text = _query(pred, header)
+        exact += normalise_sql(pred_text) == normalise_sql(gold_text)
         unparsed += pred_lf is None
         gold_unparsed += gold_lf is None
         lf_correct += gold_lf is not None and pred_lf is not None and pred_lf.key() == gold_lf.key()
@@ -175,24 +200,25 @@ def wikisql_metrics(predictions: Sequence[str], references: Sequence, tables: Se
             conn = build_database(table)
             try:
                 gold_rows = result_key(execute(conn, *build_query(gold_lf, table)))
-                pred_rows = result_key(execute_prediction(conn, pred, table))
+                pred_rows = result_key(execute(conn, *build_query(pred_lf, table)) if pred_lf is not None
+                                       else execute(conn, pred_text))
             finally:
                 conn.close()
             exec_total += 1
             exec_correct += gold_rows is not None and pred_rows == gold_rows
     if gold_unparsed:
         logger.warning("WikiSQL: %d reference(s) are not canonical SQL for their table; they count as wrong", gold_unparsed)
-    n = len(golds)
+    n = len(references)
     metrics: dict = {
-        "exact_match": exact / n,
         "logical_form_accuracy": lf_correct / n,
         "execution_accuracy": exec_correct / exec_total if exec_total else None,
+        "exact_string_match": exact / n,
         "execution_examples": exec_total,
         "unparsed_predictions": unparsed,
     }
     if not exec_total:
         metrics["execution_accuracy_unavailable"] = (
-            "no table rows in the predictions" if tables is None or all(t is None for t in tabs)
+            "no table rows in the predictions" if all(t is None for t in tabs)
             else "the tables have no rows (rows: null), so queries cannot be executed"
         )
     return metrics
