@@ -45,6 +45,8 @@ OFFICIAL = {
                      "cider": 1.8542754607258303},
     "devall_lower": {"bleu": 59.95, "nist": 8.5789, "meteor": 44.981839096765414, "rouge_l": 65.28351319176511,
                      "cider": 1.8542754607258303},
+    "devall_upper": {"bleu": 59.19, "nist": 8.4987, "meteor": 44.981839096765414, "rouge_l": 65.28351319176511,
+                     "cider": 1.8542754607258303},
 }
 TOLERANCE = {"bleu": 0.01, "nist": 0.005, "meteor": 1e-6, "rouge_l": 1e-6, "cider": 1e-6}
 
