@@ -1,0 +1,190 @@
+"""LoRA parameter budgets: counting, selecting modules within a budget, and allocating per-module ranks.
+
+Pure functions over module sizes and scores (no model, no files), so the recommendation, `lorasens validate` and
+the tests share one definition of "how many LoRA parameters does this placement hold":
+a module with input width `in` and output width `out` carries `r * (in + out)` LoRA parameters at rank r
+(A is r x in, B is out x r).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from lorasens.errors import UserError, unknown_choice
+
+BudgetUnit = Literal["params", "modules"]
+BUDGET_UNITS: tuple[str, ...] = ("params", "modules")
+DEFAULT_BUDGET = 0.5  # half of the all-modules total (of LoRA parameters, or of modules)
+# Ranks a rank allocation may give a module; 0 = no LoRA on the module (left out of target_modules).
+RANK_CHOICES: tuple[int, ...] = (0, 2, 4, 8, 16, 32)
+
+
+def lora_param_count(r: int, in_features: int, out_features: int) -> int:
+    """LoRA parameters of one module at rank r: A (r x in) + B (out x r)."""
+    return r * (in_features + out_features)
+
+
+@dataclass(frozen=True)
+class ModuleSize:
+    """The widths of one module that can carry LoRA; `key` names it (e.g. "L3.q_proj" or a module path)."""
+
+    key: str
+    in_features: int
+    out_features: int
+
+    def params(self, r: int) -> int:
+        return lora_param_count(r, self.in_features, self.out_features)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Modules chosen within a budget, and how much of it they use (in the budget's unit)."""
+
+    keys: tuple[str, ...]  # in the order of the sizes given
+    unit: str
+    used: float  # LoRA parameters (unit params) or modules (unit modules) of the chosen modules
+    limit: float  # the budget in the same unit
+    params_used: int
+    params_total: int  # all modules at the rank used
+
+    def as_dict(self) -> dict:
+        return {"unit": self.unit, "used": self.used, "limit": self.limit, "used_fraction": self.used / self.limit,
+                "params_used": self.params_used, "params_total": self.params_total}
+
+
+def budget_limit(budget: float | None, unit: str, sizes: Sequence[ModuleSize], r: int) -> float:
+    """The budget as a count in `unit`: a value >= 1 is a count, a value < 1 a fraction of all modules' total."""
+    if unit not in BUDGET_UNITS:
+        raise unknown_choice("budget unit", unit, BUDGET_UNITS)
+    budget = DEFAULT_BUDGET if budget is None else float(budget)
+    if budget <= 0:
+        raise UserError(f"--budget must be > 0 (a count >= 1 or a fraction < 1), got {budget}")
+    total = len(sizes) if unit == "modules" else sum(s.params(r) for s in sizes)
+    if budget >= 1:
+        if unit == "modules" and not budget.is_integer():
+            raise UserError(f"--budget must be a whole count of modules (>= 1) or a fraction (< 1), got {budget}")
+        return budget
+    return max(1.0, round(budget * total)) if unit == "modules" else budget * total
+
+
+def select_within_budget(sizes: Sequence[ModuleSize], scores: Mapping[str, float], budget: float | None, unit: str,
+                         r: int) -> Selection:
+    """The best modules by `scores` (higher first; NaN last; ties in the given order) that fit the budget.
+
+    unit "modules": the top K. unit "params": greedy in score order, skipping a module that no longer fits and
+    continuing with smaller ones (so the budget is used as fully as the order allows); at least the best module
+    is taken even if it alone exceeds the budget.
+    """
+    if not sizes:
+        raise UserError("there are no LoRA modules to recommend from")
+    limit = budget_limit(budget, unit, sizes, r)
+    order = sorted(range(len(sizes)), key=lambda i: (-_score(scores, sizes[i].key), i))
+    chosen: list[int] = []
+    if unit == "modules":
+        chosen = order[: min(int(limit), len(sizes))]
+    else:
+        used = 0
+        for i in order:
+            cost = sizes[i].params(r)
+            if used + cost <= limit:
+                chosen.append(i)
+                used += cost
+        chosen = chosen or order[:1]
+    chosen.sort()
+    params_used = sum(sizes[i].params(r) for i in chosen)
+    return Selection(tuple(sizes[i].key for i in chosen), unit,
+                     float(len(chosen)) if unit == "modules" else float(params_used), float(limit),
+                     params_used, sum(s.params(r) for s in sizes))
+
+
+def _score(scores: Mapping[str, float], key: str) -> float:
+    value = scores.get(key, math.nan)
+    return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def allocate_ranks(sizes: Sequence[ModuleSize], weights: Mapping[str, float], budget_params: float,
+                   choices: Sequence[int] = RANK_CHOICES) -> dict[str, int]:
+    """Per-module ranks from `choices`, proportional to `weights`, holding at most `budget_params` LoRA parameters.
+
+    1. The continuous allocation: rank t_i = c * w_i (capped at the largest choice), with c chosen so that
+       sum t_i * (in_i + out_i) equals the budget (bisection; the capped total is monotone in c).
+    2. Each module gets the largest choice <= t_i.
+    3. Greedy top-up: while some module's next larger choice fits the remaining budget, raise the one whose
+       rounded rank falls furthest short of its continuous rank (largest t_i / next choice; ties: earlier module).
+    Negative or NaN weights count as 0; a module with weight 0 gets rank 0. The result never exceeds the budget.
+    """
+    choices = sorted(set(int(c) for c in choices))
+    if not choices or choices[0] < 0:
+        raise ValueError(f"rank choices must be >= 0, got {choices}")
+    if 0 not in choices:
+        choices = [0, *choices]
+    top = choices[-1]
+    w = [max(0.0, _score(weights, s.key)) for s in sizes]  # NaN scores to -inf, then 0
+    width = [s.in_features + s.out_features for s in sizes]
+
+    def total(c: float) -> float:
+        return sum(min(c * wi, top) * wd for wi, wd in zip(w, width))
+
+    if budget_params <= 0 or not any(w):
+        return {s.key: 0 for s in sizes}
+    lo, hi = 0.0, 1.0
+    while total(hi) < budget_params and hi < 1e30:
+        if all(wi == 0 or hi * wi >= top for wi in w):
+            break  # every weighted module is at the top rank: the budget is larger than they can take
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) < budget_params else (lo, mid)
+    target = [min(hi * wi, top) for wi in w]
+    ranks = [max(c for c in choices if c <= t + 1e-9) for t in target]
+    used = sum(r * wd for r, wd in zip(ranks, width))
+    while True:
+        best, best_gap = None, -1.0
+        for i, (r, t) in enumerate(zip(ranks, target)):
+            if w[i] == 0 or r == top:
+                continue
+            nxt = choices[choices.index(r) + 1]
+            if used + (nxt - r) * width[i] > budget_params:
+                continue
+            gap = t / nxt
+            if gap > best_gap:
+                best, best_gap = i, gap
+        if best is None:
+            break
+        nxt = choices[choices.index(ranks[best]) + 1]
+        used += (nxt - ranks[best]) * width[best]
+        ranks[best] = nxt
+    return {s.key: r for s, r in zip(sizes, ranks)}
+
+
+def pattern_key(module_path: str) -> str:
+    """A `rank_pattern`/`alpha_pattern` key that matches exactly this module path.
+
+    PEFT matches a pattern key as the regular expression `(.*\\.)?(KEY)$` against each module's name, so a raw
+    path's dots are wildcards; escaping them and anchoring at a dot boundary makes "model.layers.3.self_attn.q_proj"
+    match neither layer 13 nor "model.layers.3xself_attn..." (tested against PEFT's own matcher).
+    """
+    return re.escape(module_path)
+
+
+def rank_allocation_config(base: dict, ranks_by_path: Mapping[str, int]) -> dict:
+    """`base` (LoraConfig keyword arguments for the modules with rank > 0) plus `rank_pattern` and `alpha_pattern`.
+
+    Every module with a rank gets an explicit entry; alpha keeps base["lora_alpha"] / base["r"] constant, so each
+    module's scaling alpha / r is the one of the base config. `r` becomes the most common allocated rank.
+    """
+    used = {p: r for p, r in ranks_by_path.items() if r > 0}
+    if not used:
+        raise UserError("the rank allocation gives every module rank 0; raise the budget")
+    ratio = float(base["lora_alpha"]) / float(base["r"])
+    counts: dict[int, int] = {}
+    for r in used.values():
+        counts[r] = counts.get(r, 0) + 1
+    common = max(sorted(counts), key=lambda r: counts[r])
+    return {**base, "r": common, "lora_alpha": common * ratio,
+            "rank_pattern": {pattern_key(p): r for p, r in used.items()},
+            "alpha_pattern": {pattern_key(p): r * ratio for p, r in used.items()}}

@@ -1,0 +1,118 @@
+"""LoRA parameter counting, budgets and rank allocation (pure functions), and the rank config loading into PEFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorasens.analysis.budget import (
+    RANK_CHOICES,
+    ModuleSize,
+    allocate_ranks,
+    budget_limit,
+    lora_param_count,
+    pattern_key,
+    rank_allocation_config,
+    select_within_budget,
+)
+from lorasens.errors import UserError
+
+
+def sizes():
+    # Hand-computed: at r=4, a (64, 64) module holds 4 * 128 = 512 parameters, a (64, 128) one 768.
+    return [ModuleSize("a", 64, 64), ModuleSize("b", 64, 128), ModuleSize("c", 128, 64), ModuleSize("d", 64, 64)]
+
+
+def test_lora_param_count_is_r_times_in_plus_out():
+    assert lora_param_count(8, 576, 1536) == 8 * 2112 == 16896
+    assert [s.params(4) for s in sizes()] == [512, 768, 768, 512]
+
+
+def test_budget_limit_counts_and_fractions():
+    assert budget_limit(None, "params", sizes(), 4) == 0.5 * 2560
+    assert budget_limit(1000, "params", sizes(), 4) == 1000
+    assert budget_limit(None, "modules", sizes(), 4) == 2
+    assert budget_limit(0.25, "modules", sizes(), 4) == 1
+    with pytest.raises(UserError, match="whole count"):
+        budget_limit(2.5, "modules", sizes(), 4)
+    with pytest.raises(UserError, match="budget unit"):
+        budget_limit(0.5, "layers", sizes(), 4)
+
+
+def test_selection_in_params_fills_greedily_and_reports_use():
+    scores = {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.1}
+    sel = select_within_budget(sizes(), scores, 0.5, "params", 4)  # limit 1280
+    # a (512) + b (768) = 1280 fits exactly; c and d do not fit any more.
+    assert sel.keys == ("a", "b") and sel.used == 1280 and sel.limit == 1280 and sel.params_total == 2560
+    sel = select_within_budget(sizes(), scores, 1100, "params", 4)
+    # a (512) fits, b (768) would exceed 1100, c neither, d (512) fits: 1024.
+    assert sel.keys == ("a", "d") and sel.params_used == 1024 and sel.as_dict()["used_fraction"] == pytest.approx(1024 / 1100)
+    sel = select_within_budget(sizes(), {"a": float("nan"), "b": 1.0, "c": 2.0, "d": 3.0}, 3, "modules", 4)
+    assert sel.keys == ("b", "c", "d") and sel.used == 3 and sel.params_used == 2048
+    # The single best module even when it alone exceeds the budget.
+    assert select_within_budget(sizes(), {"b": 1.0}, 10, "params", 4).keys == ("b",)
+
+
+def test_rank_allocation_is_proportional_and_within_budget():
+    mods = [ModuleSize(f"m{i}", 64, 64) for i in range(4)]  # 128 parameters per rank each
+    # Budget 128 * 30 parameters = 30 rank units; weights 4:2:1:0 -> continuous ranks 17.1, 8.6, 4.3, 0.
+    ranks = allocate_ranks(mods, {"m0": 4.0, "m1": 2.0, "m2": 1.0, "m3": 0.0}, 128 * 30)
+    assert ranks == {"m0": 16, "m1": 8, "m2": 4, "m3": 0}
+    # A larger budget: the top-up raises the module furthest below its continuous rank, then stops at the budget.
+    ranks = allocate_ranks(mods, {"m0": 4.0, "m1": 2.0, "m2": 1.0, "m3": 0.0}, 128 * 60)
+    assert set(ranks.values()) <= set(RANK_CHOICES) and sum(ranks.values()) * 128 <= 128 * 60
+    assert ranks["m0"] == 32 and ranks["m1"] == 16 and ranks["m2"] == 8 and ranks["m3"] == 0
+    # Every rank from the choices, total within budget, order follows the weights, on unequal shapes.
+    weights = {s.key: w for s, w in zip(sizes(), (3.0, 1.0, 2.0, 0.5))}
+    ranks = allocate_ranks(sizes(), weights, 2000)
+    assert sum(s.params(ranks[s.key]) for s in sizes()) <= 2000
+    assert ranks["a"] >= ranks["c"] >= ranks["b"] >= ranks["d"] and ranks["a"] > 0
+    assert allocate_ranks(sizes(), {}, 2000) == dict.fromkeys("abcd", 0)
+
+
+def test_pattern_keys_match_only_their_own_layer_in_peft():
+    from peft.utils.other import get_pattern_key
+
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in (1, 3, 11, 13, 31)]
+    keys = [pattern_key(n) for n in names]
+    for name in names:
+        assert get_pattern_key(keys, name) == pattern_key(name)
+    # The unescaped path of layer 3 also matches "model.layers.3Xself_attn.q_proj"; the escaped one does not.
+    assert get_pattern_key([pattern_key("model.layers.3.self_attn.q_proj")], "model.layers.3Xself_attn.q_proj") \
+        == "model.layers.3Xself_attn.q_proj"  # no match: PEFT returns the name itself
+    assert get_pattern_key([pattern_key("model.layers.3.self_attn.q_proj")], "model.layers.13.self_attn.q_proj") \
+        == "model.layers.13.self_attn.q_proj"
+
+
+def test_rank_allocation_config_creates_exactly_the_stated_ranks_in_peft():
+    from peft import LoraConfig, get_peft_model
+
+    from lorasens.analysis.sensitivity import recommended_lora_config
+    from lorasens.models import build_tiny_random_llama
+    from lorasens.module_map import build_module_map
+
+    loaded = build_tiny_random_llama(seed=0, num_layers=14)  # layers 3 and 13 both exist
+    module_map = build_module_map(loaded.model)
+    by_name = {m.name: m for m in module_map.modules}
+    wanted = {"model.layers.3.self_attn.q_proj": 16, "model.layers.13.self_attn.q_proj": 2,
+              "model.layers.1.mlp.up_proj": 8, "model.layers.11.mlp.up_proj": 32, "model.layers.0.self_attn.v_proj": 8,
+              "model.layers.13.mlp.down_proj": 0}
+    base = recommended_lora_config([by_name[p] for p, r in wanted.items() if r], module_map, 8, 16.0, 0.0)
+    config = rank_allocation_config(base, wanted)
+    assert config["r"] == 8 and config["lora_alpha"] == 16.0
+    model = get_peft_model(loaded.model, LoraConfig(**json.loads(json.dumps(config))))
+    got = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            path = name.removeprefix("base_model.model.")
+            got[path] = module.lora_A["default"].weight.shape[0]
+            assert module.lora_B["default"].weight.shape[1] == got[path]
+            assert module.scaling["default"] == pytest.approx(2.0)  # alpha / r kept constant
+    assert got == {p: r for p, r in wanted.items() if r}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layer = lambda p: model.get_submodule("base_model.model." + p)  # noqa: E731
+    expected = sum(lora_param_count(r, layer(p).in_features, layer(p).out_features) for p, r in wanted.items() if r)
+    assert trainable == expected
+    with pytest.raises(UserError, match="rank 0"):
+        rank_allocation_config(base, {"model.layers.0.self_attn.q_proj": 0})
