@@ -99,7 +99,7 @@ def test_ablation_rows_cover_groups_layers_types_and_singles():
         for lp in lora:
             lp.B.normal_(0, 0.3)
     batches = validation_batches(features(tokenizer), 3, tokenizer.pad_token_id, "cpu")
-    rows = run_ablation(model, lora, batches, [lora[0].module, lora[9].module])
+    rows = run_ablation(model, lora, batches, [lora[0].module, lora[9].module]).rows()
     kinds = [r.kind for r in rows]
     assert kinds == ["all", "all"] + ["group"] * 2 + ["layer"] * 4 + ["module_type"] * 7 + ["module"] * 2
     assert rows[0].delta_loss == 0.0 and rows[0].num_modules == 0 and rows[1].num_modules == 28
@@ -203,6 +203,7 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     summary = run_experiment(cfg, after_training=(evaluate_after_training, analyze_after_training)).summary
     run = tmp_path / "run"
     assert summary["recommendation"]["num_selected"] == 4 and len(summary["sensitivity_top"]) == 5
+    assert summary["ablation_method"] == "cached" and summary["ablation_sets"] == 21 and summary["ablation_time_s"] > 0
     with (run / files.ABLATION).open() as fh:
         ablation = list(csv.DictReader(fh))
     assert [r["kind"] for r in ablation].count("module") == 6 and len(ablation) == 2 + 2 + 4 + 7 + 6

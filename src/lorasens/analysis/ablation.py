@@ -2,25 +2,47 @@
 
 A module is switched off by setting its PEFT scaling to 0 for the adapter: PEFT then adds `lora_B(lora_A(x)) * 0`,
 which is exactly 0 for finite activations, so the layer computes its base output bit for bit. The exact scaling
-values are restored afterwards (also on error). Nothing is merged or copied, so an ablation costs one validation
-pass. The validation batches are built once and reused, so every ablation sees the same tokens.
+values are restored afterwards (also on error). Nothing is merged or copied. The validation batches are built once
+and reused, so every ablation sees the same tokens.
+
+Cached passes: switching off a module in layer L cannot change anything before layer L. For each batch the engine
+runs the model once with everything on, keeping the hidden states that enter each decoder layer together with the
+other arguments the model passed that layer (rotary position embeddings, attention mask, position ids: captured
+with forward pre-hooks, so each architecture's own arguments are replayed as they were). An ablation whose earliest
+switched-off module is in layer L then runs only layers L..N-1, the final norm and the LM head at the labelled
+positions. Before trusting that shortcut, a probe compares it with a plain forward of the whole model on the first
+batch; if they differ (an architecture that does something after the last layer that the shortcut does not know)
+every ablation falls back to whole-model passes, and the reason is logged.
+
+Results are kept per example (the sum of token losses over its target tokens and its number of target tokens), so
+callers can form the token-weighted mean (sum of sums / sum of counts, what training optimises) or resample examples.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithFlattening
 
 from lorasens.data.features import IGNORE_INDEX
 from lorasens.lora import PEFT_PREFIX, LoraParams
 from lorasens.module_map import GROUPS, LoraModule
 
 logger = logging.getLogger(__name__)
+
+Method = Literal["auto", "cached", "decoder", "model"]
+# Where the final norm sits on the decoder module (the part of the model the shortcut replays after the layers).
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
 
 
 @dataclass(frozen=True)
@@ -36,6 +58,63 @@ class AblationRow:
 
     def values(self) -> tuple:
         return (self.kind, self.name, self.layer, self.group, self.module, self.num_modules, self.loss, self.delta_loss)
+
+
+@dataclass(frozen=True)
+class AblationSet:
+    """One ablation: which modules are switched off, and the CSV columns that describe it."""
+
+    kind: str
+    name: str
+    layer: int | None
+    group: str | None
+    module: str | None
+    modules: tuple[LoraModule, ...]
+
+    @property
+    def first_layer(self) -> int | None:
+        """The earliest layer with a switched-off module: nothing before it changes (None: nothing is off)."""
+        return min((m.layer for m in self.modules), default=None)
+
+
+@dataclass
+class AblationResult:
+    """Per-example losses of every ablation set.
+
+    `loss_sums[s, e]` is the sum of the next-token cross-entropies over the target tokens of example `e` (the
+    order of the features given to `validation_batches`) with set `s` switched off; `token_counts[e]` is the number
+    of those tokens (the same for every set: switching modules off does not change the labels). Set 0 switches
+    nothing off. The token-weighted mean loss of a set is `loss_sums[s].sum() / token_counts.sum()`.
+    """
+
+    sets: list[AblationSet]
+    loss_sums: torch.Tensor  # float64, (num_sets, num_examples)
+    token_counts: torch.Tensor  # int64, (num_examples,)
+    method: str  # cached | decoder | model: how the passes were run
+    method_reason: str  # why (the fallback's reason when the cached shortcut was not exact)
+    wall_time_s: float
+
+    def losses(self) -> torch.Tensor:
+        """Token-weighted mean loss per set, float64 (num_sets,)."""
+        return self.loss_sums.sum(dim=1) / self.token_counts.sum()
+
+    def rows(self) -> list[AblationRow]:
+        losses = self.losses().tolist()
+        return [AblationRow(s.kind, s.name, s.layer, s.group, s.module, len(s.modules), loss, loss - losses[0])
+                for s, loss in zip(self.sets, losses)]
+
+
+@dataclass
+class EvalBatch:
+    """One validation batch: the model's inputs, the labels, and which example each position belongs to."""
+
+    inputs: dict[str, torch.Tensor]  # input_ids + attention_mask (padded) or position_ids (packed)
+    labels: torch.Tensor  # (rows, width), IGNORE_INDEX where there is no target
+    example: torch.Tensor  # (rows, width) index of the example in the features given, -1 on padding
+
+    @property
+    def num_tokens(self) -> int:
+        return self.labels.numel()
 
 
 @contextmanager
@@ -55,49 +134,158 @@ def lora_switched_off(model: torch.nn.Module, modules: Iterable[LoraModule], ada
             layer.scaling[adapter] = scaling
 
 
-def validation_batches(features: Sequence[dict], batch_size: int, pad_token_id: int, device) -> list[dict]:
-    """Right-padded batches of similar lengths (sorted, so little padding); labels padded with IGNORE_INDEX."""
+# ------------------------------------------------------------------------------------------------------ batches
+
+
+def validation_batches(features: Sequence[dict], batch_size: int | None, pad_token_id: int, device, *,
+                       max_tokens: int | None = None, packing: bool = False) -> list[EvalBatch]:
+    """Batches of similar lengths (sorted, so little padding), at most `batch_size` examples and `max_tokens` tokens.
+
+    Padded: right-padded rows, labels padded with IGNORE_INDEX. Packed: the examples of a batch flattened into one
+    row by transformers' `DataCollatorWithFlattening` (position_ids restart per example, label -100 at each
+    example's first position, which never has a target anyway), the same batching training uses with --packing.
+    """
+    if batch_size is None and max_tokens is None:
+        raise ValueError("give batch_size or max_tokens")
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    chunks: list[list[int]] = []
+    for i in order:
+        n = len(features[i]["input_ids"])
+        if chunks:
+            chunk = chunks[-1]
+            rows = len(chunk) + 1
+            tokens = sum(len(features[j]["input_ids"]) for j in chunk) + n if packing else rows * n  # sorted: n is widest
+            if (batch_size is None or rows <= batch_size) and (max_tokens is None or tokens <= max_tokens):
+                chunk.append(i)
+                continue
+        chunks.append([i])
+    flatten = DataCollatorWithFlattening(return_tensors="pt") if packing else None
     batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = [features[i] for i in order[start : start + batch_size]]
-        width = max(len(f["input_ids"]) for f in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        for row, f in enumerate(chunk):
-            n = len(f["input_ids"])
-            ids[row, :n] = torch.tensor(f["input_ids"])
-            mask[row, :n] = 1
-            labels[row, :n] = torch.tensor(f["labels"])
-        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
+    for chunk in chunks:
+        feats = [features[i] for i in chunk]
+        if packing:
+            collated = flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats])
+            example = torch.tensor([i for i, f in zip(chunk, feats) for _ in f["input_ids"]]).unsqueeze(0)
+            inputs = {"input_ids": collated["input_ids"], "position_ids": collated["position_ids"]}
+            labels = collated["labels"]
+        else:
+            width = max(len(f["input_ids"]) for f in feats)
+            ids = torch.full((len(feats), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(feats), width), dtype=torch.long)
+            labels = torch.full((len(feats), width), IGNORE_INDEX, dtype=torch.long)
+            example = torch.full((len(feats), width), -1, dtype=torch.long)
+            for row, (i, f) in enumerate(zip(chunk, feats)):
+                n = len(f["input_ids"])
+                ids[row, :n] = torch.tensor(f["input_ids"])
+                mask[row, :n] = 1
+                labels[row, :n] = torch.tensor(f["labels"])
+                example[row, :n] = i
+            inputs = {"input_ids": ids, "attention_mask": mask}
+        batches.append(EvalBatch({k: v.to(device) for k, v in inputs.items()}, labels.to(device), example.to(device)))
     return batches
 
 
+def ablation_max_tokens(model: torch.nn.Module, num_layers: int) -> int:
+    """Tokens per ablation batch that fit comfortably in memory (the larger the batch, the fewer the passes).
+
+    Per token the cached engine keeps one hidden vector per layer and needs the working set of one layer plus the
+    LM head's logits (vocabulary-sized) at the labelled positions; a quarter of the free memory (CUDA) or of the
+    available RAM, at most 4 GiB, is spent on that.
+    """
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
+    inner = getattr(config, "intermediate_size", None) or 4 * hidden
+    vocab = getattr(config, "vocab_size", 32000)
+    param = next(model.parameters())
+    elem = param.element_size()
+    per_token = (num_layers + 8) * hidden * elem + 4 * inner * elem + vocab * 4 * 2
+    if param.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(param.device)
+        budget = free // 4
+    else:
+        budget = _available_ram() // 4
+    budget = min(budget, 4 << 30)
+    return max(256, int(budget // per_token))
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 << 30
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+
+
+def _example_sums(nll: torch.Tensor, example: torch.Tensor, num_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example sums of the token losses `nll` (float) and token counts, given each token's example index."""
+    sums = torch.zeros(num_examples, dtype=torch.float64, device=nll.device).index_add_(0, example, nll.double())
+    counts = torch.zeros(num_examples, dtype=torch.long, device=nll.device).index_add_(0, example, torch.ones_like(example))
+    return sums.cpu(), counts.cpu()
+
+
+def _scored(batch: EvalBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask of positions t whose next token t+1 has a label, those labels, and their examples."""
+    labels = batch.labels[:, 1:]
+    scored = labels != IGNORE_INDEX
+    return scored, labels[scored], batch.example[:, 1:][scored]
+
+
+def _lm_logits(base: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head plus the logit transforms the model's own forward applies after it (Gemma2's softcapping,
+    Cohere's `logit_scale`, Granite's `logits_scaling`); anything else is caught by the exactness probe."""
+    logits = base.get_output_embeddings()(hidden)
+    config = base.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(base, "logit_scale", None)
+    if isinstance(scale, (int, float, torch.Tensor)):
+        logits = logits * scale
+    scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling != 1:
+        logits = logits / scaling
+    return logits
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _model_pass(model: torch.nn.Module, batch: EvalBatch) -> torch.Tensor:
+    """Token losses from a plain forward of the whole model (every position through the head): exact by definition."""
+    scored, targets, _ = _scored(batch)
+    logits = model(**batch.inputs, use_cache=False).logits[:, :-1][scored]
+    return _nll(logits, targets)
+
+
+def _decoder_pass(base: torch.nn.Module, batch: EvalBatch) -> torch.Tensor:
+    """Token losses from the whole decoder and the LM head at the labelled positions only (the head is
+    hidden x vocab, 49k columns on SmolLM2: as costly as the decoder when applied at every prompt token)."""
+    scored, targets, _ = _scored(batch)
+    hidden = base.get_decoder()(**batch.inputs, use_cache=False).last_hidden_state
+    return _nll(_lm_logits(base, hidden[:, :-1][scored]), targets)
+
+
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, batches: Sequence[dict]) -> float:
+def validation_loss(model: torch.nn.Module, batches: Sequence[EvalBatch]) -> float:
     """Mean next-token cross-entropy over all label tokens of all batches (token-weighted, like training)."""
-    total = torch.zeros((), dtype=torch.float64)
-    tokens = 0
     was_training = model.training
     model.eval()
     try:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-        head = base.get_output_embeddings()
+        shortcut = _final_norm(base) is not None
+        total = torch.zeros((), dtype=torch.float64)
+        tokens = 0
         for batch in batches:
-            labels = batch["labels"][:, 1:]
-            scored = labels != IGNORE_INDEX
-            if decoder is not None and head is not None:
-                # The LM head (hidden x vocab, 49k columns on SmolLM2) costs as much as the whole decoder: apply it
-                # only at the positions that have a label (the answer), not at every prompt token.
-                hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-                logits = head(hidden[:, :-1][scored])
-            else:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][scored]
-            nll = F.cross_entropy(logits.float(), labels[scored], reduction="sum")
-            total += nll.double().cpu()
-            tokens += int(scored.sum())
+            nll = _decoder_pass(base, batch) if shortcut else _model_pass(model, batch)
+            total += nll.double().sum().cpu()
+            tokens += nll.numel()
     finally:
         model.train(was_training)
     if tokens == 0:
@@ -105,40 +293,203 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[dict]) -> float:
     return float(total / tokens)
 
 
-def ablation_sets(lora: Sequence[LoraParams], singles: Sequence[LoraModule]) -> list[tuple[str, str, dict, tuple[LoraModule, ...]]]:
-    """(kind, name, columns, modules switched off) for every ablation, in the order they are run."""
+def _final_norm(base: torch.nn.Module) -> torch.nn.Module | None:
+    if base.get_output_embeddings() is None:
+        return None
+    decoder = base.get_decoder()
+    if decoder is base:
+        return None
+    return next((getattr(decoder, n) for n in FINAL_NORM_NAMES if isinstance(getattr(decoder, n, None), torch.nn.Module)), None)
+
+
+# ------------------------------------------------------------------------------------------------------ cached
+
+
+class _StopAfterLastLayer(Exception):
+    pass
+
+
+class LayerCache:
+    """The inputs of every decoder layer in one all-on pass, and the last layer's output.
+
+    `args[i]`/`kwargs[i]` are exactly what the model passed layer i (hidden states cloned: the next layer must not
+    see them changed in place); `replay(L)` runs layers L..N-1 on the cached input of layer L.
+    """
+
+    def __init__(self, layers: torch.nn.ModuleList):
+        self.layers = layers
+        self.args: list[tuple] = [()] * len(layers)
+        self.kwargs: list[dict] = [{}] * len(layers)
+        self.last_output: torch.Tensor | None = None
+
+    @staticmethod
+    def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    @staticmethod
+    def _output(out) -> torch.Tensor:
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def capture(self, run_forward) -> None:
+        """Run `run_forward()` (a forward of the model with everything on) and record every layer's inputs."""
+        handles = []
+
+        def pre_hook(index):
+            def hook(module, args, kwargs):
+                args, kwargs = self._with_hidden(args, kwargs, self._hidden(args, kwargs).detach().clone())
+                self.args[index], self.kwargs[index] = args, kwargs
+            return hook
+
+        def last_hook(module, args, kwargs, out):
+            self.last_output = self._output(out)
+            raise _StopAfterLastLayer  # nothing after the last layer is needed: skip the norm and the head
+
+        for i, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(self.layers[-1].register_forward_hook(last_hook, with_kwargs=True))
+        try:
+            run_forward()
+        except _StopAfterLastLayer:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if self.last_output is None:
+            raise RuntimeError("the model's forward did not reach its last decoder layer")
+
+    def replay(self, start: int) -> torch.Tensor:
+        """The last layer's output when layers start..N-1 run again (start = N: the cached all-on output)."""
+        if start >= len(self.layers):
+            return self.last_output
+        hidden = self._hidden(self.args[start], self.kwargs[start])
+        for i in range(start, len(self.layers)):
+            args, kwargs = self._with_hidden(self.args[i], self.kwargs[i], hidden)
+            hidden = self._output(self.layers[i](*args, **kwargs))
+        return hidden
+
+
+# ------------------------------------------------------------------------------------------------------ engine
+
+
+def ablation_sets(lora: Sequence[LoraParams], singles: Sequence[LoraModule]) -> list[AblationSet]:
+    """Every ablation, in the order they are reported: all on, all off, groups, layers, module types, singles."""
     modules = tuple(lp.module for lp in lora)
-    sets: list[tuple[str, str, dict, tuple[LoraModule, ...]]] = [
-        ("all", "all_on", {}, ()),
-        ("all", "all_off", {}, modules),
-    ]
+    sets = [AblationSet("all", "all_on", None, None, None, ()), AblationSet("all", "all_off", None, None, None, modules)]
     for g in GROUPS:
         chosen = tuple(m for m in modules if m.group == g)
         if chosen:
-            sets.append(("group", g, {"group": g}, chosen))
+            sets.append(AblationSet("group", g, None, g, None, chosen))
     for layer in sorted({m.layer for m in modules}):
-        sets.append(("layer", f"L{layer}", {"layer": layer}, tuple(m for m in modules if m.layer == layer)))
+        sets.append(AblationSet("layer", f"L{layer}", layer, None, None, tuple(m for m in modules if m.layer == layer)))
     for module_type in dict.fromkeys(m.module_type for m in modules):
         chosen = tuple(m for m in modules if m.module_type == module_type)
-        sets.append(("module_type", module_type, {"group": chosen[0].group, "module": module_type}, chosen))
+        sets.append(AblationSet("module_type", module_type, None, chosen[0].group, module_type, chosen))
     for m in singles:
-        columns = {"layer": m.layer, "group": m.group, "module": m.module_type}
-        sets.append(("module", f"L{m.layer}.{m.module_type}", columns, (m,)))
+        sets.append(AblationSet("module", f"L{m.layer}.{m.module_type}", m.layer, m.group, m.module_type, (m,)))
     return sets
 
 
-def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Sequence[dict],
-                 singles: Sequence[LoraModule]) -> list[AblationRow]:
-    """Validation loss for every ablation set; `singles` are the (layer, module) pairs ablated one by one."""
+def layers_path_of(lora: Sequence[LoraParams]) -> str | None:
+    """The decoder-layer list's path in the base model, from the module names ("model.layers.3.mlp.up_proj")."""
+    for lp in lora:
+        match = re.match(rf"^(.*?)\.{lp.module.layer}\.", lp.module.name)
+        if match:
+            return match.group(1)
+    return None
+
+
+def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Sequence[EvalBatch],
+                 singles: Sequence[LoraModule], method: Method = "auto", layers_path: str | None = None,
+                 num_examples: int | None = None) -> AblationResult:
+    """Per-example validation losses for every ablation set; `singles` are the (layer, module) pairs ablated one by
+    one. `method`: auto (cached when the probe says it is exact, else whole-model passes), cached, decoder (every
+    set through the whole decoder and the head at labelled positions: the engine before caching), model."""
+    started = time.perf_counter()
     sets = ablation_sets(lora, singles)
-    logger.info("ablation: %d validation passes over %d batches", len(sets), len(batches))
-    rows: list[AblationRow] = []
-    reference = None
-    for kind, name, columns, off in sets:
-        with lora_switched_off(model, off):
-            loss = validation_loss(model, batches)
-        if reference is None:
-            reference = loss  # the first set switches nothing off
-        rows.append(AblationRow(kind, name, columns.get("layer"), columns.get("group"), columns.get("module"),
-                                len(off), loss, loss - reference))
-    return rows
+    num_examples = num_examples if num_examples is not None else 1 + max(int(b.example.max()) for b in batches)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers_path = layers_path or layers_path_of(lora)
+    layers = base.get_submodule(layers_path) if layers_path else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            chosen, reason = _choose_method(model, base, layers, batches, method)
+            logger.info("ablation: %d sets over %d validation batches (%d examples), %s passes: %s",
+                        len(sets), len(batches), num_examples, chosen, reason)
+            sums = torch.zeros((len(sets), num_examples), dtype=torch.float64)
+            counts = torch.zeros(num_examples, dtype=torch.long)
+            num_layers = len(layers) if layers is not None else 1
+            # Progress in layer-passes: a set that starts at layer L costs N - L of them (cached), N (otherwise).
+            cost = [num_layers - (s.first_layer or num_layers) if chosen == "cached" else num_layers for s in sets]
+            cost[0] = num_layers
+            with tqdm(total=sum(cost) * len(batches), desc="ablation", unit="layer", disable=None, leave=False) as bar:
+                for batch in batches:
+                    _, _, example = _scored(batch)
+                    cache = None
+                    if chosen == "cached":
+                        cache = LayerCache(layers)
+                        cache.capture(lambda: base.get_decoder()(**batch.inputs, use_cache=False))
+                    for index, s in enumerate(sets):
+                        with lora_switched_off(model, s.modules):
+                            if chosen == "cached":
+                                nll = _cached_pass(base, cache, s.first_layer if s.modules else len(layers), batch)
+                            elif chosen == "decoder":
+                                nll = _decoder_pass(base, batch)
+                            else:
+                                nll = _model_pass(model, batch)
+                        batch_sums, batch_counts = _example_sums(nll, example, num_examples)
+                        sums[index] += batch_sums
+                        if index == 0:
+                            counts += batch_counts
+                        bar.update(cost[index])
+    finally:
+        model.train(was_training)
+    if int(counts.sum()) == 0:
+        raise ValueError("the validation set has no label tokens")
+    return AblationResult(sets, sums, counts, chosen, reason, time.perf_counter() - started)
+
+
+def _cached_pass(base: torch.nn.Module, cache: LayerCache, start: int, batch: EvalBatch) -> torch.Tensor:
+    scored, targets, _ = _scored(batch)
+    hidden = _final_norm(base)(cache.replay(start))
+    return _nll(_lm_logits(base, hidden[:, :-1][scored]), targets)
+
+
+def _choose_method(model, base, layers, batches: Sequence[EvalBatch], method: Method) -> tuple[str, str]:
+    """The pass method and why. `auto` probes the cached shortcut against a whole-model forward on one batch."""
+    if method in ("decoder", "model"):
+        return method, "requested"
+    problem = None
+    if layers is None or not isinstance(layers, torch.nn.ModuleList):
+        problem = "the decoder layers were not found"
+    elif _final_norm(base) is None:
+        problem = f"{type(base).__name__} has no decoder with a final norm named {'/'.join(FINAL_NORM_NAMES)}"
+    if problem is None:
+        batch = batches[0]
+        cache = LayerCache(layers)
+        try:
+            cache.capture(lambda: base.get_decoder()(**batch.inputs, use_cache=False))
+            shortcut = _cached_pass(base, cache, 0, batch).double().sum().item()
+        except Exception as exc:  # an architecture whose layers cannot be called again as captured
+            problem = f"replaying the decoder layers failed ({type(exc).__name__}: {exc})"
+        else:
+            reference = _model_pass(model, batch).double().sum().item()
+            # Same arithmetic up to the row selection before the head: fp32 agrees to ~1e-7, bf16 to its epsilon.
+            tolerance = max(1e-5, 4 * torch.finfo(next(model.parameters()).dtype).eps) * max(1.0, abs(reference))
+            if not math.isclose(shortcut, reference, rel_tol=0, abs_tol=tolerance):
+                problem = (f"the layer-replay shortcut gives loss sum {shortcut:.6f} on the first batch but the whole "
+                           f"model gives {reference:.6f} ({type(base).__name__} transforms the output in a way the "
+                           "shortcut does not know)")
+    if problem is None:
+        return "cached", "replays layers L..N-1 from the hidden states cached in the all-on pass (probe exact)"
+    if method == "cached":
+        raise RuntimeError(f"cached ablation is not exact for this model: {problem}")
+    logger.warning("ablation: whole-model passes, because %s", problem)
+    return "model", problem

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lorasens.rundir import files
-from lorasens.analysis.ablation import run_ablation, validation_batches
+from lorasens.analysis.ablation import ablation_max_tokens, run_ablation, validation_batches
 from lorasens.analysis.csvlog import BufferedCsv
 from lorasens.analysis.measures import update_magnitudes
 from lorasens.analysis.sensitivity import (
@@ -33,6 +32,7 @@ from lorasens.data.features import build_features
 from lorasens.data.registry import load_examples
 from lorasens.lora import LoraParams
 from lorasens.module_map import ModuleMap
+from lorasens.rundir import files
 from lorasens.rundir.load import load_run
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
     measures = {name: {k: scores[k] for k in keys if k in scores} for name, scores in measures.items()}
 
     ablation_rows = None
+    ablation_info: dict = {}
     if tracking.ablation:
         if not val_features:
             logger.warning("ablation skipped: no validation examples")
@@ -70,8 +71,14 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
             singles = [by_key[k] for k in order[: tracking.ablation_max_single]]
             device = next(model.parameters()).device
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            batches = validation_batches(val_features, cfg.evaluation.eval_batch_size, pad, device)
-            ablation_rows = run_ablation(model, lora, batches, singles)
+            # As many examples per pass as memory allows (sorted by length, so padding stays small).
+            batches = validation_batches(val_features, None, pad, device,
+                                         max_tokens=ablation_max_tokens(model, module_map.num_layers))
+            result = run_ablation(model, lora, batches, singles, layers_path=module_map.layers_path,
+                                  num_examples=len(val_features))
+            ablation_rows = result.rows()
+            ablation_info = {"ablation_time_s": round(result.wall_time_s, 2), "ablation_method": result.method,
+                             "ablation_sets": len(result.sets), "ablation_batches": len(batches)}
             writer = BufferedCsv(run_dir / files.ABLATION, files.ABLATION_COLUMNS)
             writer.start(0)
             for row in ablation_rows:
@@ -122,6 +129,7 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
                               if "layers_to_transform" in lora_config else {})},
         "sensitivity_top": sensitivity["rankings"][COMBINED][:TOP_IN_SUMMARY],
         "sensitivity_agreement": sensitivity["agreement"],
+        **ablation_info,
     }
 
 
