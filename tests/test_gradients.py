@@ -164,6 +164,7 @@ def test_importance_is_the_ema_of_taylor_importance(schedule_run):
     run, snapshot = schedule_run
     beta = 0.85
     ema: dict[tuple[int, str], float] = defaultdict(float)
+    updates: dict[tuple[int, str], int] = defaultdict(int)
     expected = {}
     for step in sorted(snapshot.steps):
         per_module = defaultdict(float)
@@ -174,7 +175,8 @@ def test_importance_is_the_ema_of_taylor_importance(schedule_run):
                 trained.add((layer, module))
         for key in trained:
             ema[key] = beta * ema[key] + (1 - beta) * per_module[key]
-            expected[step, *key] = ema[key]
+            updates[key] += 1
+            expected[step, *key] = ema[key] / (1 - beta ** updates[key])  # bias-corrected like Adam's moments
     recorded = [r for r in rows(run / files.IMPORTANCE) if r["importance"] != ""]
     assert len(recorded) == len(expected) == 2 * 28 + 2 * 12 + 2 * 16
     for row in recorded:
@@ -252,6 +254,27 @@ def test_resume_continues_every_csv_without_gaps_or_duplicates(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Units: the fused norm kernels and the CSV cells
+
+
+def test_bias_corrected_ema_on_a_known_sequence():
+    from lorasens.analysis.callbacks import ema_bias_corrected
+
+    beta, ema = 0.5, 0.0
+    corrected = []
+    for n, x in enumerate([4.0, 4.0, 4.0], start=1):
+        ema = beta * ema + (1 - beta) * x
+        corrected.append(ema_bias_corrected(ema, beta, n))
+    # Raw EMA 2, 3, 3.5 (biased towards the 0 start); corrected: a constant sequence gives back the constant.
+    assert ema == 3.5 and corrected == [4.0, 4.0, 4.0]
+    # 1, 2, 3: raw 0.5, 1.25, 2.125; corrected 0.5/0.5, 1.25/0.75, 2.125/0.875 = weighted means 1, 5/3, 17/7.
+    ema, values = 0.0, []
+    for n, x in enumerate([1.0, 2.0, 3.0], start=1):
+        ema = beta * ema + (1 - beta) * x
+        values.append(ema_bias_corrected(ema, beta, n))
+    assert values == pytest.approx([1.0, 5 / 3, 17 / 7])
+    # The figure: 5 updates at beta 0.85 would otherwise be scaled by 1 - 0.85^5 = 0.556.
+    assert ema_bias_corrected(1 - 0.85**5, 0.85, 5) == pytest.approx(1.0)
+    assert math.isnan(ema_bias_corrected(0.0, 0.85, 0))
 
 
 def test_foreach_norms_match_per_tensor_norms_across_dtypes():

@@ -102,8 +102,11 @@ class GradientTrackingCallback(TrainerCallback):
             for layer in self.layers
             for g in GROUPS
         }
-        # Importance EMA per module; AdaLoRA starts it at 0. Frozen modules keep theirs until they train again.
+        # Importance EMA per module, started at 0 as AdaLoRA does and bias-corrected as Adam's moments are (see
+        # `ema_bias_corrected`); `updates` counts each module's EMA updates. Frozen modules keep both until they
+        # train again.
         self.ema = np.zeros(len(self.lora))
+        self.updates = np.zeros(len(self.lora), dtype=int)
         self._pending: _Pending | None = None
         self._buffers: dict[int, torch.Tensor] = {}
         self._active = False
@@ -269,14 +272,29 @@ class GradientTrackingCallback(TrainerCallback):
         module_values = self._pair_sum(per_param)  # sum over A and B
         for i, module in enumerate(self._module_cells):
             current = float(module_values[i])
-            if not math.isnan(current):
-                self.ema[i] = beta * self.ema[i] + (1 - beta) * current
-            writer.add_line(f"{head}{module},{cell(math.nan if math.isnan(current) else float(self.ema[i]))}")
+            if math.isnan(current):
+                writer.add_line(f"{head}{module},")
+                continue
+            self.ema[i] = beta * self.ema[i] + (1 - beta) * current
+            self.updates[i] += 1
+            writer.add_line(f"{head}{module},{cell(ema_bias_corrected(float(self.ema[i]), beta, int(self.updates[i])))}")
 
     def _restore_ema(self) -> None:
-        """On --resume, continue the EMA from the last value written (exact: written as repr of a float64)."""
+        """On --resume, continue the EMA from the CSV: the update count is the module's number of non-empty rows,
+        and the raw EMA is the last (bias-corrected) value times (1 - beta^count)."""
         index = {(lp.module.layer, lp.module.module_type): i for i, lp in enumerate(self.lora)}
+        last = np.zeros(len(self.lora))
+        self.updates[:] = 0
         for row in read_rows(self.writers["importance"].path):
             i = index.get((int(row["layer"]), row["module"]))
             if i is not None and row["importance"] != "":
-                self.ema[i] = float(row["importance"])
+                last[i] = float(row["importance"])
+                self.updates[i] += 1
+        beta = self.tracking.importance_ema
+        self.ema = np.array([value * (1 - beta**n) for value, n in zip(last, self.updates)])
+
+
+def ema_bias_corrected(ema: float, beta: float, updates: int) -> float:
+    """An EMA started at 0, divided by 1 - beta^updates (Adam's bias correction), so that it is a weighted mean of
+    the values seen: without it a module updated 5 times at beta 0.85 is scaled by 1 - 0.85^5 = 0.56."""
+    return ema / (1 - beta**updates) if updates else math.nan
