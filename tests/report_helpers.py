@@ -13,7 +13,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_RUN = {
     "model": "tiny-random-llama", "dataset": "synthetic", "max_steps": 6, "max_length": 160, "batch_size": 4,
     "train_samples": 24, "eval_samples": 4, "eval_steps": 3, "eval_batch_size": 4, "evaluate": False,
-    "phase_strategy": "both->mlp->attn", "dynamic_lora": True, "ablation_max_single": 2,
+    "phase_strategy": "both->mlp->attn", "dynamic_lora": True, "ablation_max_single": 2, "analysis_samples": 12,
     "logging_steps": 1, "report_to": "tensorboard",
 }
 _CACHE: dict[str, Path] = {}

@@ -116,3 +116,36 @@ def test_compare_command_default_out(tmp_path, capsys):
 def test_mean_std_uses_the_sample_std():
     assert mean_std([1.0, 2.0, 3.0, 4.0]) == (2.5, statistics.stdev([1.0, 2.0, 3.0, 4.0]))
     assert mean_std([5.0]) == (5.0, None)
+
+
+def test_seed_stability_of_measures_and_recommendations(tmp_path):
+    from lorasens.analysis.stats import random_jaccard
+
+    keys = ["L0.q", "L0.k", "L1.q", "L1.k", "L2.q", "L2.k"]
+    runs = []
+    for seed, (grad, selected) in enumerate([([6, 5, 4, 3, 2, 1], ["L0.q", "L0.k"]),
+                                             ([6, 4, 5, 3, 1, 2], ["L0.q", "L1.q"]),
+                                             ([5, 6, 4, 3, 2, 1], ["L0.k", "L0.q"])], start=1):
+        run = make_run(tmp_path, f"seed{seed}", seed, bleu=10.0, rouge=0.2)
+        (run / "sensitivity.json").write_text(json.dumps({
+            "modules": [{"key": k} for k in keys],
+            "measures": {"grad_norm": dict(zip(keys, grad)), "combined": dict(zip(keys, grad[::-1]))},
+            "budget": {"selected": selected}}))
+        runs.append(run)
+    result = compare_runs(runs, tmp_path / "cmp")
+    rows = {r["measure"]: r for r in read_csv(tmp_path / "cmp" / "comparison_stability.csv")}
+    assert set(rows) == {"grad_norm", "combined", "recommended"} and rows["grad_norm"]["pairs"] == "3"
+    # Spearman by hand, 1 - 6 sum(d^2) / (n (n^2 - 1)) with n = 6: sum d^2 = 4 (seeds 1~2), 2 (1~3),
+    # 8 (2~3).
+    expected = [1 - 6 * 4 / 210, 1 - 6 * 2 / 210, 1 - 6 * 8 / 210]
+    assert float(rows["grad_norm"]["spearman_mean"]) == pytest.approx(sum(expected) / 3)
+    assert float(rows["grad_norm"]["spearman_min"]) == pytest.approx(min(expected))
+    # Recommended sets {L0.q, L0.k}, {L0.q, L1.q}, {L0.k, L0.q}: Jaccard 1/3, 1, 1/3 -> mean 5/9.
+    assert float(rows["recommended"]["jaccard_mean"]) == pytest.approx(5 / 9)
+    assert float(rows["recommended"]["jaccard_random"]) == pytest.approx(random_jaccard(6, 2, 2))
+    assert rows["recommended"]["spearman_mean"] == ""
+    # grad_norm top-2: {L0.q, L0.k}, {L0.q, L1.q}, {L0.k, L0.q} as well.
+    assert float(rows["grad_norm"]["jaccard_mean"]) == pytest.approx(5 / 9)
+    assert len(result.stability) == 3
+    assert "Seed stability" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "Jaccard of random sets" in (tmp_path / "cmp" / "comparison.html").read_text()

@@ -12,7 +12,7 @@ from report_helpers import copy_run, png_size, tiny_run_dir, write_evaluation
 
 from lorasens.cli import main
 from lorasens.errors import UserError
-from lorasens.report import SECTIONS, write_report
+from lorasens.report import SECTIONS, fmt, write_report
 
 
 class Links(HTMLParser):
@@ -97,6 +97,14 @@ def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path, capsy
     sensitivity = json.loads((copy / "sensitivity.json").read_text())
     top = next(iter(sensitivity["rankings"].values()))[0]
     assert top in html
+    # The size confound, the ablation's intervals and the parameter budget are shown with the run's own figures.
+    assert "Size confound" in html and "Ablation with uncertainty" in html
+    rho = sensitivity["size_correlation"]["raw"]["update_magnitude"]
+    assert f"<td>update_magnitude</td><td class=\"num\">{fmt(rho)}</td>" in html
+    key, (low, high) = next(iter(sensitivity["ablation"]["delta_ci"].items()))
+    assert f"[{fmt(low)}, {fmt(high)}]" in html
+    assert f"<td>params_used</td><td>{sensitivity['budget']['params_used']}</td>" in html
+    assert "measured under a phase schedule" in html  # the tiny run trains both->mlp->attn
     recommended = json.loads((copy / "recommended_lora_config.json").read_text())
     assert escape(json.dumps(recommended, indent=2)) in html
     config = json.loads((copy / "config.json").read_text())

@@ -9,13 +9,14 @@ import math
 import pytest
 import torch
 
-from lorasens.rundir import files
 from lorasens.analysis.ablation import lora_switched_off, run_ablation, validation_batches, validation_loss
+from lorasens.analysis.budget import select_within_budget
 from lorasens.analysis.measures import update_magnitudes
-from lorasens.analysis.sensitivity import agreement, combined_scores, recommended_lora_config, select_budget
+from lorasens.analysis.sensitivity import agreement, combined_scores, module_sizes, recommended_lora_config
 from lorasens.lora import LoraParams, apply_lora, lora_parameters
-from lorasens.module_map import build_module_map
 from lorasens.models import build_tiny_random_llama
+from lorasens.module_map import build_module_map
+from lorasens.rundir import files
 
 
 def tiny_lora(modules=None, seed=0):
@@ -154,7 +155,8 @@ def test_recommended_config_loads_into_peft_and_trains():
     keys = {m: f"L{m.layer}.{m.module_type}" for m in module_map.modules}
     # An irregular selection: written as a regular expression over the module paths.
     scores = {keys[lp.module]: float(i % 5) for i, lp in enumerate(lora)}
-    selected = select_budget(lora, scores, 5, "modules")
+    by_key = {keys[m]: m for m in module_map.modules}
+    selected = [by_key[k] for k in select_within_budget(module_sizes(lora), scores, 5, "modules", 4).keys]
     assert [scores[keys[m]] for m in selected] == [4.0] * 5
     config = recommended_lora_config(selected, module_map, 4, 8.0, 0.0)
     assert isinstance(config["target_modules"], str)
@@ -169,19 +171,24 @@ def test_recommended_config_loads_into_peft_and_trains():
 def test_budget_in_modules_fractions_and_parameters():
     _, module_map, lora, _ = tiny_lora()
     scores = {f"L{lp.module.layer}.{lp.module.module_type}": float(i) for i, lp in enumerate(lora)}
-    assert len(select_budget(lora, scores, None, "modules")) == 14  # default: half
-    assert len(select_budget(lora, scores, 0.25, "modules")) == 7
-    top3 = select_budget(lora, scores, 3, "modules")
-    assert [f"L{m.layer}.{m.module_type}" for m in top3] == ["L3.gate_proj", "L3.up_proj", "L3.down_proj"]
-    sizes = {lp.module: lp.A.numel() + lp.B.numel() for lp in lora}
-    chosen = select_budget(lora, scores, 0.1, "params")
-    total = sum(sizes.values())
-    assert sum(sizes[m] for m in chosen) <= 0.1 * total
-    assert lora[-1].module in chosen
+    sizes = module_sizes(lora)
+    # tiny-random-llama: hidden 64, intermediate 128, 2 of 4 heads for k/v: q/o 64x64, k/v 64->32, MLP 64<->128.
+    assert [(s.in_features, s.out_features) for s in sizes[:7]] == [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128),
+                                                                      (64, 128), (128, 64)]
+    assert len(select_within_budget(sizes, scores, None, "modules", 4).keys) == 14  # half the modules
+    assert len(select_within_budget(sizes, scores, 0.25, "modules", 4).keys) == 7
+    assert select_within_budget(sizes, scores, 3, "modules", 4).keys == ("L3.gate_proj", "L3.up_proj", "L3.down_proj")
+    params = {s.key: s.params(4) for s in sizes}
+    total = sum(params.values())
+    assert total == 4 * 4 * (128 + 96 + 96 + 128 + 192 * 3) == lora[0].A.numel() * 0 + sum(lp.A.numel() + lp.B.numel() for lp in lora)
+    chosen = select_within_budget(sizes, scores, None, "params", 4)  # default: half the LoRA parameters
+    assert chosen.params_used == sum(params[k] for k in chosen.keys) <= 0.5 * total and chosen.limit == 0.5 * total
+    assert chosen.params_used > 0.45 * total
+    assert "L3.down_proj" in chosen.keys
     from lorasens.errors import UserError
 
     with pytest.raises(UserError, match="whole count"):
-        select_budget(lora, scores, 2.5, "modules")
+        select_within_budget(sizes, scores, 2.5, "modules", 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,7 +205,8 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     cfg = build_config(cli_overrides=dict(
         model="tiny-random-llama", dataset="synthetic", r=4, batch_size=4, max_length=128, eval_steps=0,
         evaluate=False, train_samples=32, eval_samples=8, lora_dropout=0.0, lr=1e-2, max_steps=3,
-        ablation_max_single=6, budget_modules=4, output_dir=str(tmp_path), experiment_name="run"))
+        ablation_max_single=6, budget=4, budget_unit="modules", analysis_samples=12, output_dir=str(tmp_path),
+        experiment_name="run"))
     # The report (another area) is not under test here.
     summary = run_experiment(cfg, after_training=(evaluate_after_training, analyze_after_training)).summary
     run = tmp_path / "run"
@@ -209,21 +217,84 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     assert [r["kind"] for r in ablation].count("module") == 6 and len(ablation) == 2 + 2 + 4 + 7 + 6
     sensitivity = json.loads((run / files.SENSITIVITY).read_text())
     assert len(sensitivity["modules"]) == 28
-    assert set(sensitivity["measures"]) == {"grad_norm", "importance", "update_magnitude", "ablation", "combined"}
+    assert set(sensitivity["measures"]) == {"grad_norm", "importance", "update_magnitude", "first_order", "ablation",
+                                              "combined"}
     assert len(sensitivity["measures"]["ablation"]) == 6 and len(sensitivity["rankings"]["grad_norm"]) == 28
     assert set(sensitivity["agreement"]) >= {"importance~ablation", "grad_norm~update_magnitude"}
     single = {r["name"]: float(r["delta_loss"]) for r in ablation if r["kind"] == "module"}
     assert sensitivity["measures"]["ablation"] == pytest.approx(single)
     assert sensitivity["budget"]["selected"] == summary["recommendation"]["modules"]
+    # The ablation ran on the analysis split (12 examples held out of train), with a CI per delta and rank intervals.
+    from lorasens.data.features import build_features
+    from lorasens.data.registry import training_splits
+    from lorasens.models import byte_level_tokenizer
+
+    train_examples, held = training_splits("synthetic", None, cfg.training.seed, None, 12)
+    assert len(held) == 12 and not {ex.prompt for ex in held} & {ex.prompt for ex in train_examples}
+    held_features, _ = build_features(held, byte_level_tokenizer(), 128, "analysis")  # some do not fit 128 tokens
+    assert sensitivity["ablation"]["examples"] == len(held_features) and sensitivity["ablation"]["confidence"] == 0.95
+    for r in ablation:
+        assert float(r["delta_ci_low"]) <= float(r["delta_loss"]) <= float(r["delta_ci_high"])
+        assert (r["rank"] != "") == (r["kind"] == "module")
+    ranks = sorted(int(r["rank"]) for r in ablation if r["kind"] == "module")
+    assert ranks == [1, 2, 3, 4, 5, 6]
+    assert set(sensitivity["ablation"]["rank_interval"]) == set(single)
+    # Partial coverage: 6 of 28 modules ablated, so ablation is not part of the combined ranking.
+    assert sensitivity["budget"]["ranked_by"] == ["grad_norm", "importance", "update_magnitude", "first_order"]
+    assert sensitivity["budget"]["ranking_scale"] == "raw"  # budget unit: modules
+    assert set(sensitivity["size_correlation"]["raw"]) == set(sensitivity["measures"]) - {"combined"}
+    assert sensitivity["first_order_agreement"]["modules"] == 6
+    sizes = {m["key"]: m["lora_params"] for m in sensitivity["modules"]}
+    assert sensitivity["budget"]["params_used"] == sum(sizes[k] for k in sensitivity["budget"]["selected"])
+    assert sensitivity["measured_under"] == {"source": "this run", "phase_strategy": None, "probe": False}
     from peft import LoraConfig
 
     LoraConfig(**json.loads((run / files.RECOMMENDED_CONFIG).read_text()))
 
-    assert main(["analyze", str(run), "--budget_modules", "2", "--ablation", "false"]) == 0
+    assert main(["analyze", str(run), "--budget", "2", "--budget_unit", "modules", "--ablation", "false"]) == 0
     assert "recommended: LoRA on 2 of 28 modules" in capsys.readouterr().out
     again = json.loads((run / files.SENSITIVITY).read_text())
     assert again["budget"]["num_selected"] == 2 and "ablation" not in again["measures"]
     assert again["measures"]["grad_norm"] == sensitivity["measures"]["grad_norm"]
     assert again["measures"]["update_magnitude"] == pytest.approx(sensitivity["measures"]["update_magnitude"], rel=1e-6)
-    assert main(["analyze", str(run), "--budget_modules", "-1"]) == 2
+    # Default budget: half the LoRA parameters, ranked per parameter; then a rank allocation within it.
+    assert main(["analyze", str(run), "--budget_unit", "params", "--budget", "0.5", "--ablation", "false"]) == 0
+    by_params = json.loads((run / files.SENSITIVITY).read_text())["budget"]
+    assert f"{by_params['params_used']} LoRA parameters of a budget of {by_params['params_budget']:.0f}" in \
+        capsys.readouterr().out
+    assert by_params["ranking_scale"] == "per_param" and by_params["params_budget"] == 0.5 * sum(sizes.values())
+    assert by_params["params_used"] <= by_params["params_budget"] and by_params["used_fraction"] > 0.9
+    assert main(["analyze", str(run), "--budget_unit", "params", "--budget", "0.5", "--allocate", "ranks",
+                 "--ablation", "false"]) == 0
+    ranked = json.loads((run / files.SENSITIVITY).read_text())["budget"]
+    config = json.loads((run / files.RECOMMENDED_CONFIG).read_text())
+    assert set(ranked["ranks"].values()) <= {2, 4, 8, 16, 32} and ranked["params_used"] <= ranked["params_budget"]
+    assert len(config["rank_pattern"]) == len(ranked["ranks"]) == ranked["num_selected"]
+    assert sorted(config["rank_pattern"].values()) == sorted(ranked["ranks"].values())
+    LoraConfig(**config)
+    assert main(["analyze", str(run), "--allocate", "ranks", "--budget_unit", "modules"]) == 2
+    # --probe: the training-time measures come from another run (here: this run's files with grad norms doubled).
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for name in ("config.json", files.IMPORTANCE, files.UPDATE_MAGNITUDE):
+        (probe / name).write_text((run / name).read_text())
+    with (run / files.MODULE_NORMS).open() as fh:
+        norm_rows = list(csv.DictReader(fh))
+    with (probe / files.MODULE_NORMS).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, files.MODULE_NORMS_COLUMNS)
+        writer.writeheader()
+        writer.writerows({**r, "grad_norm": repr(2 * float(r["grad_norm"])) if r["grad_norm"] else ""} for r in norm_rows)
+    assert main(["analyze", str(run), "--probe", str(probe), "--budget", "2", "--budget_unit", "modules",
+                 "--ablation", "false"]) == 0
+    probed = json.loads((run / files.SENSITIVITY).read_text())
+    assert probed["measures"]["grad_norm"] == pytest.approx({k: 2 * v for k, v in sensitivity["measures"]["grad_norm"].items()})
+    # update_magnitude from the probe's last CSV rows (float32 cells) equals the adapter's own within float32.
+    assert probed["measures"]["update_magnitude"] == pytest.approx(sensitivity["measures"]["update_magnitude"], rel=1e-6)
+    assert probed["measured_under"] == {"source": str(probe), "phase_strategy": None, "probe": True}
+    config = json.loads((probe / "config.json").read_text())
+    config["model"]["model"] = "smollm2-135m"
+    (probe / "config.json").write_text(json.dumps(config))
+    assert main(["analyze", str(run), "--probe", str(probe), "--ablation", "false"]) == 2
+    assert "a probe must use the same model" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--budget", "-1"]) == 2
     assert main(["analyze", str(tmp_path / "missing")]) == 2

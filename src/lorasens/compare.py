@@ -5,9 +5,15 @@ mean ± sample standard deviation (ddof=1, the unbiased estimator of the varianc
 With n = 1 the std is empty, not 0. Everything is read from the run directories' files:
 config.json, summary.json, train_log.jsonl, eval_log.jsonl, {dataset}_evaluation.json, gradient CSVs.
 
+Seed stability of the sensitivity analysis: for a configuration with several seeds whose runs wrote
+sensitivity.json, comparison_stability.csv gives per measure the mean across-seed Spearman correlation of the module
+scores (over all pairs of seeds) and the mean Jaccard overlap of the sets each measure would recommend (its top k
+modules, k = the run's recommended count; the row "recommended" is the actual recommendation), beside the Jaccard
+overlap two uniformly random sets of the same sizes have in expectation.
+
 Outputs in --out (default: `comparison/` beside the runs): comparison.csv (one row per configuration),
-comparison_runs.csv (one row per run), comparison.md, comparison_losses.png, comparison_grad_norms.png and a
-self-contained comparison.html.
+comparison_runs.csv (one row per run), comparison_stability.csv, comparison.md, comparison_losses.png,
+comparison_grad_norms.png and a self-contained comparison.html.
 """
 
 from __future__ import annotations
@@ -21,12 +27,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasens.analysis.stats import jaccard, random_jaccard, spearman
 from lorasens.config import fields_with, key_settings
 from lorasens.errors import UserError
 from lorasens.plots.common import MissingInput
 from lorasens.plots.compare_plots import COMPARE_PLOTS
 from lorasens.report import esc, image_tag, missing_box, render_page, table
-from lorasens.rundir.files import CONFIG_FILE, EVALUATION_SUFFIX, SUMMARY_FILE, TRAIN_LOG, evaluation_files, read_json
+from lorasens.rundir.files import (
+    CONFIG_FILE,
+    EVALUATION_SUFFIX,
+    SENSITIVITY,
+    SUMMARY_FILE,
+    TRAIN_LOG,
+    evaluation_files,
+    read_json,
+)
 from lorasens.rundir.metrics import read_run_metrics
 
 logger = logging.getLogger(__name__)
@@ -63,6 +78,7 @@ class CompareResult:
     groups: list[dict]
     skipped: list[str]
     mixed_datasets: list[str]
+    stability: list[dict] = field(default_factory=list)
 
 
 def load_run_record(run_dir: Path) -> RunRecord:
@@ -156,6 +172,70 @@ def group_runs(records: list[RunRecord]) -> list[dict]:
     return groups
 
 
+STABILITY_COLUMNS = ("configuration", "measure", "seeds", "pairs", "spearman_mean", "spearman_min", "jaccard_mean",
+                     "jaccard_random")
+RECOMMENDED_ROW = "recommended"
+
+
+def seed_stability(groups: list[dict]) -> list[dict]:
+    """Per configuration with >= 2 analysed seeds and per measure: across-seed Spearman and top-k Jaccard."""
+    rows = []
+    for g in groups:
+        analyses = [a for a in (read_json(r.run_dir / SENSITIVITY) for r in g["runs"]) if a and a.get("measures")]
+        if len(analyses) < 2:
+            continue
+        pairs = [(a, b) for i, a in enumerate(analyses) for b in analyses[i + 1 :]]
+        names = [n for n in analyses[0]["measures"] if all(n in a["measures"] for a in analyses)]
+        for name in [*names, RECOMMENDED_ROW]:
+            rhos, overlaps, baselines = [], [], []
+            for a, b in pairs:
+                sa, sb = _chosen(a, name), _chosen(b, name)
+                total = len(a.get("modules") or [])
+                overlaps.append(jaccard(sa, sb))
+                baselines.append(random_jaccard(total, len(sa), len(sb)))
+                if name != RECOMMENDED_ROW:
+                    rho = spearman(_scores(a["measures"][name]), _scores(b["measures"][name]))
+                    if rho is not None:
+                        rhos.append(rho)
+            rows.append({"configuration": g["label"], "measure": name, "seeds": len(analyses), "pairs": len(pairs),
+                         "spearman_mean": statistics.fmean(rhos) if rhos else None,
+                         "spearman_min": min(rhos) if rhos else None,
+                         "jaccard_mean": statistics.fmean(overlaps), "jaccard_random": statistics.fmean(baselines)})
+    return rows
+
+
+def _scores(values: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def _chosen(analysis: dict, measure: str) -> list[str]:
+    """The recommended modules, or the top k by `measure` (k = the number recommended)."""
+    selected = list((analysis.get("budget") or {}).get("selected") or [])
+    if measure == RECOMMENDED_ROW:
+        return selected
+    scores = _scores(analysis["measures"][measure])
+    return sorted(scores, key=lambda k: -scores[k])[: len(selected)]
+
+
+def _write_stability_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(STABILITY_COLUMNS)
+        for row in rows:
+            writer.writerow(["" if row[c] is None else repr(row[c]) if isinstance(row[c], float) else row[c]
+                             for c in STABILITY_COLUMNS])
+    return path
+
+
+def _stability_cells(row: dict) -> list:
+    return [row["configuration"], row["measure"], row["seeds"], row["spearman_mean"], row["spearman_min"],
+            row["jaccard_mean"], row["jaccard_random"]]
+
+
+STABILITY_HEADERS = ["configuration", "measure", "seeds", "Spearman (mean)", "Spearman (min)", "Jaccard top-k (mean)",
+                     "Jaccard of random sets"]
+
+
 def _short(value) -> str:
     return "static" if value is None or value == "" else str(value)
 
@@ -187,17 +267,19 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     if mixed:
         logger.warning("runs use different datasets (%s): their metrics are not comparable", ", ".join(mixed))
     metric_names = _metric_order(records)
+    stability = seed_stability(groups)
     files = [_write_group_csv(out / "comparison.csv", groups, metric_names),
-             _write_runs_csv(out / "comparison_runs.csv", records, metric_names)]
+             _write_runs_csv(out / "comparison_runs.csv", records, metric_names),
+             _write_stability_csv(out / "comparison_stability.csv", stability)]
     plots, plot_missing = _draw(records, out)
     files += list(plots.values())
-    markdown = _markdown(groups, records, metric_names, mixed, skipped)
+    markdown = _markdown(groups, records, metric_names, mixed, skipped, stability)
     (out / "comparison.md").write_text(markdown)
     files.append(out / "comparison.md")
     files.append(_write_html(out / "comparison.html", groups, records, metric_names, mixed, skipped, plots,
-                             plot_missing))
+                             plot_missing, stability))
     logger.info("comparison of %d run(s) in %d configuration(s): %s", len(records), len(groups), out)
-    return CompareResult(out, files, records, groups, skipped, mixed)
+    return CompareResult(out, files, records, groups, skipped, mixed, stability)
 
 
 def _metric_order(records: list[RunRecord]) -> list[str]:
@@ -245,7 +327,7 @@ def format_stat(stat: dict | None) -> str:
     return f"{stat['mean']:.4g} ± {stat['std']:.2g} (n={stat['n']})"
 
 
-def _markdown(groups, records, metrics, mixed, skipped) -> str:
+def _markdown(groups, records, metrics, mixed, skipped, stability=()) -> str:
     lines = ["# Run comparison", "",
              "Runs that differ only by seed are one configuration: mean ± sample std (ddof=1) over seeds, n = count.",
              ""]
@@ -265,6 +347,12 @@ def _markdown(groups, records, metrics, mixed, skipped) -> str:
         cells = [r.name, r.group, str(r.seed), "yes" if r.complete else "no", *[_short(v) for v in _key_settings(r.settings)],
                  *[f"{r.metrics[m]:.4g}" if m in r.metrics else "–" for m in metrics]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if stability:
+        lines += ["", "## Seed stability of the sensitivity analysis", "",
+                  "| " + " | ".join(STABILITY_HEADERS) + " |", "|" + "---|" * len(STABILITY_HEADERS)]
+        for row in stability:
+            lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else "–" if c is None else str(c)
+                                           for c in _stability_cells(row)) + " |")
     notes = [f"- {r.name}: {', '.join(r.missing)}" for r in records if r.missing]
     if notes:
         lines += ["", "Missing files:", *notes]
@@ -283,7 +371,7 @@ def _draw(records, out: Path) -> tuple[dict, list[str]]:
     return plots, missing
 
 
-def _write_html(path, groups, records, metrics, mixed, skipped, plots, plot_missing) -> Path:
+def _write_html(path, groups, records, metrics, mixed, skipped, plots, plot_missing, stability=()) -> Path:
 
     intro = ('<p class="note">Runs that differ only by seed form one configuration: mean ± sample standard deviation '
              "(ddof=1) over its seeds, n = number of runs.</p>")
@@ -303,6 +391,11 @@ def _write_html(path, groups, records, metrics, mixed, skipped, plots, plot_miss
         title=f"lorasens comparison — {len(records)} run(s)",
         subtitle=f"{len(groups)} configuration(s) · generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
         sections=[("summary", "Configurations (mean ± std over seeds)", summary), ("runs", "Runs", runs),
+                  *([("stability", "Seed stability of the sensitivity analysis",
+                      '<p class="note">Across-seed Spearman of the module scores and Jaccard overlap of each '
+                      "measure's top-k modules (k = the number recommended), against two random sets of those "
+                      "sizes.</p>" + table(STABILITY_HEADERS, [_stability_cells(r) for r in stability],
+                                           numeric_from=2))] if stability else []),
                   ("plots", "Plots", figures + missing_box(plot_missing))],
         missing=missing,
     )

@@ -26,6 +26,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lorasens.analysis.budget import BudgetUnit
 from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import UserError, unknown_choice
 from lorasens.presets import get_preset
@@ -35,7 +36,7 @@ TARGET_ALIASES = {"attention": "attn"}
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
-BudgetUnit = Literal["modules", "params"]
+Allocate = Literal["modules", "ranks"]
 
 
 CATEGORIES = ("resumable", "reanalysable", "schedule_only", "not_a_setting")
@@ -87,6 +88,10 @@ class DataConfig:
                           key=(12, "max_length"))
     train_samples: int | None = opt(None, "Use a deterministic subset of this many training examples.")
     eval_samples: int = opt(200, "Held-out examples for validation loss and final evaluation.")
+    analysis_samples: int | None = opt(
+        None, "Examples held out of the train split for the ablation and first-order estimate (disjoint from "
+        "train, validation and test); default: the dataset's own (see `lorasens datasets`)."
+    )
     prompt_template: str | None = opt(
         None, "Prompt override, a format string over the dataset's fields, e.g. 'Dialogue: {dialogue}\\nSummary:' "
         "(see docs/GUIDE.md); default: the dataset's own template."
@@ -97,6 +102,8 @@ class DataConfig:
         _positive("eval_samples", self.eval_samples)
         if self.train_samples is not None:
             _positive("train_samples", self.train_samples)
+        if self.analysis_samples is not None:
+            _positive("analysis_samples", self.analysis_samples)
 
 
 @dataclass
@@ -161,17 +168,21 @@ class ScheduleConfig:
 class TrackingConfig:
     track_gradients: bool = opt(True, "Record per-module LoRA gradient norms.")
     grad_log_interval: int = opt(1, "Record gradient norms every N optimizer steps.")
-    track_importance: bool = opt(True, "Record first-order Taylor importance |theta * grad| (EMA-smoothed).")
+    track_importance: bool = opt(True, "Record first-order Taylor importance |theta * grad| (bias-corrected EMA).")
     track_update_magnitude: bool = opt(True, "Record ||delta W||_F = scaling * ||B A||_F per module.")
     importance_ema: float = opt(0.85, "EMA factor for importance smoothing (as AdaLoRA's beta1).")
     ablation: bool = opt(True, "Run the ablation study after training.", reanalysable=True)
     ablation_max_single: int = opt(64, "At most this many single (layer, module) ablations.", reanalysable=True)
-    budget_modules: float | None = opt(
-        None, "Recommendation budget: K modules (>= 1) or a fraction of all modules (< 1). Default: half.",
-        reanalysable=True,
+    budget: float | None = opt(
+        None, "Recommendation budget in --budget_unit: a count (>= 1) or a fraction (< 1) of the all-modules total. "
+        "Default: 0.5.", reanalysable=True,
     )
     budget_unit: BudgetUnit = opt(
-        "modules", "What --budget_modules counts: modules, or LoRA parameters (a count >= 1 or a fraction < 1).",
+        "params", "What --budget counts: LoRA parameters r*(in+out) (default), or modules.", reanalysable=True,
+    )
+    allocate: Allocate = opt(
+        "modules", "modules: LoRA on or off per module at rank --r; ranks: per-module ranks from 0,2,4,8,16,32 "
+        "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget.",
         reanalysable=True,
     )
 
@@ -179,11 +190,8 @@ class TrackingConfig:
         _positive("grad_log_interval", self.grad_log_interval)
         if not 0 < self.importance_ema < 1:
             raise UserError(f"--importance_ema must be in (0, 1), got {self.importance_ema}")
-        budget = self.budget_modules
-        if budget is not None and not budget > 0:
-            raise UserError(f"--budget_modules must be > 0 (a count >= 1 or a fraction < 1), got {budget}")
-        if budget is not None and budget > 1 and not float(budget).is_integer():
-            raise UserError(f"--budget_modules must be a whole count (>= 1) or a fraction (< 1), got {budget}")
+        check_budget(self.budget, self.budget_unit)
+        check_allocation(self.allocate, self.budget_unit)
         if self.ablation_max_single < 0:
             raise UserError(f"--ablation_max_single must be >= 0, got {self.ablation_max_single}")
 
@@ -279,6 +287,18 @@ def check_environment(cfg: ExperimentConfig) -> ExperimentConfig:
         raise UserError(f"--report_to {report_to} needs the {report_to} package (pip install {report_to}); valid "
                         "without extra packages: none, tensorboard")
     return cfg
+
+
+def check_budget(budget: float | None, unit: str) -> None:
+    if budget is not None and budget <= 0:
+        raise UserError(f"--budget must be > 0 (a count >= 1 or a fraction < 1), got {budget}")
+    if unit == "modules" and budget is not None and budget > 1 and not float(budget).is_integer():
+        raise UserError(f"--budget must be a whole count of modules (>= 1) or a fraction (< 1), got {budget}")
+
+
+def check_allocation(allocate: str, unit: str) -> None:
+    if allocate == "ranks" and unit != "params":
+        raise UserError("--allocate ranks distributes a budget of LoRA parameters; use it with --budget_unit params")
 
 
 def _positive(name: str, value: float) -> None:
@@ -431,11 +451,16 @@ def config_from_flat(values: dict[str, Any], preset: str | None = None) -> Exper
     return check_environment(cfg)
 
 
+# Fields renamed since runs were first written: config.json of an older run still loads (old name -> new name).
+RENAMED_FIELDS = {"budget_modules": "budget"}
+
+
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     """Rebuild the config a run wrote to `config.json` (fields are checked again; the environment is not: the run
     already did, and a run made elsewhere can still be reported on)."""
+    sections = {name: {RENAMED_FIELDS.get(k, k): v for k, v in (data.get(name) or {}).items()} for name in SECTIONS}
     return ExperimentConfig(
-        **{name: SECTIONS[name](**data.get(name, {})) for name in SECTIONS}, preset=data.get("preset")
+        **{name: SECTIONS[name](**sections[name]) for name in SECTIONS}, preset=data.get("preset")
     )
 
 

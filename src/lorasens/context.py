@@ -26,7 +26,8 @@ class RunContext:
     lora: list[LoraParams]  # every LoRA module of the run, module-map order
     state: RunState  # the current phase, shared by the callbacks
     schedule: Schedule | None  # None for a static run
-    val_features: list[dict]  # tokenised validation examples (loss, ablation)
+    val_features: list[dict]  # tokenised validation examples (validation loss, best checkpoint)
+    analysis_features: list[dict] = field(default_factory=list)  # the analysis split (ablation, first-order)
     trainer: Trainer | None = None  # set once built; callbacks may rely on it from on_train_begin
     summary: dict = field(default_factory=dict)  # summary.json so far: each after-training step adds to it
 

@@ -32,7 +32,8 @@ PRESETS["quickstart"] = (
         "model": "smollm2-135m", "dataset": "synthetic", "target": "both", "r": 8, "lora_alpha": 16,
         "batch_size": 4, "max_steps": 30, "lr": 1e-3, "warmup_steps": 0, "max_length": 96, "eval_steps": 10,
         "save_steps": 0, "eval_samples": 16, "train_samples": 600, "eval_batch_size": 16, "max_new_tokens": 40,
-        "phase_strategy": "both->mlp->attn", "dynamic_lora": True, "ablation_max_single": 0,
+        "phase_strategy": "both->mlp->attn", "dynamic_lora": True, "ablation_max_single": 16,
+        "analysis_samples": 96,
     },
 )
 

@@ -305,13 +305,45 @@ def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
         rows.append(row)
     text = (f'<p class="note">Most sensitive modules first (score in brackets), top {depth} of '
             f"{len(data.get('modules') or [])}, per measure.</p>" + table(["rank"] + names, rows, numeric_from=99))
+    measured = data.get("measured_under") or {}
+    if measured.get("note") or measured.get("probe"):
+        text += f'<p class="note">Measured under: {esc(measured.get("note") or "probe run " + str(measured["source"]))}</p>'
+    size = data.get("size_correlation") or {}
+    if size:
+        raw, per = size.get("raw") or {}, size.get("per_param") or {}
+        text += ("<h3>Size confound: Spearman ρ of each measure with the module's LoRA parameter count</h3>"
+                 '<p class="note">Near 1 = the measure mostly follows module size; the per-parameter version divides '
+                 "by r·(in+out).</p>" + table(["measure", "raw", "per parameter"],
+                                              [[k, raw.get(k), per.get(k)] for k in raw]))
+    first_order = data.get("first_order_agreement")
+    if first_order:
+        text += (f'<p class="note">First-order estimate −⟨B, ∂L/∂B⟩ vs measured ablation over '
+                 f'{first_order.get("modules")} modules: Spearman {fmt(first_order.get("spearman"))}, '
+                 f'Pearson {fmt(first_order.get("pearson"))}.</p>')
+    ablation = data.get("ablation") or {}
+    if ablation.get("delta_ci"):
+        deltas = measures.get("ablation") or {}
+        order = sorted(ablation["delta_ci"], key=lambda k: -(deltas.get(k) or 0))[:RANKING_TOP]
+        wide = set(ablation.get("wide_rank_interval") or [])
+        rows = [[k, deltas.get(k), f"[{fmt(ablation['delta_ci'][k][0])}, {fmt(ablation['delta_ci'][k][1])}]",
+                 "{}–{}{}".format(*ablation["rank_interval"][k], " (wide)" if k in wide else "")] for k in order]
+        text += (f"<h3>Ablation with uncertainty ({ablation.get('examples')} analysis examples, "
+                 f"{ablation.get('target_tokens')} target tokens)</h3>"
+                 f'<p class="note">Bootstrap {int(100 * ablation.get("confidence", 0.95))}% intervals, paired over '
+                 "examples; rank interval over the bootstrap replicates.</p>"
+                 + table(["module", "Δ loss", "95% CI", "rank interval"], rows, numeric_from=1))
     agreement = data.get("agreement") or {}
     if agreement:
         text += "<h3>Agreement between measures (Spearman ρ)</h3>" + table(
             ["measures", "ρ"], [[k, v] for k, v in agreement.items()])
     budget = data.get("budget")
     if isinstance(budget, dict):
-        rows = [[k, ", ".join(map(str, v)) if isinstance(v, list) else v] for k, v in budget.items()]
+        def cell_of(v):
+            if isinstance(v, dict):
+                return ", ".join(f"{k}: {x}" for k, x in v.items())
+            return ", ".join(map(str, v)) if isinstance(v, list) else v
+
+        rows = [[k, cell_of(v)] for k, v in budget.items()]
         text += "<h3>Budget</h3>" + table(["quantity", "value"], rows, numeric_from=99)
     elif budget is not None:
         text += f'<p class="note">Budget: {esc(json.dumps(budget))}</p>'

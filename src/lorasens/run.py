@@ -19,7 +19,7 @@ from lorasens.analysis.callbacks import analysis_callbacks
 from lorasens.config import ExperimentConfig, resumable_fields, save_config
 from lorasens.context import AfterTrainingStep, RunContext
 from lorasens.data.features import build_features
-from lorasens.data.registry import get_dataset_spec, load_examples
+from lorasens.data.registry import get_dataset_spec, load_examples, training_splits
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
 from lorasens.evaluation import runner
@@ -79,13 +79,17 @@ def run_experiment(
         lora_modules = schedule.all_modules(module_map)
     else:
         lora_modules = targets_for(module_map, cfg.lora.target)
-    train_examples = load_examples(cfg.data.dataset, "train", cfg.data.data_dir, cfg.training.seed, cfg.data.train_samples)
+    # The analysis split (ablation, first-order estimate) is held out of train, disjoint from validation and test.
+    train_examples, analysis_examples = training_splits(cfg.data.dataset, cfg.data.data_dir, cfg.training.seed,
+                                                        cfg.data.train_samples, cfg.data.analysis_samples)
     val_examples = load_examples(cfg.data.dataset, "validation", cfg.data.data_dir, cfg.training.seed, cfg.data.eval_samples)
     # --prompt_template: the same prompts for training, validation loss and evaluation.
     train_examples = apply_prompt_template(train_examples, cfg.data.prompt_template, cfg.data.dataset)
     val_examples = apply_prompt_template(val_examples, cfg.data.prompt_template, cfg.data.dataset)
+    analysis_examples = apply_prompt_template(analysis_examples, cfg.data.prompt_template, cfg.data.dataset)
     train_features, train_stats = build_features(train_examples, loaded.tokenizer, cfg.data.max_length, "train")
     val_features, val_stats = build_features(val_examples, loaded.tokenizer, cfg.data.max_length, "validation")
+    analysis_features, _ = build_features(analysis_examples, loaded.tokenizer, cfg.data.max_length, "analysis")
     if not train_features:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
     if cfg.evaluation.evaluate and get_dataset_spec(cfg.data.dataset).evaluation.needs_meteor:
@@ -109,7 +113,7 @@ def run_experiment(
         set_trainable(model, lora, lora_modules)
         ctx = RunContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=loaded.tokenizer, module_map=module_map,
                          lora=lora, state=RunState(phase=cfg.lora.target), schedule=schedule,
-                         val_features=val_features)
+                         val_features=val_features, analysis_features=analysis_features)
         best = BestAdapterCallback(lambda: get_peft_model_state_dict(model))
         trainer_callbacks = [TrainLogCallback(run_dir, ctx.state), best]
         if schedule is not None:

@@ -97,10 +97,38 @@ def build_trainer(
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        # eval_loss as a token-weighted mean over the whole validation set (see `token_weighted_eval_loss`).
+        compute_metrics=token_weighted_eval_loss,
+        preprocess_logits_for_metrics=target_token_losses,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgressCallback())
     return trainer
+
+
+def target_token_losses(logits, labels: torch.Tensor) -> torch.Tensor:
+    """Per row of an eval batch: (sum of the next-token cross-entropies over its target tokens, their count).
+
+    Reduces the (rows, width, vocab) logits to (rows, 2) before the Trainer gathers them across batches.
+    """
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    shifted = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="none").view(shifted.shape)
+    return torch.stack([nll.sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1).float()], dim=1)
+
+
+def token_weighted_eval_loss(prediction) -> dict[str, float]:
+    """eval_loss = sum of target-token losses / number of target tokens over the whole validation set.
+
+    The Trainer's own eval_loss is the mean of per-batch token means weighted by batch size, which depends on how
+    the examples fall into batches; this is the convention of training (the loss divided by num_items_in_batch),
+    of the ablation and of `lorasens validate`. The Trainer (5.x) prefixes the keys of compute_metrics after it
+    sets its own `eval_loss`, so this "loss" replaces it (pinned by a test).
+    """
+    parts = prediction.predictions
+    return {"loss": float(parts[:, 0].sum() / parts[:, 1].sum())}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

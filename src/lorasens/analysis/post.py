@@ -10,29 +10,52 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lorasens.analysis.ablation import ablation_max_tokens, run_ablation, validation_batches
-from lorasens.analysis.csvlog import BufferedCsv
+from lorasens.analysis.budget import (
+    DEFAULT_BUDGET,
+    ModuleSize,
+    allocate_ranks,
+    budget_limit,
+    rank_allocation_config,
+    select_within_budget,
+)
+from lorasens.analysis.csvlog import BufferedCsv, read_rows
+from lorasens.analysis.first_order import first_order_estimates
 from lorasens.analysis.measures import update_magnitudes
 from lorasens.analysis.sensitivity import (
     COMBINED,
     agreement,
     combined_scores,
+    full_coverage,
     grad_norm_scores,
     importance_scores,
     key_of,
+    module_sizes,
+    per_parameter,
     ranking,
     recommended_lora_config,
-    select_budget,
+    size_correlation,
 )
-from lorasens.config import ExperimentConfig, with_overrides
+from lorasens.analysis.stats import (
+    BOOTSTRAP_SAMPLES,
+    CONFIDENCE,
+    bootstrap_deltas,
+    rank_interval_is_wide,
+    spearman,
+)
+from lorasens.config import ExperimentConfig, config_from_dict, with_overrides
 from lorasens.context import RunContext
 from lorasens.data.features import build_features
-from lorasens.data.registry import load_examples
+from lorasens.data.registry import training_splits
+from lorasens.data.templates import apply_prompt_template
+from lorasens.errors import UserError
 from lorasens.lora import LoraParams
 from lorasens.module_map import ModuleMap
 from lorasens.rundir import files
+from lorasens.rundir.files import CONFIG_FILE
 from lorasens.rundir.load import load_run
 
 logger = logging.getLogger(__name__)
@@ -42,95 +65,228 @@ TOP_IN_SUMMARY = 5
 
 def analyze_after_training(ctx: RunContext) -> dict:
     """Step after training in run_experiment (main process only)."""
-    return analyze(ctx.run_dir, ctx.cfg, ctx.model, ctx.module_map, ctx.lora, ctx.val_features, ctx.tokenizer)
+    return analyze(ctx.run_dir, ctx.cfg, ctx.model, ctx.module_map, ctx.lora, ctx.analysis_features, ctx.tokenizer)
+
+
+def training_measures(source: Path, keys: list[str], lora: list[LoraParams] | None) -> dict[str, dict[str, float]]:
+    """grad_norm, importance and update_magnitude recorded by the run in `source`.
+
+    update_magnitude comes from `lora` (the final adapter) when given, else from the last row per module of the
+    source's update_magnitude.csv (a probe run's adapter is not loaded).
+    """
+    measures: dict[str, dict[str, float]] = {}
+    if (source / files.MODULE_NORMS).exists():
+        measures["grad_norm"] = grad_norm_scores(source)
+    if (source / files.IMPORTANCE).exists():
+        measures["importance"] = importance_scores(source)
+    if lora is not None:
+        measures["update_magnitude"] = dict(zip(keys, update_magnitudes(lora).cpu().double().tolist()))
+    elif (source / files.UPDATE_MAGNITUDE).exists():
+        last: dict[str, float] = {}
+        for row in read_rows(source / files.UPDATE_MAGNITUDE):
+            if row["delta_w_norm"] != "":
+                last[files.module_key(int(row["layer"]), row["module"])] = float(row["delta_w_norm"])
+        measures["update_magnitude"] = last
+    return {name: {k: scores[k] for k in keys if k in scores} for name, scores in measures.items()}
 
 
 def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module_map: ModuleMap,
-            lora: list[LoraParams], val_features: list[dict] | None, tokenizer) -> dict:
-    """Write sensitivity_ablation.csv (if cfg.tracking.ablation), sensitivity.json, recommended_lora_config.json."""
+            lora: list[LoraParams], analysis_features: list[dict] | None, tokenizer, probe: Path | None = None) -> dict:
+    """Write sensitivity_ablation.csv (if cfg.tracking.ablation), sensitivity.json, recommended_lora_config.json.
+
+    `analysis_features`: the analysis split (held out of train; disjoint from validation and test), on which the
+    first-order estimate and the ablation are computed. `probe`: a run directory whose training-time measures
+    replace this run's (`lorasens analyze --probe`).
+    """
     run_dir = Path(run_dir)
     tracking = cfg.tracking
     keys = [key_of(lp.module) for lp in lora]
-    measures: dict[str, dict[str, float]] = {}
-    if (run_dir / files.MODULE_NORMS).exists():
-        measures["grad_norm"] = grad_norm_scores(run_dir)
-    if (run_dir / files.IMPORTANCE).exists():
-        measures["importance"] = importance_scores(run_dir)
-    measures["update_magnitude"] = dict(zip(keys, update_magnitudes(lora).cpu().double().tolist()))
-    measures = {name: {k: scores[k] for k in keys if k in scores} for name, scores in measures.items()}
+    sizes = module_sizes(lora)
+    params = {s.key: s.params(cfg.lora.r) for s in sizes}
+    measures = training_measures(probe, keys, None) if probe else training_measures(run_dir, keys, lora)
+    measured_under = _measured_under(cfg, probe)
 
-    ablation_rows = None
+    batches = None
+    if analysis_features:
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        max_tokens = ablation_max_tokens(model, module_map.num_layers)
+        batches = validation_batches(analysis_features, None, pad, device, max_tokens=max_tokens)
+        # The backward keeps every layer's activations: smaller batches than the no-grad ablation passes.
+        grad_batches = validation_batches(analysis_features, None, pad, device, max_tokens=max(256, max_tokens // 8))
+        measures["first_order"] = dict(zip(keys, first_order_estimates(model, lora, grad_batches)))
+    else:
+        logger.warning("first-order estimate and ablation skipped: no analysis examples")
+
+    scale = "per_param" if tracking.budget_unit == "params" else "raw"
+    ranked_by = full_coverage(keys, measures)
+    combined = combined_scores(keys, _on_scale(measures, params, scale, ranked_by))
+
+    ablation: dict = {}
     ablation_info: dict = {}
-    if tracking.ablation:
-        if not val_features:
-            logger.warning("ablation skipped: no validation examples")
-        else:
-            # Single-module ablations within the budget: the modules the other measures rank highest.
-            order = ranking(combined_scores(keys, measures))
-            by_key = {key_of(lp.module): lp.module for lp in lora}
-            singles = [by_key[k] for k in order[: tracking.ablation_max_single]]
-            device = next(model.parameters()).device
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            # As many examples per pass as memory allows (sorted by length, so padding stays small).
-            batches = validation_batches(val_features, None, pad, device,
-                                         max_tokens=ablation_max_tokens(model, module_map.num_layers))
-            result = run_ablation(model, lora, batches, singles, layers_path=module_map.layers_path,
-                                  num_examples=len(val_features))
-            ablation_rows = result.rows()
-            ablation_info = {"ablation_time_s": round(result.wall_time_s, 2), "ablation_method": result.method,
-                             "ablation_sets": len(result.sets), "ablation_batches": len(batches)}
-            writer = BufferedCsv(run_dir / files.ABLATION, files.ABLATION_COLUMNS)
-            writer.start(0)
-            for row in ablation_rows:
-                writer.add(row.values())
-            writer.flush()
-            measures["ablation"] = {files.module_key(row.layer, row.module): row.delta_loss
-                                    for row in ablation_rows if row.kind == "module"}
+    if tracking.ablation and batches:
+        # Single-module ablations within the limit: the modules the other measures rank highest.
+        by_key = {key_of(lp.module): lp.module for lp in lora}
+        singles = [by_key[k] for k in ranking(combined)[: tracking.ablation_max_single]]
+        result = run_ablation(model, lora, batches, singles, layers_path=module_map.layers_path,
+                              num_examples=len(analysis_features))
+        ablation, rows = _ablation_uncertainty(result)
+        ablation_info = {"ablation_time_s": round(result.wall_time_s, 2), "ablation_method": result.method,
+                         "ablation_sets": len(result.sets), "ablation_batches": len(batches)}
+        writer = BufferedCsv(run_dir / files.ABLATION, files.ABLATION_COLUMNS)
+        writer.start(0)
+        for row in rows:
+            writer.add(row)
+        writer.flush()
+        measures["ablation"] = ablation.pop("deltas")
+        if "ablation" in full_coverage(keys, {"ablation": measures["ablation"]}):
+            ranked_by = full_coverage(keys, measures)
+            combined = combined_scores(keys, _on_scale(measures, params, scale, ranked_by))
 
-    combined = combined_scores(keys, measures)
-    selected = select_budget(lora, combined, tracking.budget_modules, tracking.budget_unit)
-    lora_config = recommended_lora_config(selected, module_map, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
+    budget, lora_config = _recommend(cfg, module_map, lora, sizes, combined)
+    budget.update({"ranked_by": ranked_by, "ranking_scale": scale})
     (run_dir / files.RECOMMENDED_CONFIG).write_text(json.dumps(lora_config, indent=2) + "\n")
 
-    sizes = {key_of(lp.module): lp.A.numel() + lp.B.numel() for lp in lora}
-    selected_keys = [key_of(m) for m in selected]
-    budget = {
-        "unit": tracking.budget_unit,
-        "value": tracking.budget_modules if tracking.budget_modules is not None else 0.5,
-        "ranked_by": f"{COMBINED}: mean normalised rank over {', '.join(measures)}",
-        "selected": selected_keys,
-        "num_selected": len(selected),
-        "num_modules": len(lora),
-        "params_selected": sum(sizes[k] for k in selected_keys),
-        "params_total": sum(sizes.values()),
-    }
+    per_param = {name: per_parameter(scores, params) for name, scores in measures.items()}
     all_measures = {**measures, COMBINED: combined}
     sensitivity = {
-        "modules": [{"key": key_of(lp.module), "layer": lp.module.layer, "group": lp.module.group,
-                     "module": lp.module.module_type} for lp in lora],
+        "modules": [{"key": s.key, "layer": lp.module.layer, "group": lp.module.group, "module": lp.module.module_type,
+                     "in_features": s.in_features, "out_features": s.out_features, "lora_params": params[s.key]}
+                    for s, lp in zip(sizes, lora)],
         "measures": {name: _finite(scores) for name, scores in all_measures.items()},
+        "measures_per_param": {name: _finite(scores) for name, scores in per_param.items()},
         "rankings": {name: ranking(scores) for name, scores in all_measures.items()},
         "agreement": agreement(measures),
+        "size_correlation": {"raw": size_correlation(measures, params),
+                             "per_param": size_correlation(per_param, params)},
+        "measured_under": measured_under,
         "budget": budget,
+        "loss_convention": LOSS_CONVENTION,
         "gradient_timing": "gradient norms and importance use the gradient backward produced for each optimizer "
                            "step: after accumulation and the DDP all-reduce, before clipping",
     }
-    if ablation_rows is not None:
-        sensitivity["ablation_reference_loss"] = ablation_rows[0].loss
+    if "first_order" in measures and "ablation" in measures:
+        sensitivity["first_order_agreement"] = _first_order_agreement(measures["first_order"], measures["ablation"])
+    if ablation:
+        sensitivity["ablation"] = ablation
+        sensitivity["ablation_reference_loss"] = ablation["reference_loss"]
     (run_dir / files.SENSITIVITY).write_text(json.dumps(sensitivity, indent=2) + "\n")
-    logger.info("sensitivity: top modules %s; recommended LoRA on %d of %d modules (%s)",
-                ", ".join(sensitivity["rankings"][COMBINED][:TOP_IN_SUMMARY]), len(selected), len(lora),
+    top = sensitivity["rankings"][COMBINED][:TOP_IN_SUMMARY]
+    logger.info("sensitivity: top modules %s; recommended %s (%s)", ", ".join(top), describe_budget(budget),
                 files.RECOMMENDED_CONFIG)
     return {
-        "recommendation": {"file": files.RECOMMENDED_CONFIG, "modules": selected_keys,
-                           "num_selected": len(selected), "num_modules": len(lora),
-                           "target_modules": lora_config["target_modules"],
+        "recommendation": {"file": files.RECOMMENDED_CONFIG, "modules": budget["selected"],
+                           "description": describe_budget(budget),
+                           "num_selected": budget["num_selected"], "num_modules": len(lora),
+                           "params_used": budget["params_used"], "params_budget": budget["params_budget"],
+                           "allocate": budget["allocate"], "target_modules": lora_config["target_modules"],
                            **({"layers_to_transform": lora_config["layers_to_transform"]}
                               if "layers_to_transform" in lora_config else {})},
-        "sensitivity_top": sensitivity["rankings"][COMBINED][:TOP_IN_SUMMARY],
+        "sensitivity_top": top,
         "sensitivity_agreement": sensitivity["agreement"],
         **ablation_info,
     }
+
+
+def describe_budget(budget: dict) -> str:
+    """One line: how many modules, and how many LoRA parameters of the budget, the recommendation uses."""
+    text = f"LoRA on {budget['num_selected']} of {budget['num_modules']} modules, {budget['params_used']} LoRA parameters"
+    if budget.get("params_budget"):
+        text += f" of a budget of {budget['params_budget']:.0f} ({100 * budget['params_used'] / budget['params_budget']:.1f}%)"
+    else:
+        text += f" ({100 * budget['params_used'] / budget['params_total']:.1f}% of all modules' total)"
+    return text + (", per-module ranks" if budget.get("allocate") == "ranks" else "")
+
+
+LOSS_CONVENTION = ("token-weighted mean next-token cross-entropy over the target tokens (sum of target-token "
+                   "losses / number of target tokens), as the Trainer's training loss with num_items_in_batch")
+
+
+def _on_scale(measures: dict[str, dict[str, float]], params: dict[str, int], scale: str,
+              names: list[str]) -> dict[str, dict[str, float]]:
+    """The measures `names` on the ranking scale: raw, or per LoRA parameter."""
+    return {n: per_parameter(measures[n], params) if scale == "per_param" else measures[n] for n in names}
+
+
+def _measured_under(cfg: ExperimentConfig, probe: Path | None) -> dict:
+    """Where grad_norm/importance/update_magnitude come from, and whether a phase schedule confounds them."""
+    if probe is not None:
+        probe_cfg = config_from_dict(json.loads((probe / CONFIG_FILE).read_text()))
+        return {"source": str(probe), "phase_strategy": probe_cfg.schedule.phase_strategy, "probe": True}
+    strategy = cfg.schedule.phase_strategy
+    info = {"source": "this run", "phase_strategy": strategy, "probe": False}
+    if strategy:
+        info["note"] = ("measured under a phase schedule: modules trained different steps at different learning "
+                        "rates, so grad_norm, importance and update_magnitude compare modules of different phases "
+                        "unfairly; `lorasens analyze RUN_DIR --probe STATIC_RUN_DIR` takes them from a static run")
+        logger.warning("sensitivity measures were taken under the phase schedule %s; see measured_under in %s",
+                       strategy, files.SENSITIVITY)
+    return info
+
+
+def _ablation_uncertainty(result) -> tuple[dict, list[tuple]]:
+    """Bootstrap CIs of every ablation delta and rank intervals of the single modules; the CSV rows."""
+    rows = result.rows()
+    module_sets = [i for i, s in enumerate(result.sets) if s.kind == "module"]
+    sums = result.loss_sums.numpy()
+    boot = bootstrap_deltas(sums[0], sums, result.token_counts.numpy(), ranked=module_sets)
+    rank_of = {i: j for j, i in enumerate(module_sets)}
+    csv_rows, ci, intervals, deltas = [], {}, {}, {}
+    for i, row in enumerate(rows):
+        rank = (int(boot.rank[rank_of[i]]), int(boot.rank_low[rank_of[i]]), int(boot.rank_high[rank_of[i]])) \
+            if i in rank_of else (None, None, None)
+        csv_rows.append((*row.values(), float(boot.low[i]), float(boot.high[i]), *rank))
+        if row.kind == "module":
+            key = files.module_key(row.layer, row.module)
+            deltas[key] = row.delta_loss
+            ci[key] = [float(boot.low[i]), float(boot.high[i])]
+            intervals[key] = [rank[1], rank[2]]
+    wide = [k for k, (lo, hi) in intervals.items() if rank_interval_is_wide(lo, hi, len(intervals))]
+    info = {"reference_loss": rows[0].loss, "examples": int(sums.shape[1]),
+            "target_tokens": int(result.token_counts.sum()), "confidence": CONFIDENCE,
+            "bootstrap_samples": BOOTSTRAP_SAMPLES, "delta_ci": ci, "rank_interval": intervals,
+            "wide_rank_interval": wide, "deltas": deltas}
+    return info, csv_rows
+
+
+def _first_order_agreement(estimate: dict[str, float], measured: dict[str, float]) -> dict:
+    common = [k for k in measured if k in estimate]
+    pearson = None
+    if len(common) >= 3:
+        x, y = [estimate[k] for k in common], [measured[k] for k in common]
+        if np.std(x) > 0 and np.std(y) > 0:
+            pearson = float(np.corrcoef(x, y)[0, 1])
+    return {"modules": len(common), "spearman": spearman(estimate, measured), "pearson": pearson}
+
+
+def _recommend(cfg: ExperimentConfig, module_map: ModuleMap, lora: list[LoraParams], sizes: list[ModuleSize],
+               combined: dict[str, float]) -> tuple[dict, dict]:
+    """The budget summary for sensitivity.json and the recommended LoraConfig keyword arguments."""
+    tracking, r = cfg.tracking, cfg.lora.r
+    by_key = {key_of(lp.module): lp.module for lp in lora}
+    params_total = sum(s.params(r) for s in sizes)
+    budget = {"unit": tracking.budget_unit, "value": tracking.budget if tracking.budget is not None else DEFAULT_BUDGET,
+              "allocate": tracking.allocate, "num_modules": len(lora), "params_total": params_total}
+    if tracking.allocate == "ranks":
+        limit = budget_limit(tracking.budget, "params", sizes, r)
+        ranks = allocate_ranks(sizes, combined, limit)
+        chosen = [s.key for s in sizes if ranks[s.key] > 0]
+        base = recommended_lora_config([by_key[k] for k in chosen], module_map, r, cfg.lora.lora_alpha,
+                                       cfg.lora.lora_dropout)
+        config = rank_allocation_config(base, {by_key[k].name: ranks[k] for k in chosen})
+        used = sum(s.params(ranks[s.key]) for s in sizes)
+        budget.update({"limit": limit, "used": used, "params_budget": limit, "params_used": used,
+                       "used_fraction": used / limit, "ranks": {k: ranks[k] for k in chosen}})
+    else:
+        selection = select_within_budget(sizes, combined, tracking.budget, tracking.budget_unit, r)
+        chosen = list(selection.keys)
+        config = recommended_lora_config([by_key[k] for k in chosen], module_map, r, cfg.lora.lora_alpha,
+                                         cfg.lora.lora_dropout)
+        budget.update(selection.as_dict())
+        # A budget of modules has no parameter limit: the parameters it takes depend on which modules win.
+        budget["params_budget"] = selection.limit if tracking.budget_unit == "params" else None
+    budget.update({"selected": chosen, "num_selected": len(chosen)})
+    return budget, config
 
 
 def _finite(scores: dict[str, float]) -> dict[str, float | None]:
@@ -138,15 +294,23 @@ def _finite(scores: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if v != v else v) for k, v in scores.items()}
 
 
-def analyze_run(run_dir: str | Path, overrides: dict | None = None) -> dict:
+def analyze_run(run_dir: str | Path, overrides: dict | None = None, probe: str | Path | None = None) -> dict:
     """`lorasens analyze`: rebuild a finished run's model and re-run the analysis with optional overrides
     (flat field -> value, fields marked `reanalysable`; checked like any config)."""
     run_dir = Path(run_dir)
     loaded = load_run(run_dir)
     cfg = with_overrides(loaded.cfg, overrides or {})
-    val_features = None
-    if cfg.tracking.ablation:
-        examples = load_examples(cfg.data.dataset, "validation", cfg.data.data_dir, cfg.training.seed,
-                                 cfg.data.eval_samples)
-        val_features, _ = build_features(examples, loaded.tokenizer, cfg.data.max_length, "validation")
-    return analyze(run_dir, cfg, loaded.model, loaded.module_map, loaded.lora, val_features, loaded.tokenizer)
+    probe_dir = None
+    if probe is not None:
+        probe_dir = Path(probe)
+        if not (probe_dir / CONFIG_FILE).exists():
+            raise UserError(f"--probe {probe_dir} is not a lorasens run directory (no {CONFIG_FILE})")
+        probe_cfg = config_from_dict(json.loads((probe_dir / CONFIG_FILE).read_text()))
+        if probe_cfg.model.model != cfg.model.model:
+            raise UserError(f"--probe {probe_dir} trained {probe_cfg.model.model}, the run {cfg.model.model}: "
+                            "a probe must use the same model")
+    _, examples = training_splits(cfg.data.dataset, cfg.data.data_dir, cfg.training.seed, cfg.data.train_samples,
+                                  cfg.data.analysis_samples)
+    examples = apply_prompt_template(examples, cfg.data.prompt_template, cfg.data.dataset)
+    features, _ = build_features(examples, loaded.tokenizer, cfg.data.max_length, "analysis")
+    return analyze(run_dir, cfg, loaded.model, loaded.module_map, loaded.lora, features, loaded.tokenizer, probe_dir)

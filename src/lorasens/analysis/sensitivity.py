@@ -3,11 +3,15 @@
 Every measure is "higher = the module matters more":
 - grad_norm: mean over the recorded steps of the module's gradient norm sqrt(|grad A|^2 + |grad B|^2), counting
   only steps where it was trainable;
-- importance: the last EMA-smoothed first-order Taylor importance sum(|theta * grad|) recorded for the module;
+- importance: the last bias-corrected EMA of the first-order Taylor importance sum(|theta * grad|);
 - update_magnitude: ||delta W||_F of the final adapter;
-- ablation: validation loss increase when only this module's LoRA is switched off.
-The recommendation ranks modules by the mean of their normalised ranks over the measures available for them (so
-one measure's scale or outliers cannot dominate) and fills the budget from the top.
+- first_order: -<B, dL/dB> = -<dL/dW, delta W> on the analysis split, the linear prediction of the ablation delta;
+- ablation: analysis-split loss increase when only this module's LoRA is switched off (measured).
+Each is also reported per LoRA parameter (divided by r * (in + out)): the budget is counted in LoRA parameters, so
+value per parameter is what a budget buys (the greedy knapsack order), and it removes the size advantage of wide
+modules. The recommendation ranks modules by the mean of their normalised ranks over the measures that score
+*every* module (a measure with partial coverage, e.g. ablation of the top 64 only, would put the modules it covers
+on a different scale than the rest) and fills the budget from the top.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lorasens.rundir import files
+from lorasens.analysis.budget import ModuleSize
 from lorasens.analysis.csvlog import read_rows
-from lorasens.errors import UserError, unknown_choice
+from lorasens.analysis.stats import spearman
 from lorasens.lora import LoraParams
 from lorasens.module_map import LoraModule, ModuleMap
+from lorasens.rundir import files
 
-MEASURES = ("grad_norm", "importance", "update_magnitude", "ablation")
+MEASURES = ("grad_norm", "importance", "update_magnitude", "first_order", "ablation")
 COMBINED = "combined"
 
 
@@ -55,6 +60,27 @@ def importance_scores(run_dir: Path) -> dict[str, float]:
     return last
 
 
+def module_sizes(lora: Sequence[LoraParams]) -> list[ModuleSize]:
+    """Input and output widths of every LoRA module (A is r x in, B is out x r), keyed like the measures."""
+    return [ModuleSize(key_of(lp.module), int(lp.A.shape[1]), int(lp.B.shape[0])) for lp in lora]
+
+
+def per_parameter(scores: dict[str, float], params: dict[str, int]) -> dict[str, float]:
+    """Each score divided by the module's LoRA parameter count."""
+    return {k: v / params[k] for k, v in scores.items()}
+
+
+def size_correlation(measures: dict[str, dict[str, float]], params: dict[str, int]) -> dict[str, float | None]:
+    """Spearman correlation of each measure with the modules' LoRA parameter counts (None if undefined)."""
+    return {name: spearman(scores, params) for name, scores in measures.items()}
+
+
+def full_coverage(keys: Sequence[str], measures: dict[str, dict[str, float]]) -> list[str]:
+    """The measures that give a finite score to every module."""
+    return [name for name, scores in measures.items()
+            if all(k in scores and scores[k] is not None and not math.isnan(scores[k]) for k in keys)]
+
+
 def ranking(scores: dict[str, float]) -> list[str]:
     """Keys by decreasing score (NaN left out); ties keep the module-map order of `scores`."""
     present = [(k, v) for k, v in scores.items() if not math.isnan(v)]
@@ -63,20 +89,11 @@ def ranking(scores: dict[str, float]) -> list[str]:
 
 def agreement(measures: dict[str, dict[str, float]]) -> dict[str, float | None]:
     """Spearman rank correlation for every pair of measures, over the modules both score (None if undefined)."""
-    from scipy.stats import spearmanr
-
     result: dict[str, float | None] = {}
     names = [m for m in MEASURES if m in measures]
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            common = [k for k in measures[a] if k in measures[b] and not math.isnan(measures[a][k])
-                      and not math.isnan(measures[b][k])]
-            x = [measures[a][k] for k in common]
-            y = [measures[b][k] for k in common]
-            rho = None
-            if len(common) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
-                rho = float(spearmanr(x, y).statistic)
-            result[f"{a}~{b}"] = rho
+            result[f"{a}~{b}"] = spearman(measures[a], measures[b])
     return result
 
 
@@ -95,33 +112,6 @@ def combined_scores(keys: Sequence[str], measures: dict[str, dict[str, float]]) 
             sums[k] += (r - 1) / (len(present) - 1) if len(present) > 1 else 1.0
             counts[k] += 1
     return {k: sums[k] / counts[k] if counts[k] else math.nan for k in keys}
-
-
-def select_budget(lora: Sequence[LoraParams], scores: dict[str, float], budget: float | None,
-                  unit: str) -> list[LoraModule]:
-    """The top modules by `scores` within the budget (default: half the modules), in module-map order."""
-    modules = [lp.module for lp in lora]
-    if not modules:
-        raise UserError("the run has no LoRA modules to recommend from")
-    budget = 0.5 if budget is None else budget
-    order = sorted(range(len(modules)), key=lambda i: (-np.nan_to_num(scores[key_of(modules[i])], nan=-1.0), i))
-    if unit == "modules":
-        if budget > 1 and not float(budget).is_integer():
-            raise UserError(f"--budget_modules must be a whole count (>= 1) or a fraction (< 1), got {budget}")
-        count = int(budget) if budget >= 1 else max(1, round(budget * len(modules)))
-        chosen = order[: min(count, len(modules))]
-    elif unit == "params":
-        sizes = [lp.A.numel() + lp.B.numel() for lp in lora]
-        limit = budget if budget >= 1 else budget * sum(sizes)
-        chosen, used = [], 0
-        for i in order:
-            if used + sizes[i] <= limit:
-                chosen.append(i)
-                used += sizes[i]
-        chosen = chosen or order[:1]  # the single best module even if it alone exceeds the budget
-    else:
-        raise unknown_choice("budget unit", unit, ("modules", "params"))
-    return [modules[i] for i in sorted(chosen)]
 
 
 def recommended_lora_config(selected: Sequence[LoraModule], module_map: ModuleMap, r: int, alpha: float,

@@ -12,6 +12,9 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `lorasens train`.")
     # The settings of the run's config.json that may be changed for a re-analysis (same flag names as `train`).
     add_config_flags(p, names=fields_with("reanalysable"), help_suffix=" (Overrides the run's setting.)")
+    p.add_argument("--probe", metavar="PROBE_RUN_DIR", default=None,
+                   help="Take the training-time measures (grad_norm, importance, update_magnitude) from this separate "
+                        "static run of the same model instead (e.g. when RUN_DIR trained under a phase schedule).")
     p.set_defaults(func=run, _subparser=p)
 
 
@@ -21,10 +24,9 @@ def run(args) -> int:
     from lorasens.analysis.post import analyze_run
 
     # Overrides are applied with the config's own checks (a bad value is a one-line error).
-    result = analyze_run(args.run_dir, config_overrides(args))
+    result = analyze_run(args.run_dir, config_overrides(args), probe=args.probe)
     rec = result["recommendation"]
     print(f"top modules: {', '.join(result['sensitivity_top'])}")
     print(f"agreement (Spearman): {json.dumps(result['sensitivity_agreement'])}")
-    print(f"recommended: LoRA on {rec['num_selected']} of {rec['num_modules']} modules -> "
-          f"{args.run_dir}/{rec['file']}")
+    print(f"recommended: {rec['description']} -> {args.run_dir}/{rec['file']}")
     return 0

@@ -24,7 +24,7 @@ def list_presets(args) -> int:
 
 def list_datasets(args) -> int:
     for name, spec in sorted(registered_datasets().items()):
-        print(f"{name:12s} {spec.description}")
+        print(f"{name:12s} {spec.description} [analysis split: {spec.analysis_samples} examples]")
     return 0
 
 

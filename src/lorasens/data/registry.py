@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasens.data.files import stable_bucket
 from lorasens.errors import UserError, unknown_choice
 
 Split = str  # "train" | "validation" | "test"
@@ -57,6 +58,9 @@ class DatasetSpec:
     evaluation: EvaluationSpec
     max_new_tokens: int = 64
     needs_data_dir: bool = False  # True when there is no Hub fallback
+    # Examples held out of the train split for the ablation (`--analysis_samples` default): enough for a bootstrap
+    # interval, few enough that an ablation pass per module stays cheap.
+    analysis_samples: int = 200
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -102,6 +106,36 @@ def load_examples(
     if not examples:
         raise UserError(f"dataset {name!r} split {split!r} is empty")
     return subset(examples, limit, seed)
+
+
+def training_splits(name: str, data_dir: str | Path | None, seed: int, train_samples: int | None,
+                    analysis_samples: int | None) -> tuple[list[Example], list[Example]]:
+    """(train, analysis): the analysis split is carved out of the train split, disjoint from it *by prompt*.
+
+    Prompts are ordered by a stable hash (crc32, the same on every machine and for every seed) and whole prompts
+    (with all their references) go to the analysis split until it holds `analysis_samples` examples (default: the
+    dataset's own); the rest is the train split, of which `train_samples` are then drawn as before. Validation and
+    test are separate splits already, so the analysis split is disjoint from all three.
+    """
+    spec = get_dataset_spec(name)
+    wanted = spec.analysis_samples if analysis_samples is None else analysis_samples
+    examples = load_examples(name, "train", data_dir, seed, None)
+    prompts = sorted(dict.fromkeys(ex.prompt for ex in examples), key=lambda p: (stable_bucket(p, 2**32), p))
+    per_prompt: dict[str, int] = {}
+    for ex in examples:
+        per_prompt[ex.prompt] = per_prompt.get(ex.prompt, 0) + 1
+    held: set[str] = set()
+    count = 0
+    for prompt in prompts:
+        if count >= wanted:
+            break
+        held.add(prompt)
+        count += per_prompt[prompt]
+    train = [ex for ex in examples if ex.prompt not in held]
+    analysis = [ex for ex in examples if ex.prompt in held]
+    if not train:
+        raise UserError(f"dataset {name!r}: --analysis_samples {wanted} leaves no training examples; lower it")
+    return subset(train, train_samples, seed), analysis
 
 
 def subset(items: list, limit: int | None, seed: int) -> list:

@@ -58,4 +58,5 @@ def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
 
 
 SPEC = register(DatasetSpec("samsum", "SAMSum: dialogue -> summary (ROUGE-1/2/L/Lsum, BLEU, METEOR)", load,
-                            EvaluationSpec(score_samsum_rows, needs_meteor=True), max_new_tokens=96))
+                            EvaluationSpec(score_samsum_rows, needs_meteor=True), max_new_tokens=96,
+                            analysis_samples=100))  # long dialogues: fewer examples per ablation pass

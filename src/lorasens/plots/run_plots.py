@@ -48,9 +48,10 @@ GROUP_LABELS = {"attn": "attention", "mlp": "MLP", "total": "all LoRA modules"}
 GROUP_HATCH = {"attn": "///", "mlp": "\\\\\\"}
 MEASURE_LABELS = {
     "grad_norm": "gradient L2 norm (mean over steps)",
-    "importance": "importance |θ·∇θ| (EMA, last recorded)",
+    "importance": "importance |θ·∇θ| (bias-corrected EMA, last)",
     "update_magnitude": "‖ΔW‖_F = scaling·‖BA‖_F (final adapter)",
-    "ablation": "Δ validation loss when removed (nats/token)",
+    "first_order": "-⟨B, ∂L/∂B⟩ predicted Δ loss (nats/token)",
+    "ablation": "Δ analysis loss when removed (nats/token)",
     "combined": "combined score (mean normalised rank)",
 }
 ABLATION_KINDS = ("all", "group", "module_type", "layer", "module")
@@ -308,6 +309,8 @@ def plot_sensitivity_heatmap(run_dir: Path) -> Path:
     for ax in axes.ravel()[len(names):]:
         ax.set_visible(False)
     any_missing = False
+    # Modules whose ablation rank interval is wide (sensitivity.json "ablation"): their rank is not settled.
+    wide = set((data.get("ablation") or {}).get("wide_rank_interval") or [])
     for ax, name in zip(axes.ravel(), names):
         scores = measures[name] or {}
         grid = np.full((len(layers), len(types)), np.nan)
@@ -326,13 +329,21 @@ def plot_sensitivity_heatmap(run_dir: Path) -> Path:
         ax.set_xlabel("module type")
         ax.set_ylabel("layer index")
         ax.set_title(name, fontsize=10)
+        if name == "ablation" and wide:
+            cells = [(types.index(m["module"]), layers.index(int(m["layer"]))) for m in modules if m["key"] in wide]
+            ax.scatter([x for x, _ in cells], [y for _, y in cells], marker="x", s=28, color="#d62728", linewidths=1.4)
         bar = fig.colorbar(mesh, ax=ax, shrink=0.9)
         bar.set_label(MEASURE_LABELS.get(name, name) + (" (log)" if log else ""), fontsize=8)
     fig.suptitle(f"Sensitivity per layer and module type — {run_dir.name}", fontsize=11)
-    if any_missing:
-        fig.legend(handles=[frozen_handle("not measured (not trained, not targeted, or beyond --ablation_max_single)")], loc="lower center",
-                   fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.05 if any_missing else 0, 1, 0.95))
+    handles = [frozen_handle("not measured (not trained, not targeted, or beyond --ablation_max_single)")] if any_missing else []
+    if wide:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], marker="x", color="#d62728", linestyle="", label="ablation rank interval (95%) "
+                              "spans more than a quarter of the ablated modules"))
+    if handles:
+        fig.legend(handles=handles, loc="lower center", fontsize=8, frameon=False, ncol=len(handles))
+    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 0.95))
     return save(fig, run_dir / "sensitivity_heatmap.png")
 
 
@@ -361,18 +372,26 @@ def plot_ablation(run_dir: Path) -> Path:
             title += f" (top {ABLATION_TOP} of {int((table['kind'] == kind).sum())} by |Δ|)"
         rows = rows.sort_values("delta_loss")
         colours = [PALETTE.get(str(g), PALETTE["layer"] if kind == "layer" else "#999999") for g in rows["group"].fillna("")]
-        ax.barh([str(n) for n in rows["name"]], rows["delta_loss"].astype(float), color=colours)
+        delta = rows["delta_loss"].astype(float)
+        xerr = None
+        if {"delta_ci_low", "delta_ci_high"} <= set(rows.columns) and rows["delta_ci_low"].notna().all():
+            # The bootstrap 95% interval of each delta (paired over the analysis examples).
+            xerr = np.vstack([(delta - rows["delta_ci_low"].astype(float)).clip(lower=0),
+                              (rows["delta_ci_high"].astype(float) - delta).clip(lower=0)])
+        ax.barh([str(n) for n in rows["name"]], delta, color=colours, xerr=xerr,
+                error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2})
         ax.axvline(0, color="#333333", linewidth=0.8)
         ax.set_title(f"Switched off: {title}", fontsize=10, loc="left")
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(alpha=0.3, axis="x")
-    axes[-1, 0].set_xlabel("Δ validation loss when switched off (nats/token; > 0 = the modules matter)")
+    axes[-1, 0].set_xlabel("Δ analysis-split loss when switched off (nats/token; > 0 = the modules matter; "
+                           "bars: bootstrap 95% CI)")
     from matplotlib.patches import Patch
 
     handles = [Patch(color=PALETTE["attn"], label="attention"), Patch(color=PALETTE["mlp"], label="MLP"),
                Patch(color=PALETTE["layer"], label="whole layer"), Patch(color="#999999", label="everything")]
     fig.legend(handles=handles, fontsize=8, loc="upper right", ncol=3, frameon=False)
-    suffix = f" (loss with all LoRA on: {float(full.iloc[0]):.4f})" if len(full) else ""
+    suffix = f" (analysis loss with all LoRA on: {float(full.iloc[0]):.4f})" if len(full) else ""
     fig.suptitle(f"Ablation — {run_dir.name}{suffix}", fontsize=11, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     return save(fig, run_dir / "ablation.png")

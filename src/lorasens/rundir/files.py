@@ -49,7 +49,8 @@ LAYER_NORMS_COLUMNS = ("step", "phase", "layer", "attn", "mlp")
 MODULE_NORMS_COLUMNS = ("step", "phase", "layer", "group", "module", "matrix", "grad_norm")
 IMPORTANCE_COLUMNS = ("step", "phase", "layer", "group", "module", "importance")
 UPDATE_MAGNITUDE_COLUMNS = ("step", "phase", "layer", "group", "module", "delta_w_norm")
-ABLATION_COLUMNS = ("kind", "name", "layer", "group", "module", "num_modules", "loss", "delta_loss")
+ABLATION_COLUMNS = ("kind", "name", "layer", "group", "module", "num_modules", "loss", "delta_loss",
+                    "delta_ci_low", "delta_ci_high", "rank", "rank_low", "rank_high")
 
 # Files a run directory may hold; a folder with none of them (and no evaluation file) is not a run.
 RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, TRAIN_LOG, EVAL_LOG, PHASES, GROUP_NORMS, LAYER_NORMS, MODULE_NORMS,
