@@ -65,7 +65,9 @@ def run_lorasens(steps: int, out: Path, tracking: bool) -> tuple[list[float], in
         "lora_dropout": 0.05, "batch_size": BATCH, "max_steps": steps, "max_length": MAX_LENGTH, "lr": 2e-4,
         "train_samples": 400, "eval_steps": 0, "save_steps": 0, "evaluate": False, "ablation": False,
         "track_gradients": tracking, "track_importance": tracking, "track_update_magnitude": tracking,
-        "output_dir": str(out), "experiment_name": "bench", "overwrite": True, "seed": 0})
+        "output_dir": str(out), "experiment_name": "bench", "overwrite": True, "seed": 0,
+        # Padded like the plain script: this measures lorasens' own overhead; bench_packing.py measures packing.
+        "packing": False})
     timer = StepTimer()
     run_experiment(cfg, extra_callbacks=[timer])
     import json

@@ -15,6 +15,8 @@ BENCHMARKS = [
     "bench_backward_truncation.py",  # last half of the layers vs all (phase schedules)
     "bench_grad_tracking.py",  # gradient tracking overhead (analysis)
     "bench_generation.py",  # batched vs one-at-a-time generation (evaluation)
+    "bench_packing.py",  # padding-free vs padded batches, useful tokens/s (performance)
+    "bench_ablation.py",  # cached + packed ablation vs whole-decoder passes (performance)
 ]
 
 

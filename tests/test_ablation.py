@@ -172,15 +172,19 @@ def test_an_unknown_logit_transform_falls_back_to_whole_model_passes(caplog):
 def test_packed_batches_give_the_per_example_losses_of_padded_ones():
     model, module_map, lora = with_trained_lora(build_tiny_random_llama(seed=0).model)
     tokenizer = byte_level_tokenizer()
-    feats = text_features(tokenizer)
+    feats = text_features(tokenizer, n=20)
     padded = validation_batches(feats, 3, tokenizer.pad_token_id, "cpu")
-    packed = validation_batches(feats, None, tokenizer.pad_token_id, "cpu", max_tokens=80, packing=True)
-    assert all(b.labels.shape[0] == 1 and b.num_tokens <= 80 for b in packed) and len(packed) > 1
+    packed = validation_batches(feats, None, tokenizer.pad_token_id, "cpu", max_tokens=600, packing=True)
+    # Rows of 256 tokens holding several examples each, two rows per batch, every example exactly once.
+    assert len(packed) > 1 and all(b.labels.shape == (2, 256) or b is packed[-1] for b in packed)
+    per_row = [len(set(row.tolist()) - {-1}) for b in packed for row in b.example]
+    assert max(per_row) >= 3 and sum(per_row) == 20
     a = run_ablation(model, lora, padded, [lora[4].module])
     b = run_ablation(model, lora, packed, [lora[4].module])
     assert b.method == "cached"
     assert torch.equal(a.token_counts, b.token_counts)
     assert torch.allclose(a.loss_sums, b.loss_sums, rtol=1e-5)
+    assert torch.allclose(b.loss_sums, reference_sums(model, feats, b.sets), rtol=1e-5)
 
 
 def test_token_budget_groups_examples():

@@ -125,6 +125,15 @@ class TrainingConfig:
     gradient_checkpointing: bool = opt(False, "Non-reentrant activation checkpointing (less memory, more compute).")
     report_to: ReportTo = opt("none", "Also report to this tracker (passed to the Trainer).", resumable=True,
                               not_a_setting=True)
+    packing: bool = opt(
+        True, "Padding-free batches: the examples of a batch flattened into one row (no compute on padding). Used "
+        "when a start-up probe finds one batch's loss the same packed and padded, else padding (logged).",
+        # Same examples per batch, same numbers (to float rounding): it changes the cost, not what is learnt.
+        resumable=True, not_a_setting=True,
+    )
+    group_by_length: bool = opt(
+        False, "Batch training examples of similar length (less padding; changes which examples share a batch)."
+    )
 
     def __post_init__(self):
         for name in ("lr", "max_steps", "batch_size", "grad_accum", "logging_steps"):

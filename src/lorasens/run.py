@@ -35,7 +35,14 @@ from lorasens.rundir.load import read_run_config
 from lorasens.rundir.metrics import read_run_metrics
 from lorasens.schedule import Schedule, parse_schedule_from_config
 from lorasens.tensorboard_scalars import tensorboard_callbacks
-from lorasens.training import BestAdapterCallback, RunState, TrainLogCallback, build_trainer, latest_checkpoint
+from lorasens.training import (
+    BestAdapterCallback,
+    RunState,
+    TrainLogCallback,
+    build_trainer,
+    decide_packing,
+    latest_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +130,9 @@ def run_experiment(
         trainer_callbacks.extend(trackers)
         trainer_callbacks.extend(tensorboard_callbacks(ctx, trackers))  # gradient norms as scalars (--report_to)
         trainer_callbacks.extend(callbacks)
+        packing = decide_packing(model, loaded.tokenizer, train_features, cfg.training.packing, cfg.training.batch_size)
         ctx.trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features,
-                                    val_features if cfg.training.eval_steps else None, trainer_callbacks)
+                                    val_features if cfg.training.eval_steps else None, trainer_callbacks, packing)
         train_output = ctx.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if not ctx.trainer.is_world_process_zero():
             return RunResult(run_dir, {})
@@ -153,6 +161,7 @@ def run_experiment(
             "train_data": train_stats.as_dict(),
             "validation_data": val_stats.as_dict(),
             "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
+            "packing": packing.as_dict(),
         })
         for step in after_training:
             ctx.summary.update(step(ctx) or {})

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import (
     DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -37,7 +38,84 @@ class RunState:
     phase_index: int = 0
 
 
-def training_arguments(cfg: ExperimentConfig, run_dir: Path) -> TrainingArguments:
+@dataclass(frozen=True)
+class PackingDecision:
+    """Whether batches are padding-free (flattened into one row), and why."""
+
+    enabled: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Packed and padded losses of the probe batch may differ by float rounding only (different matmul shapes).
+PACKING_TOLERANCE = 1e-4
+
+
+class PackedCollator:
+    """Padding-free batches: transformers' `DataCollatorWithFlattening` (the examples of a batch concatenated into
+    one row, `position_ids` restarting at 0 per example, label -100 at each example's first position) plus
+    `use_cache=False` in the model inputs.
+
+    The cache flag is what makes packing exact: transformers builds the block-diagonal mask from `position_ids` only
+    when there is no attention mask and no KV cache, and a Llama forward creates a cache by default
+    (`config.use_cache=True`); with it, the examples of a row silently attend to each other.
+    """
+
+    def __init__(self, flash_attention: bool = False):
+        # flash-attention's varlen kernel takes the sequence boundaries directly (cu_seq_lens): no mask at all.
+        self.flatten = DataCollatorWithFlattening(return_tensors="pt", return_flash_attn_kwargs=flash_attention)
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        batch["use_cache"] = False
+        return batch
+
+
+def padded_collator(tokenizer) -> DataCollatorForSeq2Seq:
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+def packed_collator(model: torch.nn.Module) -> PackedCollator:
+    implementation = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    return PackedCollator(flash_attention=implementation.startswith("flash_attention"))
+
+
+@torch.no_grad()
+def decide_packing(model: torch.nn.Module, tokenizer, features: list[dict], requested: bool,
+                   batch_size: int) -> PackingDecision:
+    """Packing when requested and exact: the loss of one batch (the first `batch_size` examples, at least two) must
+    be the same padded and flattened, else padding with the reason (an architecture whose attention ignores packed
+    `position_ids`)."""
+    if not requested:
+        return PackingDecision(False, "--packing false")
+    sample = features[: max(2, batch_size)]
+    if len(sample) < 2:
+        return PackingDecision(True, "one example per batch: nothing to pack across")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        losses = []
+        for collate in (padded_collator(tokenizer), packed_collator(model)):
+            # Exactly the batches training gets (the packed collator's own use_cache=False included).
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(sample).items()}
+            losses.append(float(model(**batch).loss))
+    finally:
+        model.train(was_training)
+    padded, packed = losses
+    if abs(padded - packed) > PACKING_TOLERANCE:
+        reason = (f"the loss of one batch is {padded:.6f} padded but {packed:.6f} flattened: this model's attention does "
+                  "not separate packed examples; padding instead")
+        logger.warning("packing off: %s", reason)
+        return PackingDecision(False, reason)
+    logger.info("packing on: one batch gives loss %.6f padded and %.6f flattened", padded, packed)
+    return PackingDecision(True, f"exact: probe batch loss {padded:.6f} padded, {packed:.6f} flattened")
+
+
+def training_arguments(cfg: ExperimentConfig, run_dir: Path, packing: bool = False) -> TrainingArguments:
     tr = cfg.training
     use_cuda = torch.cuda.is_available()
     bf16 = use_cuda and cfg.model.precision != "fp32" and torch.cuda.is_bf16_supported()
@@ -68,7 +146,9 @@ def training_arguments(cfg: ExperimentConfig, run_dir: Path) -> TrainingArgument
         bf16=bf16,
         use_cpu=not use_cuda,
         dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
+        # Packed rows have no padding (and no attention mask to count it by): every token is a real one.
+        include_num_input_tokens_seen="all" if packing else "non_padding",
+        train_sampling_strategy="group_by_length" if tr.group_by_length else "random",
         remove_unused_columns=False,
         disable_tqdm=False,
         # DDP: modules frozen by a phase get no gradient, so the reducer must not wait for them.
@@ -84,14 +164,18 @@ def build_trainer(
     train_features: list[dict],
     eval_features: list[dict] | None,
     callbacks: list[TrainerCallback],
+    packing: PackingDecision | None = None,
 ) -> Trainer:
+    """The Trainer; `packing` is decided here (`decide_packing`) unless the caller already did. Training and the
+    validation loss use the same batching."""
     from datasets import Dataset
 
-    tokenizer.padding_side = "right"
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    if packing is None:
+        packing = decide_packing(model, tokenizer, train_features, cfg.training.packing, cfg.training.batch_size)
+    collator = packed_collator(model) if packing.enabled else padded_collator(tokenizer)
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, run_dir),
+        args=training_arguments(cfg, run_dir, packing.enabled),
         train_dataset=Dataset.from_list(train_features),
         eval_dataset=Dataset.from_list(eval_features) if eval_features else None,
         data_collator=collator,

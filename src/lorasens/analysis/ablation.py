@@ -32,7 +32,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithFlattening
 
 from lorasens.data.features import IGNORE_INDEX
 from lorasens.lora import PEFT_PREFIX, LoraParams
@@ -137,50 +136,70 @@ def lora_switched_off(model: torch.nn.Module, modules: Iterable[LoraModule], ada
 # ------------------------------------------------------------------------------------------------------ batches
 
 
+# Packed validation rows are at least this wide: wide enough to hold several examples, narrow enough that attention,
+# which CPU SDPA computes over the whole row (block mask or not), stays a small part of a layer's cost.
+PACKED_ROW_TOKENS = 256
+
+
 def validation_batches(features: Sequence[dict], batch_size: int | None, pad_token_id: int, device, *,
                        max_tokens: int | None = None, packing: bool = False) -> list[EvalBatch]:
-    """Batches of similar lengths (sorted, so little padding), at most `batch_size` examples and `max_tokens` tokens.
+    """Batches of at most `batch_size` examples and `max_tokens` tokens (rows x width).
 
-    Padded: right-padded rows, labels padded with IGNORE_INDEX. Packed: the examples of a batch flattened into one
-    row by transformers' `DataCollatorWithFlattening` (position_ids restart per example, label -100 at each
-    example's first position, which never has a target anyway), the same batching training uses with --packing.
+    Padded: one example per row, sorted by length (little padding), right-padded, labels IGNORE_INDEX on padding.
+    Packed: several examples per row (first fit, longest first, rows `PACKED_ROW_TOKENS` or the longest example
+    wide), `position_ids` restarting at 0 for each example, label -100 at each example's first position (a prompt
+    token anyway), the rest of a row filled with padding that forms a sequence of its own, with no label. transformers
+    builds the block-diagonal mask from such `position_ids` (as with `DataCollatorWithFlattening` in training).
     """
     if batch_size is None and max_tokens is None:
         raise ValueError("give batch_size or max_tokens")
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    chunks: list[list[int]] = []
-    for i in order:
-        n = len(features[i]["input_ids"])
+    lengths = [len(f["input_ids"]) for f in features]
+    if packing:
+        width = max(max(lengths), PACKED_ROW_TOKENS)
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(features)), key=lambda i: -lengths[i]):
+            slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+            if slot is None:
+                rows.append([]), room.append(width)
+                slot = len(rows) - 1
+            rows[slot].append(i)
+            room[slot] -= lengths[i]
+        widths = [width] * len(rows)
+    else:
+        rows = [[i] for i in sorted(range(len(features)), key=lambda i: lengths[i])]
+        widths = [lengths[row[0]] for row in rows]
+    chunks: list[list[int]] = []  # row indices per batch
+    for r in range(len(rows)):
         if chunks:
             chunk = chunks[-1]
-            rows = len(chunk) + 1
-            tokens = sum(len(features[j]["input_ids"]) for j in chunk) + n if packing else rows * n  # sorted: n is widest
-            if (batch_size is None or rows <= batch_size) and (max_tokens is None or tokens <= max_tokens):
-                chunk.append(i)
+            examples = sum(len(rows[j]) for j in chunk) + len(rows[r])
+            tokens = (len(chunk) + 1) * max(widths[r], widths[chunk[-1]])
+            if (batch_size is None or examples <= batch_size) and (max_tokens is None or tokens <= max_tokens):
+                chunk.append(r)
                 continue
-        chunks.append([i])
-    flatten = DataCollatorWithFlattening(return_tensors="pt") if packing else None
+        chunks.append([r])
     batches = []
     for chunk in chunks:
-        feats = [features[i] for i in chunk]
-        if packing:
-            collated = flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats])
-            example = torch.tensor([i for i, f in zip(chunk, feats) for _ in f["input_ids"]]).unsqueeze(0)
-            inputs = {"input_ids": collated["input_ids"], "position_ids": collated["position_ids"]}
-            labels = collated["labels"]
-        else:
-            width = max(len(f["input_ids"]) for f in feats)
-            ids = torch.full((len(feats), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(feats), width), dtype=torch.long)
-            labels = torch.full((len(feats), width), IGNORE_INDEX, dtype=torch.long)
-            example = torch.full((len(feats), width), -1, dtype=torch.long)
-            for row, (i, f) in enumerate(zip(chunk, feats)):
-                n = len(f["input_ids"])
-                ids[row, :n] = torch.tensor(f["input_ids"])
-                mask[row, :n] = 1
-                labels[row, :n] = torch.tensor(f["labels"])
-                example[row, :n] = i
-            inputs = {"input_ids": ids, "attention_mask": mask}
+        width = max(widths[r] for r in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        example = torch.full((len(chunk), width), -1, dtype=torch.long)
+        positions = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, r in enumerate(chunk):
+            at = 0
+            for i in rows[r]:
+                f, n = features[i], lengths[i]
+                ids[row, at : at + n] = torch.tensor(f["input_ids"])
+                labels[row, at : at + n] = torch.tensor(f["labels"])
+                labels[row, at] = IGNORE_INDEX
+                example[row, at : at + n] = i
+                positions[row, at : at + n] = torch.arange(n)
+                mask[row, at : at + n] = 1
+                at += n
+            positions[row, at:] = torch.arange(width - at)
+        inputs = {"input_ids": ids, "position_ids": positions} if packing else {"input_ids": ids, "attention_mask": mask}
         batches.append(EvalBatch({k: v.to(device) for k, v in inputs.items()}, labels.to(device), example.to(device)))
     return batches
 

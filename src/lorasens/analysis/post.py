@@ -57,6 +57,7 @@ from lorasens.module_map import ModuleMap
 from lorasens.rundir import files
 from lorasens.rundir.files import CONFIG_FILE
 from lorasens.rundir.load import load_run
+from lorasens.training import decide_packing
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,10 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
         device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         max_tokens = ablation_max_tokens(model, module_map.num_layers)
-        batches = validation_batches(analysis_features, None, pad, device, max_tokens=max_tokens)
+        # The training run's batching (padding-free where exact), as many examples per pass as memory allows.
+        packing = decide_packing(model, tokenizer, analysis_features, cfg.training.packing, cfg.training.batch_size)
+        batches = validation_batches(analysis_features, None, pad, device, max_tokens=max_tokens,
+                                     packing=packing.enabled)
         # The backward keeps every layer's activations: smaller batches than the no-grad ablation passes.
         grad_batches = validation_batches(analysis_features, None, pad, device, max_tokens=max(256, max_tokens // 8))
         measures["first_order"] = dict(zip(keys, first_order_estimates(model, lora, grad_batches)))
@@ -132,7 +136,8 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
                               num_examples=len(analysis_features))
         ablation, rows = _ablation_uncertainty(result)
         ablation_info = {"ablation_time_s": round(result.wall_time_s, 2), "ablation_method": result.method,
-                         "ablation_sets": len(result.sets), "ablation_batches": len(batches)}
+                         "ablation_sets": len(result.sets), "ablation_batches": len(batches),
+                         "ablation_packed": packing.enabled}
         writer = BufferedCsv(run_dir / files.ABLATION, files.ABLATION_COLUMNS)
         writer.start(0)
         for row in rows:
