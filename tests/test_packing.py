@@ -152,3 +152,20 @@ def test_packed_and_padded_runs_record_the_same_gradients_and_analysis(tmp_path,
     # Padded batches count non-padding tokens; packed batches have none: the same counts.
     assert [r["tokens"] for r in log_a] == [r["tokens"] for r in log_b]
     assert s_packed["best_eval_loss"] == pytest.approx(s_padded["best_eval_loss"], rel=1e-4)
+
+
+def test_group_by_length_gives_the_trainer_a_length_grouped_sampler(tmp_path):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from lorasens.training import build_trainer
+
+    loaded = build_tiny_random_llama(seed=0)
+    feats = features(loaded.tokenizer, n=12)
+    samplers = {}
+    for grouped in (False, True):
+        cfg = build_config(cli_overrides={**BASE, "group_by_length": grouped, "eval_steps": 0, "output_dir": str(tmp_path)})
+        trainer = build_trainer(cfg, tmp_path, loaded.model, loaded.tokenizer, feats, None, [])
+        samplers[grouped] = trainer._get_train_sampler()
+        assert trainer.args.include_num_input_tokens_seen == "all"  # packing on: no padding to leave out
+    assert isinstance(samplers[True], LengthGroupedSampler) and not isinstance(samplers[False], LengthGroupedSampler)
+    assert samplers[True].lengths == [len(f["input_ids"]) for f in feats]
