@@ -146,25 +146,27 @@ def validation_batches(features: Sequence[dict], batch_size: int | None, pad_tok
     """Batches of at most `batch_size` examples and `max_tokens` tokens (rows x width).
 
     Padded: one example per row, sorted by length (little padding), right-padded, labels IGNORE_INDEX on padding.
-    Packed: several examples per row (first fit, longest first, rows `PACKED_ROW_TOKENS` or the longest example
-    wide), `position_ids` restarting at 0 for each example, label -100 at each example's first position (a prompt
-    token anyway), the rest of a row filled with padding that forms a sequence of its own, with no label. transformers
-    builds the block-diagonal mask from such `position_ids` (as with `DataCollatorWithFlattening` in training).
+    Packed: several examples per row (first fit, longest first; as few rows as `PACKED_ROW_TOKENS`-wide rows need,
+    then as narrow as that number of rows allows), `position_ids` restarting at 0 for each example, label -100 at
+    each example's first position (a prompt token anyway), the rest of a row filled with padding that forms a
+    sequence of its own, with no label. transformers builds the block-diagonal mask from such `position_ids` (as
+    with `DataCollatorWithFlattening` in training).
     """
     if batch_size is None and max_tokens is None:
         raise ValueError("give batch_size or max_tokens")
     lengths = [len(f["input_ids"]) for f in features]
     if packing:
         width = max(max(lengths), PACKED_ROW_TOKENS)
-        rows: list[list[int]] = []
-        room: list[int] = []
-        for i in sorted(range(len(features)), key=lambda i: -lengths[i]):
-            slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-            if slot is None:
-                rows.append([]), room.append(width)
-                slot = len(rows) - 1
-            rows[slot].append(i)
-            room[slot] -= lengths[i]
+        rows = _first_fit(lengths, width)
+        # As many rows, but as narrow as they can be (less padding at the ends of the rows): binary search.
+        lo, hi = max(max(lengths), -(-sum(lengths) // len(rows))), width
+        while lo < hi:
+            mid = (lo + hi) // 2
+            narrower = _first_fit(lengths, mid)
+            if len(narrower) <= len(rows):
+                rows, width, hi = narrower, mid, mid
+            else:
+                lo = mid + 1
         widths = [width] * len(rows)
     else:
         rows = [[i] for i in sorted(range(len(features)), key=lambda i: lengths[i])]
@@ -202,6 +204,21 @@ def validation_batches(features: Sequence[dict], batch_size: int | None, pad_tok
         inputs = {"input_ids": ids, "position_ids": positions} if packing else {"input_ids": ids, "attention_mask": mask}
         batches.append(EvalBatch({k: v.to(device) for k, v in inputs.items()}, labels.to(device), example.to(device)))
     return batches
+
+
+def _first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Example indices per row: first fit, longest first, rows of `width` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            room.append(width)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= lengths[i]
+    return rows
 
 
 def ablation_max_tokens(model: torch.nn.Module, num_layers: int) -> int:
