@@ -40,7 +40,7 @@ def run(dataset: str, data_dir: Path, packing: bool, steps: int, out: Path) -> t
         "evaluate": False, "ablation": False, "packing": packing, "output_dir": str(out), "experiment_name": name,
         "overwrite": True, "seed": 0})
     timer = StepTimer()
-    summary = run_experiment(cfg, extra_callbacks=[timer]).summary
+    summary = run_experiment(cfg, callbacks=[timer]).summary
     log = [json.loads(line) for line in (out / name / "train_log.jsonl").read_text().splitlines()]
     seconds = sum(timer.step_times(skip=1))
     tokens = sum(r["tokens"] for r in log[1:])

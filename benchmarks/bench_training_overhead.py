@@ -69,7 +69,7 @@ def run_lorasens(steps: int, out: Path, tracking: bool) -> tuple[list[float], in
         # Padded like the plain script: this measures lorasens' own overhead; bench_packing.py measures packing.
         "packing": False})
     timer = StepTimer()
-    run_experiment(cfg, extra_callbacks=[timer])
+    run_experiment(cfg, callbacks=[timer])
     import json
 
     log = (out / "bench" / "train_log.jsonl").read_text().splitlines()

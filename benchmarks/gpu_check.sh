@@ -77,7 +77,7 @@ def lorasens_run(model_path, root, name, steps, **overrides):
     settings.update(overrides)
     timer = Timer()
     torch.cuda.reset_peak_memory_stats()
-    summary = run_experiment(build_config(cli_overrides=settings), extra_callbacks=[timer]).summary
+    summary = run_experiment(build_config(cli_overrides=settings), callbacks=[timer]).summary
     log = [json.loads(l) for l in (root / name / "train_log.jsonl").read_text().splitlines()]
     tokens = sum(r["tokens"] for r in log[3:])
     return tokens / timer.seconds(), torch.cuda.max_memory_allocated() / 2**30, summary

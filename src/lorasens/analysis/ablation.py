@@ -115,6 +115,10 @@ class EvalBatch:
     def num_tokens(self) -> int:
         return self.labels.numel()
 
+    def first_rows(self, n: int) -> EvalBatch:
+        """The first `n` rows (rows are independent sequences or packs of them)."""
+        return EvalBatch({k: v[:n] for k, v in self.inputs.items()}, self.labels[:n], self.example[:n])
+
 
 @contextmanager
 def lora_switched_off(model: torch.nn.Module, modules: Iterable[LoraModule], adapter: str = "default") -> Iterator[None]:
@@ -508,7 +512,10 @@ def _choose_method(model, base, layers, batches: Sequence[EvalBatch], method: Me
     elif _final_norm(base) is None:
         problem = f"{type(base).__name__} has no decoder with a final norm named {'/'.join(FINAL_NORM_NAMES)}"
     if problem is None:
-        batch = batches[0]
+        # Two rows are enough to check the replay and the head, and cost a fraction of a pass over a whole batch.
+        batch = batches[0].first_rows(2)
+        if not _scored(batch)[1].numel():  # no target in those rows: probe on the whole batch
+            batch = batches[0]
         cache = LayerCache(layers)
         try:
             cache.capture(lambda: base.get_decoder()(**batch.inputs, use_cache=False))
