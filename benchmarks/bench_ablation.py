@@ -72,6 +72,8 @@ def main() -> None:
 
     base_cpu, base_wall, base = runs["before"]
     base_deltas = torch.tensor([r.delta_loss for r in base.rows()], dtype=torch.float64)
+    print(f"delta_loss of the sets (before): largest |delta| {float(base_deltas.abs().max()):.4f}, "
+          f"smallest nonzero {float(base_deltas[base_deltas != 0].abs().min()):.2e}")
     for name in ("cached", "cached+packed"):
         cpu, wall, result = runs[name]
         deltas = torch.tensor([r.delta_loss for r in result.rows()], dtype=torch.float64)
