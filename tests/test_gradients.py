@@ -294,7 +294,10 @@ def test_foreach_norms_match_per_tensor_norms_across_dtypes():
 def test_csv_cells_and_truncation_on_resume(tmp_path):
     import numpy as np
 
-    assert cell(math.nan) == "" and cell(np.float32("nan")) == "" and cell(0.0) == "0.0"
+    # Empty = frozen (None); a measured NaN/inf (a diverged step) is written as such, never as "frozen".
+    assert cell(None) == "" and cell(0.0) == "0.0"
+    assert cell(math.nan) == "nan" and cell(np.float32("nan")) == "nan" and cell(math.inf) == "inf"
+    assert math.isnan(float(cell(np.float32("nan"))))
     assert cell("lisa[1,3]") == '"lisa[1,3]"' and float(cell(np.float32(0.1))) == pytest.approx(0.1)
     writer = BufferedCsv(tmp_path / "x.csv", ("step", "phase", "v"))
     writer.start(0)

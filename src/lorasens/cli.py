@@ -9,8 +9,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from lorasens import signals
 from lorasens.commands import analyze, compare, evaluate, listing, report, score, sweep, train
-from lorasens.errors import UserError
+from lorasens.errors import TrainingDiverged, UserError, is_disk_error
 
 EXIT_USAGE = 2
 
@@ -74,13 +75,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         setup_logging()
-        return int(args.func(args) or 0)
+        with signals.sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted; files already written are kept", file=sys.stderr)
-        return 130
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return TrainingDiverged.exit_code
+    except KeyboardInterrupt as exc:
+        print(signals.describe(exc), file=sys.stderr)
+        return signals.exit_code(exc)
+    except OSError as exc:
+        if not is_disk_error(exc):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; free space or choose a writable --output_dir "
+              "(a run can continue from its last complete checkpoint with --resume)", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ comparison_grad_norms.png and a self-contained comparison.html.
 from __future__ import annotations
 
 import csv
+import html
 import json
 import logging
 import math
@@ -93,7 +94,8 @@ def load_run_record(run_dir: Path) -> RunRecord:
     if config is None and summary is None and run_metrics.steps is None and not evaluations:
         raise UserError(f"{run_dir} is not a lorasens run directory (no {CONFIG_FILE}, {SUMMARY_FILE}, {TRAIN_LOG} "
                         f"or *{EVALUATION_SUFFIX})")
-    missing = [f"{name} is missing" for name, data in ((CONFIG_FILE, config), (SUMMARY_FILE, summary)) if data is None]
+    missing = [f"{name} is {'corrupt' if (run_dir / name).exists() else 'missing'}"
+               for name, data in ((CONFIG_FILE, config), (SUMMARY_FILE, summary)) if data is None]
     settings = {k: v for section in (config or {}).values() if isinstance(section, dict) for k, v in section.items()}
     metrics: dict[str, float] = {}
     if run_metrics.final_train_loss is not None:
@@ -327,33 +329,39 @@ def format_stat(stat: dict | None) -> str:
     return f"{stat['mean']:.4g} ± {stat['std']:.2g} (n={stat['n']})"
 
 
+def _md(text: str) -> str:
+    """Text for a Markdown cell: HTML escaped (Markdown renderers pass raw HTML through, and the text comes from
+    run configs), `|` escaped, on one line."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
 def _markdown(groups, records, metrics, mixed, skipped, stability=()) -> str:
     lines = ["# Run comparison", "",
              "Runs that differ only by seed are one configuration: mean ± sample std (ddof=1) over seeds, n = count.",
              ""]
     if mixed:
-        lines += [f"> **Different datasets: {', '.join(mixed)}.** Metrics are not comparable across datasets.", ""]
+        lines += [f"> **Different datasets: {_md(', '.join(mixed))}.** Metrics are not comparable across datasets.", ""]
     if skipped:
-        lines += ["Skipped: " + "; ".join(skipped), ""]
+        lines += ["Skipped: " + "; ".join(_md(s) for s in skipped), ""]
     headers = ["configuration", "n", "dataset", *metrics]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for g in groups:
         cells = [g["label"], str(g["n"]), str(g["settings"].get("dataset", "?")), *[format_stat(g["stats"].get(m)) for m in metrics]]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     lines += ["", "## Runs", ""]
     headers = ["run", "configuration", "seed", "complete", *KEY_SETTINGS, *metrics]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in records:
         cells = [r.name, r.group, str(r.seed), "yes" if r.complete else "no", *[_short(v) for v in _key_settings(r.settings)],
                  *[f"{r.metrics[m]:.4g}" if m in r.metrics else "–" for m in metrics]]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     if stability:
         lines += ["", "## Seed stability of the sensitivity analysis", "",
                   "| " + " | ".join(STABILITY_HEADERS) + " |", "|" + "---|" * len(STABILITY_HEADERS)]
         for row in stability:
-            lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else "–" if c is None else str(c)
+            lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else "–" if c is None else _md(c)
                                            for c in _stability_cells(row)) + " |")
-    notes = [f"- {r.name}: {', '.join(r.missing)}" for r in records if r.missing]
+    notes = [f"- {_md(r.name)}: {_md(', '.join(r.missing))}" for r in records if r.missing]
     if notes:
         lines += ["", "Missing files:", *notes]
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -30,6 +31,7 @@ from lorasens.analysis.budget import BudgetUnit
 from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import UserError, unknown_choice
 from lorasens.presets import get_preset
+from lorasens.safeio import read_text, write_json
 
 Target = Literal["attn", "mlp", "both"]
 TARGET_ALIASES = {"attention": "attn"}
@@ -220,15 +222,17 @@ class EvaluationConfig:
 
 @dataclass
 class OutputConfig:
-    output_dir: str = opt("runs", "Folder that holds run directories.", not_a_setting=True)
+    # output_dir/experiment_name are resumable: the folder being resumed is the run, wherever it was moved to.
+    output_dir: str = opt("runs", "Folder that holds run directories.", not_a_setting=True, resumable=True)
     experiment_name: str | None = opt(None, "Run directory name; default: derived from preset/dataset/target.",
-                                      not_a_setting=True)
+                                      not_a_setting=True, resumable=True)
     overwrite: bool = opt(False, "Replace an existing run directory of the same name.", resumable=True,
                           not_a_setting=True)
     resume: bool = opt(False, "Continue the run in the run directory from its latest checkpoint.", resumable=True,
                        not_a_setting=True)
 
     def __post_init__(self):
+        _check_run_name(self.experiment_name)
         if self.overwrite and self.resume:
             raise UserError("--overwrite and --resume exclude each other: one replaces the run, the other continues it")
 
@@ -308,6 +312,13 @@ def check_budget(budget: float | None, unit: str) -> None:
 def check_allocation(allocate: str, unit: str) -> None:
     if allocate == "ranks" and unit != "params":
         raise UserError("--allocate ranks distributes a budget of LoRA parameters; use it with --budget_unit params")
+def _check_run_name(name: str | None) -> None:
+    """A run name is one folder inside --output_dir: never a path that leaves it."""
+    if name is None:
+        return
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(f"--experiment_name must be one folder name (no '/', not '..' or empty), got {name!r}; "
+                        "choose the parent folder with --output_dir")
 
 
 def _positive(name: str, value: float) -> None:
@@ -387,8 +398,13 @@ def coerce(section: str, name: str, value: Any) -> Any:
                 raise ValueError
             return int(value)
         if base is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan/inf parse as floats but no setting means them
+                raise UserError(f"{name} must be a finite number, got {value!r}")
+            return number
         return str(value)
+    except UserError:
+        raise
     except (TypeError, ValueError):
         raise UserError(f"{name} must be of type {getattr(base, '__name__', base)}, got {value!r}") from None
 
@@ -398,6 +414,9 @@ def normalise_overrides(raw: dict[str, Any], source: str) -> dict[str, Any]:
     index = field_index()
     flat: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in SECTIONS and not isinstance(value, dict) and key not in index:  # `model` is also a field
+            raise UserError(f"section {key!r} of {source} must be a mapping of settings (e.g. {key}: {{...}}), "
+                            f"got {value!r}")
         if key in SECTIONS and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 if sub_key not in index or index[sub_key][0] != key:
@@ -419,17 +438,45 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {str(path)!r} does not exist")
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise UserError(f"config file {str(path)!r} must end in .yaml, .yml or .json")
-    text = path.read_text()
+    text = read_text(path)
     try:
         if path.suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         else:
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
     except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
         raise UserError(f"config file {str(path)!r} is not valid: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping of settings")
     return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate key(s) {', '.join(map(repr, duplicates))}")
+    return dict(pairs)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, but a key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 def build_config(
@@ -486,7 +533,7 @@ def with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any], source: str
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
-    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_json(path, cfg.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,11 +8,32 @@ traceback.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
 class UserError(ValueError):
     """Bad input that the user can fix. The message must name the problem and the valid choices."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped because the loss, the gradient norm or the weights became NaN/inf (exit code 3)."""
+
+    exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM; `signum` gives the exit code 128 + signum (130 or 143)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+        self.message = message
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    """An OSError the user fixes by freeing space or choosing a writable folder (reported as exit 2)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def unknown_choice(kind: str, value: object, valid: Iterable[str]) -> UserError:

@@ -16,7 +16,6 @@ How freezing is done right (see docs/ARCHITECTURE.md):
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from transformers import TrainerCallback
 from lorasens.lora import LoraParams, set_trainable
 from lorasens.module_map import ModuleMap
 from lorasens.rundir.files import PHASES
+from lorasens.safeio import read_json, write_json
 from lorasens.schedule import Schedule
 from lorasens.training import RunState
 
@@ -59,7 +59,7 @@ class PhaseCallback(TrainerCallback):
             # Resumed from a checkpoint: keep the transitions before it, and treat a checkpoint that sits exactly on
             # a boundary like the uninterrupted run does (a switch, with its optimizer reset when asked for).
             if self.path and self.path.exists():
-                self.transitions = [t for t in json.loads(self.path.read_text())["transitions"] if t["step"] < state.global_step]
+                self.transitions = [t for t in read_json(self.path, "phase summary")["transitions"] if t["step"] < state.global_step]
             previous = self.schedule.phase_index(state.global_step - 1)
         self._enter(index, previous, state, model, optimizer, record=previous != index)
 
@@ -97,7 +97,7 @@ class PhaseCallback(TrainerCallback):
         if state.is_world_process_zero:
             logger.info("step %d: phase %d (%s): %d modules, %d trainable parameters", state.global_step, index + 1, label, len(modules), trainable)
             if self.path:
-                self.path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+                write_json(self.path, self.summary())
 
     def summary(self) -> dict:
         return {

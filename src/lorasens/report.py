@@ -101,7 +101,8 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
     config = read_json(run_dir / CONFIG_FILE)
     summary = summary if summary is not None else read_json(run_dir / SUMMARY_FILE)
     if config is None:
-        missing.insert(0, f"{CONFIG_FILE} is missing: settings unknown")
+        state = "corrupt" if (run_dir / CONFIG_FILE).exists() else "missing"
+        missing.insert(0, f"{CONFIG_FILE} is {state}: settings unknown")
     body = [
         _section("configuration", (CONFIG_FILE, SUMMARY_FILE), _config_section, config, summary, run_dir),
         _section("phases", (PHASES,), _phases_section, run_dir),
@@ -206,13 +207,14 @@ def _config_section(config: dict | None, summary: dict | None, run_dir: Path) ->
         details = ("<details><summary>Full config.json</summary><pre>" + esc(json.dumps(config, indent=2))
                    + "</pre></details>")
     else:
-        missing.append(f"{CONFIG_FILE} is missing")
+        missing.append(f"{CONFIG_FILE} is {'corrupt' if (run_dir / CONFIG_FILE).exists() else 'missing'}")
     if summary is not None:
         rows = [[key, summary[key]] for key in SUMMARY_KEYS if key in summary]
         columns.append("<div><h3>Run summary</h3>" + table(["quantity", "value"], rows) + "</div>")
     else:
         train = read_jsonl(run_dir / TRAIN_LOG)
-        missing.append(f"{SUMMARY_FILE} is missing (run unfinished?)")
+        missing.append(f"{SUMMARY_FILE} is corrupt" if (run_dir / SUMMARY_FILE).exists()
+                       else f"{SUMMARY_FILE} is missing (run unfinished?)")
         if train:
             columns.append("<div><h3>Run so far (from train_log.jsonl)</h3>" + table(
                 ["quantity", "value"], [["last logged step", train[-1].get("step")],

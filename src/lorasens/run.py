@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import time
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import set_seed
 
 from lorasens import report
@@ -21,7 +22,7 @@ from lorasens.context import AfterTrainingStep, RunContext
 from lorasens.data.features import build_features
 from lorasens.data.registry import get_dataset_spec, load_examples, training_splits
 from lorasens.data.templates import apply_prompt_template
-from lorasens.errors import UserError
+from lorasens.errors import Interrupted, TrainingDiverged, UserError
 from lorasens.evaluation import runner
 from lorasens.evaluation.metrics import ensure_meteor_ready
 from lorasens.lora import apply_lora, lora_parameters, set_trainable, targets_for
@@ -30,16 +31,20 @@ from lorasens.module_map import build_module_map
 from lorasens.phases import PhaseCallback
 from lorasens.plots import plot_training_loss
 from lorasens.rundir import check_run_dir, replace_run_dir
-from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL, RUN_LOG, SUMMARY_FILE
-from lorasens.rundir.load import read_run_config
+from lorasens.rundir.files import ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL, RUN_LOG, SUMMARY_FILE
+from lorasens.rundir.load import adapter_problem, read_run_config
+from lorasens.rundir.lock import hold_run_lock
 from lorasens.rundir.metrics import read_run_metrics
 from lorasens.schedule import Schedule, parse_schedule_from_config
 from lorasens.tensorboard_scalars import tensorboard_callbacks
+from lorasens.safeio import write_json
 from lorasens.training import (
     BestAdapterCallback,
+    DivergenceCallback,
     RunState,
     TrainLogCallback,
     build_trainer,
+    checkpoint_step,
     decide_packing,
     latest_checkpoint,
 )
@@ -66,7 +71,27 @@ def run_experiment(
     after_training: tuple[AfterTrainingStep, ...] = DEFAULT_STEPS,
 ) -> RunResult:
     """Run one experiment. `callbacks` are added to the Trainer (the extension point for users);
-    `after_training` are the steps run on the trained model (evaluation, analysis, report by default)."""
+    `after_training` are the steps run on the trained model (evaluation, analysis, report by default).
+
+    The run directory is locked for the whole run (one writer per run); an interruption (Ctrl-C, SIGTERM) becomes
+    `Interrupted` carrying how to continue the run."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with hold_run_lock(cfg.run_dir, create=True) if main_process else contextlib.nullcontext():
+        try:
+            return _run_experiment(cfg, callbacks, after_training)
+        except KeyboardInterrupt as exc:
+            raise Interrupted(getattr(exc, "signum", 2), _resume_hint(cfg)) from None
+
+
+def _resume_hint(cfg: ExperimentConfig) -> str:
+    if not (cfg.run_dir / CONFIG_FILE).exists():
+        return "nothing was written; start the run again"
+    if latest_checkpoint(cfg.run_dir) is None:
+        return f"no checkpoint was written (--save_steps {cfg.training.save_steps}); start again with --overwrite"
+    return f"continue with: lorasens train --config {cfg.run_dir / CONFIG_FILE} --resume"
+
+
+def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_training: tuple[AfterTrainingStep, ...]) -> RunResult:
     started = time.time()
     run_dir = cfg.run_dir
     # Under torchrun every process runs this; only the main one (RANK 0, known before the process group exists)
@@ -122,7 +147,8 @@ def run_experiment(
                          lora=lora, state=RunState(phase=cfg.lora.target), schedule=schedule,
                          val_features=val_features, analysis_features=analysis_features)
         best = BestAdapterCallback(lambda: get_peft_model_state_dict(model))
-        trainer_callbacks = [TrainLogCallback(run_dir, ctx.state), best]
+        divergence = DivergenceCallback([p for lp in lora for p in (lp.A, lp.B)])
+        trainer_callbacks = [TrainLogCallback(run_dir, ctx.state), best, divergence]
         if schedule is not None:
             trainer_callbacks.append(PhaseCallback(schedule, module_map, lora, ctx.state, run_dir,
                                                    cfg.schedule.reset_optimizer_on_switch))
@@ -133,11 +159,25 @@ def run_experiment(
         packing = decide_packing(model, loaded.tokenizer, train_features, cfg.training.packing, cfg.training.batch_size)
         ctx.trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features,
                                     val_features if cfg.training.eval_steps else None, trainer_callbacks, packing)
-        train_output = ctx.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        final_source = "last step"
+        if checkpoint is not None and checkpoint_step(checkpoint) >= cfg.training.max_steps:
+            final_source = _restore_trained(model, ctx.trainer, checkpoint, run_dir)  # nothing left to train
+            runtime = 0.0
+        else:
+            try:
+                output = ctx.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            except BaseException:  # Ctrl-C, SIGTERM, a full disk: keep what was measured, then stop
+                _stop_callbacks(ctx.trainer)
+                raise
+            runtime = output.metrics.get("train_runtime", 0.0)
+        if divergence.step is not None:
+            raise TrainingDiverged(
+                f"training diverged at step {divergence.step}: {divergence.reason}; stopped there (no final_model, "
+                f"analysis or report). Logs up to that step and earlier checkpoints are kept in {run_dir}. Lower --lr "
+                "or keep --max_grad_norm > 0")
         if not ctx.trainer.is_world_process_zero():
             return RunResult(run_dir, {})
 
-        final_source = "last step"
         if best.best_state is not None:
             set_peft_model_state_dict(model, best.best_state)
             final_source = f"best validation loss (step {best.best_step})"
@@ -160,17 +200,42 @@ def run_experiment(
             "final_model_from": final_source,
             "train_data": train_stats.as_dict(),
             "validation_data": val_stats.as_dict(),
-            "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
+            "train_runtime_s": round(runtime, 2),
             "packing": packing.as_dict(),
         })
         for step in after_training:
             ctx.summary.update(step(ctx) or {})
         ctx.summary["wall_time_s"] = round(time.time() - started, 2)
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(ctx.summary, indent=2) + "\n")
+        write_json(run_dir / SUMMARY_FILE, ctx.summary)
         return RunResult(run_dir, ctx.summary)
     finally:
         logging.getLogger("lorasens").removeHandler(log_handler)
         log_handler.close()
+
+
+def _stop_callbacks(trainer) -> None:
+    """Training stopped by an exception (the Trainer then calls no on_train_end): buffered rows (gradient CSVs) are
+    written, so the report can plot them, and the progress bar is closed, so the error is the last line printed."""
+    for callback in trainer.callback_handler.callbacks:
+        if callable(getattr(callback, "flush", None)):
+            with contextlib.suppress(OSError):  # a full disk: the error being raised says so already
+                callback.flush()
+        if getattr(callback, "training_bar", None) is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
+
+
+def _restore_trained(model, trainer, checkpoint: Path, run_dir: Path) -> str:
+    """--resume of a run whose training had finished (killed during evaluation, analysis or report): no training
+    step; the adapter comes from its final_model (when complete) or else from the checkpoint."""
+    source = run_dir / FINAL_MODEL
+    if adapter_problem(source) is not None:
+        source = checkpoint
+    set_peft_model_state_dict(model, load_file(str(source / ADAPTER_WEIGHTS)))
+    trainer.state.global_step = checkpoint_step(checkpoint)
+    logger.info("--resume: %s is at step %d of %d, nothing left to train; redoing evaluation, analysis and report "
+                "with the adapter of %s", checkpoint.name, trainer.state.global_step, trainer.args.max_steps, source.name)
+    return f"{source.name} (resumed after training had finished)"
 
 
 def _checkpoint_to_resume(cfg: ExperimentConfig, run_dir: Path) -> Path:
@@ -180,7 +245,10 @@ def _checkpoint_to_resume(cfg: ExperimentConfig, run_dir: Path) -> Path:
         raise UserError(f"--resume: settings differ from the saved run in {', '.join(sorted(differences))}; resume with the same settings")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise UserError(f"--resume: {run_dir} has no checkpoint (run with --save_steps N to write them)")
+        raise UserError(f"--resume: {run_dir} has no complete checkpoint (run with --save_steps N to write them)")
+    if checkpoint_step(checkpoint) > cfg.training.max_steps:
+        raise UserError(f"--resume: --max_steps {cfg.training.max_steps} is below the checkpoint's step "
+                        f"({checkpoint.name}); give --max_steps >= {checkpoint_step(checkpoint)}")
     return checkpoint
 
 

@@ -8,7 +8,6 @@ sweep and starting the same command again therefore continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from lorasens.errors import UserError
 from lorasens.compare import compare_runs
 from lorasens.config import build_config, fields_with
 from lorasens.rundir.files import CONFIG_FILE, SUMMARY_FILE
+from lorasens.safeio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ Status = Literal["complete", "incomplete", "new"]
 SWEEP_OWNED = {"experiment_name": "the sweep names its runs (use --sweep_name)",
                "overwrite": "the sweep reruns incomplete runs with --overwrite itself",
                "resume": "the sweep reruns incomplete runs from scratch"}
+# Exit codes of a run stopped by Ctrl-C or SIGTERM: its own handler (130, 143) or killed by the signal (-2, -15).
+INTERRUPTED_CODES = {130, 143, -signal.SIGINT, -signal.SIGTERM}
 GRID_FLAGS = {"phase_strategy": "strategies", "target": "targets", "seed": "seeds"}
 
 
@@ -59,7 +61,7 @@ class SweepRun:
 @dataclass
 class SweepResult:
     runs: list[SweepRun]
-    outcome: dict[str, str]  # run name -> skipped (complete) | done | failed (exit code N)
+    outcome: dict[str, str]  # run name -> skipped (complete) | done | interrupted | failed (exit code N)
     comparison_dir: Path | None
     manifest: Path
 
@@ -196,13 +198,16 @@ class _Children:
         self._procs: set[subprocess.Popen] = set()
         self.stopping = False
 
-    def run(self, command: list[str], log_path: Path, env: dict) -> int:
+    def run(self, command: list[str], log_path: Path, env: dict) -> int | None:
+        """The run's exit code; None when the sweep is stopping (the run was not started)."""
+        if self.stopping:
+            return None
         with log_path.open("w") as log:
             log.write("$ " + shlex.join(command) + "\n")
             log.flush()
             with self._lock:
                 if self.stopping:
-                    return -signal.SIGTERM
+                    return None
                 proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
                 self._procs.add(proc)
             try:
@@ -262,7 +267,14 @@ def run_sweep(
         started = time.time()
         logger.info("sweep: start %s%s", run.name, " (rerun of an incomplete run)" if rerun else "")
         code = children.run(train_command(run, preset, config_file, overrides, rerun), logs / f"{run.name}.log", env)
-        result = "done" if code == 0 and run.status() == "complete" else f"failed (exit code {code})"
+        if code is None:
+            return  # the sweep was interrupted before this run started
+        if code == 0 and run.status() == "complete":
+            result = "done"
+        elif children.stopping or code in INTERRUPTED_CODES:
+            result = "interrupted"  # Ctrl-C / SIGTERM reached the run (directly or from the sweep): not a failure
+        else:
+            result = f"failed (exit code {code})"
         with lock:
             outcome[run.name] = result
             _write_manifest(manifest, runs, outcome)
@@ -306,4 +318,4 @@ def _write_manifest(path: Path, runs: list[SweepRun], outcome: dict, comparison:
     data = {"runs": [{**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(r).items()},
                       "status": r.status(), "outcome": outcome.get(r.name)} for r in runs],
             "comparison": str(comparison) if comparison else None}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_json(path, data)

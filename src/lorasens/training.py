@@ -6,8 +6,8 @@ Phase switching (`lorasens.phases`) and gradient tracking (`lorasens.analysis`) 
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,12 +22,14 @@ from transformers import (
 )
 from transformers.trainer_callback import ProgressCallback
 
+from lorasens.analysis.measures import foreach_norms
 from lorasens.config import ExperimentConfig
 from lorasens.data.features import IGNORE_INDEX
-from lorasens.rundir.files import CHECKPOINTS, EVAL_LOG, TRAIN_LOG
+from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, EVAL_LOG, TRAIN_LOG, TRAINER_STATE
+from lorasens.rundir.load import adapter_problem
+from lorasens.safeio import dumps, read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -151,6 +153,9 @@ def training_arguments(cfg: ExperimentConfig, run_dir: Path, packing: bool = Fal
         train_sampling_strategy="group_by_length" if tr.group_by_length else "random",
         remove_unused_columns=False,
         disable_tqdm=False,
+        # Log the true loss: the default replaces a NaN/inf loss by the mean of the previous ones, which hides a
+        # diverged run (DivergenceCallback stops it instead).
+        logging_nan_inf_filter=False,
         # DDP: modules frozen by a phase get no gradient, so the reducer must not wait for them.
         ddp_find_unused_parameters=bool(cfg.schedule.phase_strategy),
     )
@@ -213,12 +218,39 @@ def token_weighted_eval_loss(prediction) -> dict[str, float]:
     """
     parts = prediction.predictions
     return {"loss": float(parts[:, 0].sum() / parts[:, 1].sum())}
+# What a checkpoint needs for --resume. The Trainer writes trainer_state.json last (after the adapter, optimizer,
+# scheduler and RNG state), so a checkpoint cut short by a kill or a full disk lacks it or holds a torn copy.
+CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "optimizer.pt", "scheduler.pt", TRAINER_STATE)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None when it is complete)."""
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        state = read_json(path / TRAINER_STATE, "trainer state")
+    except ValueError as exc:  # UserError: corrupt
+        return str(exc).split(": ", 1)[-1]
+    if not isinstance(state, dict) or state.get("global_step") != checkpoint_step(path):
+        return "trainer_state.json does not match the folder's step"
+    return adapter_problem(path)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are skipped with a warning that names them."""
     folder = run_dir / CHECKPOINTS
     found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    for path in sorted(found, key=checkpoint_step, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("--resume: skipping incomplete checkpoint %s (%s)", path.name, problem)
+    return None
 
 
 class QuietProgressCallback(ProgressCallback):
@@ -238,15 +270,15 @@ class JsonlWriter:
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in read_jsonl(self.path, torn_tail_ok=True) if record.get("step", 0) <= step]
+        self.path.write_text("".join(dumps(record) + "\n" for record in kept))
 
     def reset(self) -> None:
         self.path.write_text("")
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(dumps(record) + "\n")
 
 
 class TrainLogCallback(TrainerCallback):
@@ -310,6 +342,39 @@ class BestAdapterCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         loss = (metrics or {}).get("eval_loss")
-        if loss is not None and (self.best_loss is None or loss < self.best_loss):
+        if loss is not None and math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss):
             self.best_loss, self.best_step = float(loss), state.global_step
             self.best_state = {k: v.detach().clone() for k, v in self._lora_state_fn().items()}
+
+
+class DivergenceCallback(TrainerCallback):
+    """Stops training at the first step whose loss or gradient norm is not finite, or whose LoRA weights are not.
+
+    Checked at every step end (the weights: one fused max-abs per device/dtype group) and at every
+    log (loss and grad_norm). Stopping also cancels that step's evaluation and checkpoint, so the checkpoints on disk
+    all hold finite weights; `run_experiment` then stops with `TrainingDiverged` (exit 3) and writes no final_model.
+    """
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.step: int | None = None
+        self.reason = ""
+
+    def _stop(self, control, step: int, reason: str):
+        if self.step is None or self.step == step:
+            self.step, self.reason = step, reason
+        control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The max-abs norm: NaN/inf exactly when an element is (an L2 norm would overflow on huge finite weights).
+        if self.params and not bool(torch.isfinite(foreach_norms(self.params, ord=math.inf)).all()):
+            return self._stop(control, state.global_step, "the LoRA weights are not finite")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                return self._stop(control, state.global_step, f"{key} is {value}")

@@ -233,49 +233,51 @@ class GradientTrackingCallback(TrainerCallback):
 
     # -- Rows ----------------------------------------------------------------------------------------------------
 
-    def _per_param(self, active: np.ndarray, values: np.ndarray) -> np.ndarray:
-        full = np.full(len(self.params), np.nan)
-        full[active] = values
-        return full
+    def _per_param(self, active: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Values per parameter (0 where frozen) and the mask of the ones that trained (had a gradient).
+
+        Frozen is the mask, not NaN: a measured NaN (a diverged step) stays NaN and is written `nan`, never empty."""
+        full, mask = np.zeros(len(self.params)), np.zeros(len(self.params), dtype=bool)
+        full[active], mask[active] = values, True
+        return full, mask
 
     @staticmethod
-    def _nan_sum(values: np.ndarray) -> float:
-        """Sum ignoring frozen (NaN) entries; NaN when every entry is frozen or there are none."""
-        present = values[~np.isnan(values)]
-        return float(present.sum()) if present.size else math.nan
+    def _masked_sum(values: np.ndarray, mask: np.ndarray) -> float | None:
+        """Sum over the trained entries; None (an empty cell) when every entry is frozen or there are none."""
+        return float(values[mask].sum()) if mask.any() else None
 
     @staticmethod
-    def _pair_sum(per_param: np.ndarray) -> np.ndarray:
-        """Per module: A value + B value, NaN only when both are frozen."""
-        a, b = per_param[0::2], per_param[1::2]
-        return np.where(np.isnan(a) & np.isnan(b), np.nan, np.nan_to_num(a) + np.nan_to_num(b))
+    def _root(value: float | None) -> float | None:
+        return None if value is None else math.sqrt(value)
 
     def _write_norms(self, step: int, phase: str, active: np.ndarray, norms: np.ndarray) -> None:
-        per_param = self._per_param(active, norms)
-        squared = per_param**2
-        module_sq = self._pair_sum(squared)
+        per_param, mask = self._per_param(active, norms)
+        module_sq = (per_param**2)[0::2] + (per_param**2)[1::2]  # per module: |grad A|^2 + |grad B|^2
+        module_mask = mask[0::2] | mask[1::2]
         module_writer, head = self.writers["module"], f"{step},{cell(phase)},"
         for i, module in enumerate(self._module_cells):
             for j, matrix in enumerate(MATRICES):
-                module_writer.add_line(f"{head}{module},{matrix},{cell(np.float32(per_param[2 * i + j]))}")
-        group = {g: math.sqrt(self._nan_sum(module_sq[idx])) for g, idx in self._group_index.items()}
-        total = math.sqrt(self._nan_sum(module_sq))
+                k = 2 * i + j
+                module_writer.add_line(f"{head}{module},{matrix},{cell(np.float32(per_param[k]) if mask[k] else None)}")
+        group = {g: self._root(self._masked_sum(module_sq[idx], module_mask[idx])) for g, idx in self._group_index.items()}
+        total = self._root(self._masked_sum(module_sq, module_mask))
         self._publish("group", (step, phase, *(group[g] for g in GROUPS), total))
         for layer in self.layers:
-            cells = (math.sqrt(self._nan_sum(module_sq[self._layer_index[layer, g]])) for g in GROUPS)
+            cells = (self._root(self._masked_sum(module_sq[idx], module_mask[idx]))
+                     for idx in (self._layer_index[layer, g] for g in GROUPS))
             self._publish("layer", (step, phase, layer, *cells))
 
     def _write_importance(self, step: int, phase: str, active: np.ndarray, values: np.ndarray) -> None:
-        per_param = self._per_param(active, values)
+        per_param, mask = self._per_param(active, values)
         beta = self.tracking.importance_ema
         writer, head = self.writers["importance"], f"{step},{cell(phase)},"
-        module_values = self._pair_sum(per_param)  # sum over A and B
+        module_values = per_param[0::2] + per_param[1::2]  # sum over A and B
+        module_mask = mask[0::2] | mask[1::2]
         for i, module in enumerate(self._module_cells):
-            current = float(module_values[i])
-            if math.isnan(current):
-                writer.add_line(f"{head}{module},")
+            if not module_mask[i]:
+                writer.add_line(f"{head}{module},")  # frozen: empty cell
                 continue
-            self.ema[i] = beta * self.ema[i] + (1 - beta) * current
+            self.ema[i] = beta * self.ema[i] + (1 - beta) * float(module_values[i])
             self.updates[i] += 1
             writer.add_line(f"{head}{module},{cell(ema_bias_corrected(float(self.ema[i]), beta, int(self.updates[i])))}")
 

@@ -1,6 +1,7 @@
 """Tidy CSV files written in buffered batches; continued without duplicated steps on `--resume`.
 
-An empty cell means "frozen / not recorded", never 0 (`cell(nan)` is empty).
+An empty cell means "frozen / not recorded" (`cell(None)`), never 0; a value that was measured but is not finite
+(a diverged step) is written `nan` / `inf`, so it is never mistaken for "frozen".
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasens.errors import UserError
+
 # Flush on its own once this many rows wait, so that memory stays bounded between checkpoints.
 MAX_BUFFERED_ROWS = 200_000
 
 
 def cell(value) -> str:
-    """CSV text of a value: floats in their shortest exact form (repr), NaN/None as an empty cell."""
+    """CSV text of a value: floats in their shortest exact form (repr), None (frozen) as an empty cell, NaN as nan."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
+        return repr(value) if math.isfinite(value) else str(value)  # nan, inf, -inf (float() reads them back)
     if isinstance(value, np.float32):
         # Measured float32 values: the shortest text that reads back to the same float32.
-        return "" if np.isnan(value) else str(value)
+        return str(value)
     text = str(value)
     # Phase labels can hold commas (e.g. "lisa[1,3]"): quote them the way the csv module reads them back.
     if any(c in text for c in ',"\n'):
@@ -65,6 +68,24 @@ class BufferedCsv:
         with self.path.open("a") as fh:
             fh.write("\n".join(self._rows) + "\n")
         self._rows.clear()
+
+
+def read_numeric_rows(path: Path, ints: tuple[str, ...], floats: tuple[str, ...]) -> list[dict]:
+    """Rows with `ints` as int and `floats` as float (None for an empty cell = frozen); a missing column or a
+    cell that is not a number is a `UserError` naming the file and line (the file may have been edited)."""
+    rows = []
+    for line, row in enumerate(read_rows(path), start=2):
+        converted = dict(row)
+        for column in (*ints, *floats):
+            text = row.get(column)
+            try:
+                if text is None:
+                    raise ValueError
+                converted[column] = int(text) if column in ints else (None if text == "" else float(text))
+            except ValueError:
+                raise UserError(f"{path}:{line}: {column} is not a number ({text!r}); the file is corrupt") from None
+        rows.append(converted)
+    return rows
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

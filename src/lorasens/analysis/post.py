@@ -6,7 +6,6 @@ training (`analyze_after_training`) and any finished run (`lorasens analyze RUN_
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -57,6 +56,7 @@ from lorasens.module_map import ModuleMap
 from lorasens.rundir import files
 from lorasens.rundir.files import CONFIG_FILE
 from lorasens.rundir.load import load_run
+from lorasens.safeio import write_json
 from lorasens.training import decide_packing
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
     sizes = module_sizes(lora)
     params = {s.key: s.params(cfg.lora.r) for s in sizes}
     measures = training_measures(probe, keys, None) if probe else training_measures(run_dir, keys, lora)
+    source = probe or run_dir
+    if not (source / files.MODULE_NORMS).exists() and not (source / files.IMPORTANCE).exists():
+        logger.warning("%s has no gradient CSVs (%s, %s): the recommendation rests on the update magnitude%s only",
+                       source, files.MODULE_NORMS, files.IMPORTANCE, " and the ablation" if tracking.ablation else "")
     measured_under = _measured_under(cfg, probe)
 
     batches = None
@@ -150,7 +154,7 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
 
     budget, lora_config = _recommend(cfg, module_map, lora, sizes, combined)
     budget.update({"ranked_by": ranked_by, "ranking_scale": scale})
-    (run_dir / files.RECOMMENDED_CONFIG).write_text(json.dumps(lora_config, indent=2) + "\n")
+    write_json(run_dir / files.RECOMMENDED_CONFIG, lora_config)
 
     per_param = {name: per_parameter(scores, params) for name, scores in measures.items()}
     all_measures = {**measures, COMBINED: combined}
@@ -175,7 +179,7 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
     if ablation:
         sensitivity["ablation"] = ablation
         sensitivity["ablation_reference_loss"] = ablation["reference_loss"]
-    (run_dir / files.SENSITIVITY).write_text(json.dumps(sensitivity, indent=2) + "\n")
+    write_json(run_dir / files.SENSITIVITY, sensitivity)
     top = sensitivity["rankings"][COMBINED][:TOP_IN_SUMMARY]
     logger.info("sensitivity: top modules %s; recommended %s (%s)", ", ".join(top), describe_budget(budget),
                 files.RECOMMENDED_CONFIG)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lorasens.analysis.budget import ModuleSize
-from lorasens.analysis.csvlog import read_rows
+from lorasens.analysis.csvlog import read_numeric_rows, read_rows
 from lorasens.analysis.stats import spearman
 from lorasens.lora import LoraParams
 from lorasens.module_map import LoraModule, ModuleMap
@@ -42,9 +42,9 @@ def key_of(m: LoraModule) -> str:
 def grad_norm_scores(run_dir: Path) -> dict[str, float]:
     """Mean module gradient norm over the steps where the module was recorded (frozen steps are left out)."""
     squares: dict[tuple[int, str], float] = defaultdict(float)
-    for row in read_rows(run_dir / files.MODULE_NORMS):
-        if row["grad_norm"] != "":
-            squares[int(row["step"]), files.module_key(int(row["layer"]), row["module"])] += float(row["grad_norm"]) ** 2
+    for row in read_numeric_rows(run_dir / files.MODULE_NORMS, ("step", "layer"), ("grad_norm",)):
+        if row["grad_norm"] is not None:
+            squares[row["step"], files.module_key(row["layer"], row["module"])] += row["grad_norm"] ** 2
     per_module: dict[str, list[float]] = defaultdict(list)
     for (_, key), value in squares.items():
         per_module[key].append(math.sqrt(value))
@@ -54,9 +54,9 @@ def grad_norm_scores(run_dir: Path) -> dict[str, float]:
 def importance_scores(run_dir: Path) -> dict[str, float]:
     """The last recorded (EMA-smoothed) importance of each module."""
     last: dict[str, float] = {}
-    for row in read_rows(run_dir / files.IMPORTANCE):
-        if row["importance"] != "":
-            last[files.module_key(int(row["layer"]), row["module"])] = float(row["importance"])
+    for row in read_numeric_rows(run_dir / files.IMPORTANCE, ("layer",), ("importance",)):
+        if row["importance"] is not None:
+            last[files.module_key(row["layer"], row["module"])] = row["importance"]
     return last
 
 

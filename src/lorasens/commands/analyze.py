@@ -22,9 +22,11 @@ def run(args) -> int:
     # Imported when the command runs, not at start-up: torch, transformers and peft cost seconds (measured:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
     from lorasens.analysis.post import analyze_run
+    from lorasens.rundir.lock import hold_run_lock
 
     # Overrides are applied with the config's own checks (a bad value is a one-line error).
-    result = analyze_run(args.run_dir, config_overrides(args), probe=args.probe)
+    with hold_run_lock(args.run_dir):  # one writer per run: not while a train/eval writes into it
+        result = analyze_run(args.run_dir, config_overrides(args), probe=args.probe)
     rec = result["recommendation"]
     print(f"top modules: {', '.join(result['sensitivity_top'])}")
     print(f"agreement (Spearman): {json.dumps(result['sensitivity_agreement'])}")

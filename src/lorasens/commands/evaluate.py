@@ -25,12 +25,14 @@ def run(args) -> int:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
     from lorasens.evaluation.runner import evaluate_model, settings_from_config
     from lorasens.rundir.load import load_run
+    from lorasens.rundir.lock import hold_run_lock
 
-    loaded = load_run(args.run_dir)
-    overrides = {name: getattr(args, name) for name in ("max_new_tokens", "num_beams") if getattr(args, name) is not None}
-    cfg = with_overrides(loaded.cfg, overrides)
-    settings = settings_from_config(cfg, args.split, args.num_samples, args.batch_size)
-    result = evaluate_model(loaded.model, loaded.tokenizer, cfg, settings, args.baseline, args.run_dir)
+    with hold_run_lock(args.run_dir):  # one writer per run: not while a train/analyze writes into it
+        loaded = load_run(args.run_dir)
+        overrides = {name: getattr(args, name) for name in ("max_new_tokens", "num_beams") if getattr(args, name) is not None}
+        cfg = with_overrides(loaded.cfg, overrides)
+        settings = settings_from_config(cfg, args.split, args.num_samples, args.batch_size)
+        result = evaluate_model(loaded.model, loaded.tokenizer, cfg, settings, args.baseline, args.run_dir)
     print(json.dumps({"metrics": result["metrics"], "baseline": result["baseline"]}, indent=2))
     print(f"wrote {args.run_dir}/{predictions_file(cfg.data.dataset)} and {evaluation_file(cfg.data.dataset)} "
           f"({result['num_examples']} prompts, {result['wall_time_s']} s)")

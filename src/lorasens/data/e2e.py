@@ -42,8 +42,13 @@ def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
         path = data_dir / FILES["validation"]
     if not path.exists():
         raise UserError(f"--data_dir {str(data_dir)!r} lacks {FILES[split]} (E2E needs {', '.join(FILES.values())})")
-    rows = read_csv_rows(path, ("mr", "ref"))
-    return make_examples([(r["mr"].strip(), r["ref"].strip()) for r in rows], split)
+    pairs = [(r["mr"].strip(), r["ref"].strip()) for r in read_csv_rows(path, ("mr", "ref"))]
+    kept = [(mr, ref) for mr, ref in pairs if mr and ref]
+    if len(kept) < len(pairs):
+        logger.warning("E2E %s: dropped %d of %d row(s) with an empty mr or ref", path, len(pairs) - len(kept), len(pairs))
+    if not kept:
+        raise UserError(f"{path}: every row has an empty mr or ref")
+    return make_examples(kept, split)
 
 
 def _load_hub(split: str) -> list[tuple[str, str]]:

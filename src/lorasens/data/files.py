@@ -7,11 +7,16 @@ where (`path:line`) and what was expected, never a traceback from deep inside a 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import zlib
 from pathlib import Path
 
 from lorasens.errors import UserError
+from lorasens.safeio import read_text
+
+# The csv module refuses fields over 131,072 characters by default; a long dialogue or document is valid input.
+csv.field_size_limit(2**31 - 1)
 
 
 def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -21,7 +26,7 @@ def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]
     """
     if not path.exists():
         raise UserError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # UTF-8 (a BOM is dropped); undecodable bytes are a UserError naming the line
     if not text.strip():
         raise UserError(f"{path}: file is empty; expected records with fields {', '.join(required)}")
     records: list[tuple[int, dict]] = []
@@ -56,25 +61,43 @@ def read_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]
     return records
 
 
-def read_tsv_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line number, row) pairs of a tab-separated file with a header row (MNLI/GLUE `.tsv`)."""
+def read_table_records(path: Path, required: tuple[str, ...], delimiter: str = ",") -> list[tuple[int, dict]]:
+    """(line number, row) pairs of a CSV (`,`) or TSV (`\\t`, MNLI/GLUE) file with a header row.
+
+    UTF-8 with or without a BOM (Excel writes one); a row with too few or too many fields, an unbalanced quote, or
+    undecodable bytes is a `UserError` naming the file and line. The line is the row's first line in the file.
+    """
     if not path.exists():
         raise UserError(f"{path}: file not found")
-    with path.open(newline="", encoding="utf-8") as fh:
-        # QUOTE_NONE: MNLI text holds unbalanced quotes; GLUE's own reader does the same.
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if not reader.fieldnames:
+    kind = "tab-separated" if delimiter == "\t" else "comma-separated"
+    # QUOTE_NONE for TSV: MNLI text holds unbalanced quotes; GLUE's own reader does the same.
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, strict=True,
+                        quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+    try:
+        header = next(reader, None)
+        if not header:
             raise UserError(f"{path}: file is empty; expected a header row with {', '.join(required)}")
-        missing = [c for c in required if c not in reader.fieldnames]
+        missing = [c for c in required if c not in header]
         if missing:
             raise UserError(f"{path}:1: missing column(s) {', '.join(missing)}; required: {', '.join(required)}")
-        rows = [(i, row) for i, row in enumerate(reader, start=2)]
+        rows, start = [], reader.line_num + 1
+        for fields in reader:
+            if fields and len(fields) != len(header):
+                raise UserError(f"{path}:{start}: wrong number of {kind} fields ({len(fields)}; the header has {len(header)})"
+                                + ("; an unbalanced quote?" if len(fields) < len(header) and '"' in "".join(fields) else ""))
+            if fields:
+                rows.append((start, dict(zip(header, fields))))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise UserError(f"{path}:{start}: malformed {kind} row ({exc}; an unbalanced quote?)") from None
     if not rows:
         raise UserError(f"{path}: no rows after the header")
-    for lineno, row in rows:
-        if None in row or any(row[c] is None for c in required):
-            raise UserError(f"{path}:{lineno}: wrong number of tab-separated fields (header has {len(reader.fieldnames)})")
     return rows
+
+
+def read_tsv_records(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, row) pairs of a tab-separated file with a header row (MNLI/GLUE `.tsv`)."""
+    return read_table_records(path, required, "\t")
 
 
 def find_file(folder: Path, stems: tuple[str, ...], suffixes: tuple[str, ...]) -> Path | None:

@@ -26,6 +26,7 @@ from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, registe
 from lorasens.evaluation.metrics import MNLI_LABELS as LABELS  # index = GLUE's integer label
 from lorasens.evaluation.predictions import score_mnli_rows
 from lorasens.errors import UserError
+from lorasens.safeio import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,7 @@ def make_examples(rows: list[tuple[int, dict]], prefix: str, source: str) -> lis
 
 def read_file(path: Path, prefix: str) -> list[Example]:
     if path.suffix == ".tsv":
-        with path.open(encoding="utf-8") as fh:
-            columns = fh.readline().rstrip("\n").split("\t")
+        columns = read_text(path).split("\n", 1)[0].rstrip("\r").split("\t")
         required = tuple(next((k for k in keys if k in columns), keys[0]) for keys in _ALIASES.values())
         return make_examples(read_tsv_records(path, required), prefix, str(path))
     return make_examples(read_records(path, ()), prefix, str(path))

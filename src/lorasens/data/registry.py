@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasens.data.files import stable_bucket
+from lorasens.data.files import read_table_records, stable_bucket
 from lorasens.errors import UserError, unknown_choice
 
 Split = str  # "train" | "validation" | "test"
@@ -166,15 +166,5 @@ def group_by_prompt(examples: list[Example]) -> list[Example]:
 
 
 def read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """Rows of a CSV file; missing columns or an empty file are `UserError`s naming the file."""
-    import csv
-
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected columns {', '.join(required)}")
-        rows = list(reader)
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows
+    """Rows of a CSV file; malformed rows, missing columns or an empty file are `UserError`s naming file and line."""
+    return [row for _, row in read_table_records(path, required)]

@@ -9,7 +9,6 @@ query dict the official equality compares); MNLI rows carry
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt
 from lorasens.errors import UserError
 from lorasens.evaluation.metrics import e2e_metrics, mnli_metrics, samsum_metrics
 from lorasens.evaluation.wikisql import wikisql_metrics
+from lorasens.safeio import dumps
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
 
 
@@ -61,8 +61,37 @@ def read_rows(path: str | Path) -> list[dict]:
             prediction = str(prediction)
         if not isinstance(prediction, str):
             raise UserError(f"{path}:{lineno}: prediction must be a string")
+        if row.get("table") is not None:
+            row = {**row, "table": _checked_table(row["table"], f"{path}:{lineno}", str(row["id"]))}
         rows.append({**row, "prediction": prediction, "references": refs})
     return rows
+
+
+# Execution runs each query on an in-memory copy of its table: a bound on memory and time per row. WikiSQL tables
+# hold tens of rows (the largest few hundred).
+MAX_TABLE_ROWS = 100_000
+
+
+def _checked_table(table, where: str, row_id: str) -> dict:
+    """A predictions row's `table` {id, header, types, rows} checked for shape; rows beyond MAX_TABLE_ROWS are cut
+    (with a warning). Repeated column names are allowed (a few WikiSQL tables have them; the database renames)."""
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: table must be an object {{id, header, types, rows}}, got {type(table).__name__}")
+    header, types, rows = table.get("header"), table.get("types") or [], table.get("rows")
+    if not isinstance(header, list) or not header or not all(isinstance(h, str) for h in header):
+        raise UserError(f"{where}: table.header must be a non-empty list of column names")
+    if not isinstance(types, list) or (types and len(types) != len(header)):
+        raise UserError(f"{where}: table.types must be a list with one type per column ({len(header)})")
+    if rows is not None:
+        if not isinstance(rows, list):
+            raise UserError(f"{where}: table.rows must be a list of rows (lists of {len(header)} cells)")
+        for i, cells in enumerate(rows):
+            if not isinstance(cells, list) or len(cells) != len(header):
+                raise UserError(f"{where}: table.rows[{i}] must be a list of {len(header)} cells (one per column)")
+        if len(rows) > MAX_TABLE_ROWS:
+            logger.warning("%s: table has %d rows; execution uses the first %d", where, len(rows), MAX_TABLE_ROWS)
+            rows = rows[:MAX_TABLE_ROWS]
+    return {**table, "id": str(table.get("id", row_id)), "header": header, "types": types, "rows": rows}
 
 
 def group_e2e_rows(rows: list[dict]) -> list[dict]:

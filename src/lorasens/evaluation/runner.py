@@ -10,7 +10,6 @@ RUN_DIR/{dataset}_evaluation.json.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from lorasens.errors import UserError, unknown_choice
 from lorasens.evaluation.generation import generate, label_loglikelihoods
 from lorasens.evaluation.predictions import score_rows, write_rows
 from lorasens.rundir.files import evaluation_file, predictions_file
+from lorasens.safeio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def evaluate_model(model, tokenizer, cfg, settings: EvalSettings, baseline: bool
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_rows(run_dir / predictions_file(dataset), rows)
-        (run_dir / evaluation_file(dataset)).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(run_dir / evaluation_file(dataset), result)
     logger.info("Evaluation %s: %s (%.1f s)", dataset, format_metrics(metrics), result["wall_time_s"])
     if baseline_result:
         logger.info("Baseline (no LoRA): %s", format_metrics(baseline_result["metrics"]))

@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 
 from lorasens.errors import UserError
-from lorasens.rundir.files import CONFIG_FILE
+from lorasens.rundir.files import CONFIG_FILE, LOCK_FILE
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to reuse a folder unless told to (--overwrite or --resume). Deletes nothing."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    exists = run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
     if resume:
         if not (run_dir / CONFIG_FILE).exists():
             raise UserError(f"--resume: {run_dir} is not a lorasens run directory (no {CONFIG_FILE})")
@@ -31,6 +31,8 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
 
 def replace_run_dir(run_dir: Path) -> None:
     """Called only after all input was validated and the model and data loaded (--overwrite)."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for path in run_dir.iterdir():
+        if path.name == LOCK_FILE:
+            continue  # the lock this process holds for the run
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

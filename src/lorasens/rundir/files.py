@@ -20,6 +20,12 @@ PHASES = "phases.json"
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "final_model"
 REPORT_FILE = "report.html"
+LOCK_FILE = ".lorasens.lock"  # present while a process writes into the run (rundir.lock)
+
+# A PEFT adapter folder (final_model/, each checkpoint) and the Trainer's state in a checkpoint (written last)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+TRAINER_STATE = "trainer_state.json"
 
 # Evaluation: one pair per dataset, e.g. e2e_predictions.jsonl and e2e_evaluation.json
 PREDICTIONS_SUFFIX = "_predictions.jsonl"

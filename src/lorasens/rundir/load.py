@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 
 from lorasens.config import ExperimentConfig, config_from_dict
 from lorasens.errors import UserError
 from lorasens.lora import LoraParams, lora_parameters
 from lorasens.models import load_model
 from lorasens.module_map import ModuleMap, build_module_map
-from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL
+from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL
+from lorasens.safeio import read_json
 
 
 @dataclass
@@ -29,7 +30,7 @@ class LoadedRun:
 def read_run_config(run_dir: Path) -> ExperimentConfig:
     if not (run_dir / CONFIG_FILE).exists():
         raise UserError(f"{run_dir} is not a lorasens run directory (no {CONFIG_FILE})")
-    return config_from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
+    return config_from_dict(read_json(run_dir / CONFIG_FILE, "the run's config"))
 
 
 def load_run(run_dir: str | Path, adapter: bool = True) -> LoadedRun:
@@ -40,9 +41,31 @@ def load_run(run_dir: str | Path, adapter: bool = True) -> LoadedRun:
     module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
     model = loaded.model
     if adapter:
-        if not (run_dir / FINAL_MODEL / "adapter_config.json").exists():
+        if not (run_dir / FINAL_MODEL).is_dir():
             raise UserError(f"{run_dir} has no {FINAL_MODEL}/ adapter (did the run finish?)")
+        problem = adapter_problem(run_dir / FINAL_MODEL)
+        if problem:
+            raise UserError(f"{run_dir / FINAL_MODEL}: {problem}; rerun the training (--resume from a checkpoint)")
         model = PeftModel.from_pretrained(model, run_dir / FINAL_MODEL)
     model.eval()
     lora = lora_parameters(model, module_map) if adapter else []
     return LoadedRun(cfg, model, loaded.tokenizer, module_map, lora)
+
+
+def adapter_problem(path: Path) -> str | None:
+    """Why a saved PEFT adapter folder (final_model/, a checkpoint) cannot be loaded; None when it can."""
+    missing = [name for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        read_json(path / ADAPTER_CONFIG, "adapter config")
+    except ValueError as exc:  # UserError: corrupt
+        return str(exc).split(": ", 1)[-1]
+    try:
+        # Opening checks the header and that the tensors cover the file exactly (a truncated file fails).
+        with safe_open(str(path / ADAPTER_WEIGHTS), "pt") as fh:
+            if not list(fh.keys()):
+                return f"{ADAPTER_WEIGHTS} holds no tensors"
+    except Exception as exc:  # safetensors raises its own error types for a torn header or body
+        return f"{ADAPTER_WEIGHTS} is truncated or unreadable ({str(exc).splitlines()[0][:80]})"
+    return None

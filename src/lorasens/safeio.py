@@ -1,0 +1,98 @@
+"""Reading and writing the run's JSON/JSONL files and user text files safely.
+
+- Every JSON file lorasens writes is standard JSON: a non-finite number (NaN, inf) becomes `null`, and
+  `allow_nan=False` makes a forgotten case a bug that shows, not a file other tools cannot read.
+- Whole JSON files are written to a temporary name and renamed, so a kill or a full disk never leaves half a file.
+- A file that cannot be read back is a `UserError` naming the file and the line: "corrupt" when it exists but does
+  not parse, "not UTF-8" for undecodable bytes, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from lorasens.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf; also numpy/torch scalars) replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
+        return json_ready(value.item())
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Standard JSON text (null for a missing or non-finite number)."""
+    return json.dumps(json_ready(value), allow_nan=False, **kwargs)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write `value` as indented JSON, atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def decode_utf8(data: bytes, path: Path) -> str:
+    """UTF-8 text of a file's bytes (a leading BOM, as Excel writes it, is dropped); bad bytes name the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+
+
+def read_text(path: Path) -> str:
+    return decode_utf8(Path(path).read_bytes(), Path(path))
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """A JSON file lorasens wrote; missing -> "missing", unreadable -> "corrupt" (with the line), as `UserError`s."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} is missing")
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: {what} is corrupt ({exc.msg}); the run was probably killed while "
+                        "writing it") from None
+
+
+def read_jsonl(path: Path, torn_tail_ok: bool = False) -> list[dict]:
+    """Records of a JSON-lines file lorasens wrote. A torn last line (a kill mid-write: no final newline) is dropped
+    with a warning when `torn_tail_ok`; any other bad line is a `UserError` naming the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = read_text(path)
+    lines = text.split("\n")
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if torn_tail_ok and lineno == len(lines):  # the last line, without its newline
+                logger.warning("%s:%d: dropped a torn last line (the run was killed while writing it)", path, lineno)
+                break
+            raise UserError(f"{path}:{lineno}: corrupt line ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{lineno}: corrupt line (not a JSON object)")
+        records.append(record)
+    return records
