@@ -292,6 +292,31 @@ def test_disk_full_while_checkpointing_then_resume_skips_the_incomplete_checkpoi
     assert [r["step"] for r in lines(run / "train_log.jsonl")] == list(range(1, 7))
 
 
+@pytest.mark.slow
+def test_kill_9_leaves_a_stale_lock_and_a_torn_checkpoint_then_resume_works(tmp_path):
+    """kill -9 (no cleanup): the next --resume takes the dead process's lock over, skips the newest checkpoint
+    (torn as a kill while writing it would leave it) and finishes from the one before."""
+    proc = spawn_cli("train", *FAST, "--max_steps", "500", "--eval_steps", "0", "--save_steps", "2",
+                     "--output_dir", str(tmp_path), "--experiment_name", "k")
+    run = tmp_path / "k"
+    wait_for(lambda: (run / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists(), timeout=300)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert json.loads((run / LOCK_FILE).read_text())["pid"] == proc.pid  # left behind by the kill
+    newest = max((run / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    state = newest / "trainer_state.json"
+    state.write_text(state.read_text()[:50])
+    resumed = spawn_cli("train", *FAST, "--max_steps", str(int(newest.name.split("-")[1]) + 1), "--eval_steps", "0",
+                        "--save_steps", "2", "--output_dir", str(tmp_path), "--experiment_name", "k", "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"removing a stale lock (pid {proc.pid}" in err
+    assert f"skipping incomplete checkpoint {newest.name} (trainer state is corrupt" in err
+    steps = [r["step"] for r in lines(run / "train_log.jsonl")]
+    assert steps == list(range(1, int(newest.name.split("-")[1]) + 2))
+    assert (run / "final_model" / "adapter_model.safetensors").exists() and not (run / LOCK_FILE).exists()
+
+
 def test_checkpoint_validation(tmp_path):
     from safetensors.torch import save_file
 
