@@ -144,7 +144,7 @@ def test_data_dir_missing_or_incomplete(tmp_path, capsys):
     (tmp_path / "e2e" / "devset.csv").write_text("mr,ref\na,b\n")
     assert main(["train", *FAST, "--dataset", "e2e", "--data_dir", str(tmp_path / "e2e"), "--output_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "trainset.csv: missing column(s) mr, ref" in err and len(err.splitlines()) == 1
+    assert "trainset.csv:1: missing column(s) mr, ref" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "e2e_both").exists()  # nothing written for a run that never started
 
 

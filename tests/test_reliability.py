@@ -190,7 +190,7 @@ def test_non_finite_numbers_are_bad_input(flag, value, capsys):
 
 def test_diverged_training_stops_with_exit_3_and_keeps_the_good_files(tmp_path, capsys):
     code = train(tmp_path, "nan", "--lr", "1e30", "--max_grad_norm", "0", "--max_steps", "6", "--eval_steps", "1",
-                 "--save_steps", "1")
+                 "--save_steps", "1", "--eval_samples", "8")
     line = last_line(capsys)
     assert code == 3, line
     assert line.startswith("error: training diverged at step 2: loss is nan")
@@ -416,9 +416,16 @@ def test_torn_last_line_of_train_log_is_dropped_on_resume(tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
+    """A finished 2-step run (config, logs, gradient CSVs, final_model, summary), without the evaluation, analysis
+    and report steps, which these tests do not need."""
+    from lorasens.config import build_config
+    from lorasens.run import run_experiment
+
     out = tmp_path_factory.mktemp("runs")
-    assert main(["train", *FAST, "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(out),
-                 "--experiment_name", "done"]) == 0
+    flags = dict(zip(FAST[::2], FAST[1::2]))
+    cfg = build_config(None, None, {**{k[2:]: v for k, v in flags.items()}, "max_steps": "2", "eval_steps": "0",
+                                    "eval_samples": "8", "output_dir": str(out), "experiment_name": "done"})
+    run_experiment(cfg, after_training=())
     return out / "done"
 
 
