@@ -45,7 +45,7 @@ from lorasens.analysis.stats import (
     rank_interval_is_wide,
     spearman,
 )
-from lorasens.config import ExperimentConfig, config_from_dict, with_overrides
+from lorasens.config import ExperimentConfig, with_overrides
 from lorasens.context import RunContext
 from lorasens.data.features import build_features
 from lorasens.data.registry import training_splits
@@ -55,7 +55,7 @@ from lorasens.lora import LoraParams
 from lorasens.module_map import ModuleMap
 from lorasens.rundir import files
 from lorasens.rundir.files import CONFIG_FILE
-from lorasens.rundir.load import load_run
+from lorasens.rundir.load import load_run, read_run_config
 from lorasens.safeio import write_json
 from lorasens.training import decide_packing
 
@@ -220,7 +220,7 @@ def _on_scale(measures: dict[str, dict[str, float]], params: dict[str, int], sca
 def _measured_under(cfg: ExperimentConfig, probe: Path | None) -> dict:
     """Where grad_norm/importance/update_magnitude come from, and whether a phase schedule confounds them."""
     if probe is not None:
-        probe_cfg = config_from_dict(json.loads((probe / CONFIG_FILE).read_text()))
+        probe_cfg = read_run_config(probe)
         return {"source": str(probe), "phase_strategy": probe_cfg.schedule.phase_strategy, "probe": True}
     strategy = cfg.schedule.phase_strategy
     info = {"source": "this run", "phase_strategy": strategy, "probe": False}
@@ -314,7 +314,7 @@ def analyze_run(run_dir: str | Path, overrides: dict | None = None, probe: str |
         probe_dir = Path(probe)
         if not (probe_dir / CONFIG_FILE).exists():
             raise UserError(f"--probe {probe_dir} is not a lorasens run directory (no {CONFIG_FILE})")
-        probe_cfg = config_from_dict(json.loads((probe_dir / CONFIG_FILE).read_text()))
+        probe_cfg = read_run_config(probe_dir)
         if probe_cfg.model.model != cfg.model.model:
             raise UserError(f"--probe {probe_dir} trained {probe_cfg.model.model}, the run {cfg.model.model}: "
                             "a probe must use the same model")
