@@ -74,6 +74,11 @@ class LoraSettings:
     r: int = opt(8, "LoRA rank.", key=(5, "rank r"))
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by lora_alpha / r.", key=(6, "lora_alpha"))
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input, in [0, 1).", key=(7, "lora_dropout"))
+    placement: str | None = opt(
+        None, "A JSON file of peft.LoraConfig arguments (e.g. a run's recommended_lora_config.json): LoRA goes on "
+        "exactly the modules it selects, at its ranks (rank_pattern), instead of on --target. Its r and lora_alpha "
+        "must equal --r and --lora_alpha."
+    )
 
     def __post_init__(self):
         _positive("r", self.r)
@@ -287,6 +292,9 @@ class ExperimentConfig:
 
             s = self.schedule
             parse_schedule(s.phase_strategy, self.training.max_steps, s.phase_ends, s.phase1_end, s.phase2_end)
+        if self.lora.placement is not None and self.schedule.phase_strategy:
+            raise UserError("--placement and --phase_strategy exclude each other: a placement fixes the LoRA modules "
+                            "for the whole run")
 
 
 def check_environment(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -299,6 +307,8 @@ def check_environment(cfg: ExperimentConfig) -> ExperimentConfig:
     if report_to != "none" and importlib.util.find_spec(report_to) is None:
         raise UserError(f"--report_to {report_to} needs the {report_to} package (pip install {report_to}); valid "
                         "without extra packages: none, tensorboard")
+    if cfg.lora.placement is not None:
+        _check_placement(cfg)
     return cfg
 
 
@@ -312,6 +322,8 @@ def check_budget(budget: float | None, unit: str) -> None:
 def check_allocation(allocate: str, unit: str) -> None:
     if allocate == "ranks" and unit != "params":
         raise UserError("--allocate ranks distributes a budget of LoRA parameters; use it with --budget_unit params")
+
+
 def _check_run_name(name: str | None) -> None:
     """A run name is one folder inside --output_dir: never a path that leaves it."""
     if name is None:
@@ -319,6 +331,17 @@ def _check_run_name(name: str | None) -> None:
     if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise UserError(f"--experiment_name must be one folder name (no '/', not '..' or empty), got {name!r}; "
                         "choose the parent folder with --output_dir")
+
+
+def _check_placement(cfg: ExperimentConfig) -> None:
+    """The placement file exists, and its r/alpha are the ones config.json records as --r/--lora_alpha."""
+    from lorasens.lora import read_placement_file  # imports torch/peft: not at start-up (see cli.py)
+
+    data = read_placement_file(cfg.lora.placement)
+    r, alpha = data.get("r", 8), float(data.get("lora_alpha", 8))  # peft.LoraConfig's defaults
+    if r != cfg.lora.r or alpha != cfg.lora.lora_alpha:
+        raise UserError(f"--placement {cfg.lora.placement} has r={r}, lora_alpha={alpha}; pass the same --r {r} "
+                        f"--lora_alpha {alpha} (config.json records them)")
 
 
 def _positive(name: str, value: float) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
 
+from lorasens.errors import UserError
 from lorasens.module_map import GROUPS, LoraModule, ModuleMap
 
 PEFT_PREFIX = "base_model.model."
@@ -28,10 +32,67 @@ def targets_for(module_map: ModuleMap, target: str) -> tuple[LoraModule, ...]:
     return module_map.select(groups=groups)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """LoRA placed by a PEFT LoRA config file (`--placement`): exactly `modules`, with PEFT's per-module ranks.
+
+    `rank_pattern` / `alpha_pattern` are PEFT's (pattern -> rank / alpha for the modules that differ from r).
+    """
+
+    modules: tuple[LoraModule, ...]
+    r: int
+    lora_alpha: float
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+
+def read_placement_file(path: str | Path) -> dict:
+    """The keyword arguments of `peft.LoraConfig` stored in a JSON file (e.g. a run's recommended_lora_config.json)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--placement {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--placement {str(path)!r} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict) or "target_modules" not in data:
+        raise UserError(f"--placement {str(path)!r} must hold peft.LoraConfig arguments with target_modules")
+    return data
+
+
+def load_placement(path: str | Path, model: torch.nn.Module, module_map: ModuleMap) -> Placement:
+    """Resolve a placement file against the model with PEFT's own matcher (target_modules, layers_to_transform).
+
+    Every module it selects must be in the module map (the modules lorasens trains and analyses); a file that
+    selects nothing, or something else (e.g. lm_head), is an error rather than a silently different placement.
+    """
+    data = read_placement_file(path)
+    try:
+        config = LoraConfig(**data)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"--placement {str(path)!r}: not a valid peft.LoraConfig ({exc})") from None
+    known = module_map.by_name()
+    selected, foreign = [], []
+    for name, _ in model.named_modules():
+        if name and check_target_module_exists(config, name):
+            (selected if name in known else foreign).append(name)
+    if foreign:
+        raise UserError(f"--placement {str(path)!r} selects module(s) outside the module map: {', '.join(foreign[:5])}")
+    if not selected:
+        raise UserError(f"--placement {str(path)!r} selects no module of this model")
+    chosen = set(selected)
+    return Placement(tuple(m for m in module_map.modules if m.name in chosen), int(config.r), float(config.lora_alpha),
+                     dict(config.rank_pattern or {}), dict(config.alpha_pattern or {}))
+
+
 def apply_lora(
-    model: torch.nn.Module, modules: Iterable[LoraModule], r: int, alpha: float, dropout: float
+    model: torch.nn.Module, modules: Iterable[LoraModule], r: int, alpha: float, dropout: float,
+    rank_pattern: Mapping[str, int] | None = None, alpha_pattern: Mapping[str, float] | None = None,
 ) -> PeftModel:
-    """Wrap `model` with PEFT LoRA on exactly `modules` (full paths, so GPT-2's attn/mlp c_proj stay distinct)."""
+    """Wrap `model` with PEFT LoRA on exactly `modules` (full paths, so GPT-2's attn/mlp c_proj stay distinct).
+
+    `rank_pattern` / `alpha_pattern` give some modules another rank / alpha than `r` / `alpha` (PEFT's semantics).
+    """
     names = [m.name for m in modules]
     fan_in_fan_out = getattr(getattr(model, "config", None), "model_type", "") == "gpt2"  # Conv1D weights
     config = LoraConfig(
@@ -39,6 +100,8 @@ def apply_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=names,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",

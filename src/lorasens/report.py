@@ -30,6 +30,9 @@ from lorasens.rundir.files import (
     REPORT_FILE,
     RUN_FILES,
     SUMMARY_FILE,
+    VALIDATION_DIR,
+    VALIDATION_JSON,
+    VALIDATION_PNG,
     evaluation_files,
     read_json,
     read_jsonl,
@@ -38,7 +41,8 @@ from lorasens.rundir.files import (
 logger = logging.getLogger(__name__)
 
 SECTIONS = (("config", "Configuration"), ("phases", "Phases"), ("evaluation", "Evaluation"),
-            ("sensitivity", "Sensitivity ranking"), ("recommendation", "Recommended LoRA config"), ("plots", "Plots"))
+            ("sensitivity", "Sensitivity ranking"), ("recommendation", "Recommended LoRA config"),
+            ("validation", "Placement validation"), ("plots", "Plots"))
 # (label, config section, field) shown in the config summary table.
 KEY_SETTINGS = key_settings()
 SUMMARY_KEYS = ("steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "final_model_from",
@@ -109,6 +113,7 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
         _section("evaluation", (f"*{EVALUATION_SUFFIX}",), _evaluation_section, run_dir, config),
         _section("sensitivity", (SENSITIVITY,), _sensitivity_section, run_dir),
         _section("recommendation", (RECOMMENDED_CONFIG,), _recommendation_section, run_dir),
+        _section("validation", (f"{VALIDATION_DIR}/{VALIDATION_JSON}",), _validation_section, run_dir),
         _plots_section(run_dir, plots, outcome, RUN_PLOTS),
     ]
     missing += [line for _, lines in body for line in lines]
@@ -361,6 +366,39 @@ def _recommendation_section(run_dir: Path) -> tuple[str, list[str]]:
              f"config = LoraConfig(**json.load(open({RECOMMENDED_CONFIG!r})))\nmodel = get_peft_model(model, config)")
     return (f"<p>{esc(RECOMMENDED_CONFIG)} — keyword arguments for <code>peft.LoraConfig</code>:</p>"
             f"<pre>{esc(json.dumps(data, indent=2))}</pre><p class=\"note\">Use it:</p><pre>{esc(usage)}</pre>", [])
+
+
+def _validation_section(run_dir: Path) -> tuple[str, list[str]]:
+    """`lorasens validate` results, when the run has been validated (not validating is no missing input)."""
+    folder = run_dir / VALIDATION_DIR
+    data = read_json(folder / VALIDATION_JSON)
+    if data is None:
+        return (f'<p class="note">Not validated. <code>lorasens validate {esc(run_dir)}</code> trains the '
+                "recommendation against parameter-matched placements and writes this section.</p>"), []
+    rows = []
+    for name, entry in data["placements"].items():
+        loss = entry["test_loss"]
+        ci = f"[{fmt(loss['ci_low'])}, {fmt(loss['ci_high'])}]" if loss.get("ci_low") is not None else "–"
+        row = [name, entry["kind"], entry["lora_params"], loss["mean"], ci]
+        if "metric" in entry:
+            row.append(entry["metric"]["mean"])
+        rows.append(row)
+    headers = ["placement", "kind", "LoRA params", "test loss (mean)", "95% CI"]
+    if any("metric" in e for e in data["placements"].values()):
+        headers.append(next(e["metric"]["name"] for e in data["placements"].values() if "metric" in e))
+    diff = data["paired_difference"]["matched_random"]
+    text = (f"<p><b>{esc(data['verdict'])}</b></p><p class=\"note\">{len(data['seeds'])} seed(s), "
+            f"{data['max_steps']} steps each; budget {fmt(data['budget_lora_params'])} LoRA parameters of "
+            f"{fmt(data['all_modules_lora_params'])} (all modules); test: {fmt(data['test']['prompts_used'])} unseen "
+            f"prompts. The recommendation had the lower test loss in {diff['recommended_lower_than_random_set']} of "
+            f"{diff['comparisons']} (seed, random set) pairs.</p>" + table(headers, rows, numeric_from=2))
+    paired = [[name, d["mean"], f"[{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]" if d.get("ci_low") is not None else "–"]
+              for name, d in data["paired_difference"].items()]
+    text += "<h3>Recommended − other placement (paired by seed)</h3>" + table(["versus", "Δ test loss", "95% CI"], paired)
+    if (folder / VALIDATION_PNG).exists():
+        text += (f"<figure>{image_tag(folder / VALIDATION_PNG, VALIDATION_PNG)}<figcaption>Test loss against LoRA "
+                 "parameters: mean and 95% CI per placement, dots are single seeds.</figcaption></figure>")
+    return text, []
 
 
 def _plots_section(run_dir: Path, plots: dict, outcome: dict, registry: dict) -> tuple[str, list[str]]:

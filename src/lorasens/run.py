@@ -25,7 +25,7 @@ from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import Interrupted, TrainingDiverged, UserError
 from lorasens.evaluation import runner
 from lorasens.evaluation.metrics import ensure_meteor_ready
-from lorasens.lora import apply_lora, lora_parameters, set_trainable, targets_for
+from lorasens.lora import Placement, apply_lora, load_placement, lora_parameters, set_trainable, targets_for
 from lorasens.models import load_model
 from lorasens.module_map import build_module_map
 from lorasens.phases import PhaseCallback
@@ -106,7 +106,11 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
     loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
     module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
     schedule: Schedule | None = None
-    if cfg.schedule.phase_strategy:
+    placement: Placement | None = None
+    if cfg.lora.placement:
+        placement = load_placement(cfg.lora.placement, loaded.model, module_map)
+        lora_modules = placement.modules
+    elif cfg.schedule.phase_strategy:
         schedule = parse_schedule_from_config(cfg, module_map=module_map)
         lora_modules = schedule.all_modules(module_map)
     else:
@@ -139,7 +143,8 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
         save_config(cfg, run_dir / CONFIG_FILE)
     log_handler = _attach_file_log(run_dir) if main_process else logging.NullHandler()
     try:
-        model = apply_lora(loaded.model, lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
+        model = apply_lora(loaded.model, lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout,
+                           placement.rank_pattern if placement else None, placement.alpha_pattern if placement else None)
         lora = lora_parameters(model, module_map)
         # All LoRA parameters of every phase require grad now, so the Trainer's optimizer holds all of them.
         set_trainable(model, lora, lora_modules)

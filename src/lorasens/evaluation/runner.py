@@ -117,11 +117,18 @@ def _eval_sets(cfg: ExperimentConfig, s: EvalSettings) -> tuple[dict[str, list[E
     return hook(s.split, data_dir, select)
 
 
-def evaluate_model(model, tokenizer, cfg, settings: EvalSettings, baseline: bool = False, run_dir: str | Path | None = None) -> dict:
-    """Generate and score; returns (and, with `run_dir`, writes) the {dataset}_evaluation.json content."""
+def evaluate_model(model, tokenizer, cfg, settings: EvalSettings, baseline: bool = False, run_dir: str | Path | None = None,
+                   examples: list[Example] | None = None) -> dict:
+    """Generate and score; returns (and, with `run_dir`, writes) the {dataset}_evaluation.json content.
+
+    `examples` replaces the split's seeded subset (grouped by prompt already; `lorasens validate` passes its test set).
+    """
     started = time.time()
     dataset = cfg.data.dataset
-    sets, unavailable = _eval_sets(cfg, settings)
+    if examples is not None:
+        sets, unavailable = {settings.split: examples}, {}
+    else:
+        sets, unavailable = _eval_sets(cfg, settings)
     count = sum(len(v) for v in sets.values())
     logger.info("Evaluating %s (%s): %d prompts, batch %d, max_new_tokens %d, %s", dataset, settings.split, count,
                 settings.batch_size, settings.max_new_tokens, "greedy" if settings.num_beams == 1 else f"{settings.num_beams} beams")
