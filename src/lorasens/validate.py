@@ -256,7 +256,7 @@ def placement_config(spec: PlacementSpec, module_map: ModuleMap, r: int, alpha: 
 # The test split
 
 
-def test_examples(cfg: ExperimentConfig, seeds: tuple[int, ...], test_samples: int) -> tuple[list[Example], dict]:
+def held_out_examples(cfg: ExperimentConfig, seeds: tuple[int, ...], test_samples: int) -> tuple[list[Example], dict]:
     """`test_samples` distinct prompts of the test split that no training, validation or analysis split holds.
 
     The split each training saw depends on its seed, so the prompts of every seed's train / validation subsets are
@@ -361,7 +361,7 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
     else:
         rec = recommended_ranks(run_dir, loaded.model, module_map)
     placements = plan_placements(rec, sizes, module_map, r, settings.random_sets)
-    examples, test_info = test_examples(cfg, settings.seeds, settings.test_samples)
+    examples, test_info = held_out_examples(cfg, settings.seeds, settings.test_samples)
     if settings.metric is not None:
         from lorasens.evaluation.metrics import ensure_wordnet, scorer_name
 
