@@ -259,22 +259,25 @@ def placement_config(spec: PlacementSpec, module_map: ModuleMap, r: int, alpha: 
 def held_out_examples(cfg: ExperimentConfig, seeds: tuple[int, ...], test_samples: int) -> tuple[list[Example], dict]:
     """`test_samples` distinct prompts of the test split that no training, validation or analysis split holds.
 
-    The split each training saw depends on its seed, so the prompts of every seed's train / validation subsets are
-    left out (E2E without testset_w_refs.csv falls back to devset.csv, which is also the validation file). One
-    example per prompt, target = its first reference, all references kept for `--metric`.
+    Left out: every prompt of the whole train split (so the train subset of any seed, and an analysis split carved
+    out of train, are covered whatever their sampling) and of every seed's validation subset (E2E without
+    testset_w_refs.csv falls back to devset.csv, which is also the validation file). One example per prompt,
+    target = its first reference, all references kept for `--metric`.
     """
     data = cfg.data
-    seen: set[str] = set()
+
+    def prompts(examples: list[Example]) -> set[str]:
+        return {ex.prompt for ex in apply_prompt_template(examples, data.prompt_template, data.dataset)}
+
+    seen = prompts(load_examples(data.dataset, "train", data.data_dir, TEST_SEED))
     for seed in sorted(set(seeds) | {cfg.training.seed}):
-        for split, limit in (("train", data.train_samples), ("validation", data.eval_samples)):
-            examples = load_examples(data.dataset, split, data.data_dir, seed, limit)
-            seen.update(ex.prompt for ex in apply_prompt_template(examples, data.prompt_template, data.dataset))
+        seen |= prompts(load_examples(data.dataset, "validation", data.data_dir, seed, data.eval_samples))
     test = apply_prompt_template(load_examples(data.dataset, "test", data.data_dir, TEST_SEED), data.prompt_template,
                                  data.dataset)
     grouped = group_by_prompt(test)
     fresh = [ex for ex in grouped if ex.prompt not in seen]
     if not fresh:
-        raise UserError(f"the {data.dataset} test split has no prompt outside the train/validation subsets")
+        raise UserError(f"the {data.dataset} test split has no prompt outside the train/validation splits")
     chosen = subset(fresh, test_samples, TEST_SEED)
     info = {"split": "test", "prompts_in_split": len(grouped), "prompts_excluded_as_seen": len(grouped) - len(fresh),
             "prompts_used": len(chosen)}
