@@ -56,6 +56,7 @@ def test_matched_random_sets_lie_within_five_percent_of_the_target():
     sizes = {f"L{i}.{t}": ModuleSize(f"L{i}.{t}", *w) for i in range(30) for t, w in widths.items()}
     keys = list(sizes)
     total = sum(s.params(8) for s in sizes.values())
+    deviations = []
     for fraction in (0.1, 0.25, 0.5):
         target = round(fraction * total)
         for draw in range(5):
@@ -63,6 +64,10 @@ def test_matched_random_sets_lie_within_five_percent_of_the_target():
             params = sum(sizes[k].params(r) for k, r in chosen.items())
             assert abs(params - target) <= MATCH_TOLERANCE * target, (fraction, draw, params, target)
             assert set(chosen.values()) == {8}
+            deviations.append(params - target)
+    # Centred on the target, not filled up to +5%: within half the smallest module (k_proj: 8 * 768 = 6144).
+    assert max(abs(d) for d in deviations) <= 6144 // 2
+    assert min(deviations) < 0 < max(deviations)  # above and below, not one-sided
     with pytest.raises(UserError, match="within 5%"):  # one module is 4x the target: no set can match
         matched_random(["a"], {"a": ModuleSize("a", 10, 10)}, 8, 40, rng)
 

@@ -191,23 +191,30 @@ def spread_order(n: int) -> list[int]:
 
 def matched_random(keys: list[str], sizes: dict[str, ModuleSize], r: int, target: int, rng: random.Random,
                    tolerance: float = MATCH_TOLERANCE) -> dict[str, int]:
-    """A random module set at rank r whose LoRA parameters lie within `tolerance` of `target`.
+    """A random module set at rank r whose LoRA parameters lie within `tolerance` of `target`, centred on it.
 
-    Modules are added in a random order while they fit under target * (1 + tolerance); a draw that ends below
-    target * (1 - tolerance) is discarded. Raises when no draw matches (modules too large for the tolerance).
+    Modules are added in a random order while the total stays <= target, then the one left-out module that brings
+    the total closest to the target is added if it does (so a set is as likely a little above as below: filling up
+    to target * (1 + tolerance) would give the random sets systematically more parameters than the recommendation).
+    A draw further than `tolerance` away is discarded; raises when no draw matches (modules too large).
     """
-    high, low = target * (1 + tolerance), target * (1 - tolerance)
     for _ in range(RANDOM_TRIES):
         order = keys[:]
         rng.shuffle(order)
-        chosen, used = [], 0
+        chosen, used = set(), 0
         for k in order:
             cost = sizes[k].params(r)
-            if used + cost <= high:
-                chosen.append(k)
+            if used + cost <= target:
+                chosen.add(k)
                 used += cost
-        if used >= low:
-            return {k: r for k in keys if k in set(chosen)}
+        rest = [k for k in order if k not in chosen]
+        if rest:
+            last = min(rest, key=lambda k: abs(used + sizes[k].params(r) - target))
+            if abs(used + sizes[last].params(r) - target) < abs(used - target):
+                chosen.add(last)
+                used += sizes[last].params(r)
+        if chosen and abs(used - target) <= tolerance * target:
+            return {k: r for k in keys if k in chosen}
     raise UserError(f"no random module set at rank {r} holds {target} LoRA parameters within {tolerance:.0%}; "
                     "use a larger --budget")
 
