@@ -387,7 +387,12 @@ def _validation_section(run_dir: Path) -> tuple[str, list[str]]:
     if any("metric" in e for e in data["placements"].values()):
         headers.append(next(e["metric"]["name"] for e in data["placements"].values() if "metric" in e))
     diff = data["paired_difference"]["matched_random"]
-    text = (f"<p><b>{esc(data['verdict'])}</b></p><p class=\"note\">{len(data['seeds'])} seed(s), "
+    partial = ""
+    if not data.get("complete", True):
+        partial = (f"<p><b>Partial:</b> seeds {esc(', '.join(map(str, data['seeds'])))} of "
+                   f"{esc(', '.join(map(str, data['seeds_planned'])))} are finished; rerun the same "
+                   "<code>lorasens validate</code> command to continue.</p>")
+    text = partial + (f"<p><b>{esc(data['verdict'])}</b></p><p class=\"note\">{len(data['seeds'])} seed(s), "
             f"{data['max_steps']} steps each; budget {fmt(data['budget_lora_params'])} LoRA parameters of "
             f"{fmt(data['all_modules_lora_params'])} (all modules); test: {fmt(data['test']['prompts_used'])} unseen "
             f"prompts. The recommendation had the lower test loss in {diff['recommended_lower_than_random_set']} of "

@@ -28,23 +28,34 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
+from scipy import stats
 
-from lorasens.rundir import files
 from lorasens.analysis.ablation import validation_batches
 from lorasens.analysis.budget import ModuleSize, rank_allocation_config, select_within_budget
 from lorasens.analysis.sensitivity import COMBINED, key_of
-from lorasens.config import ExperimentConfig, config_from_dict
+from lorasens.config import ExperimentConfig, check_environment, config_from_dict
 from lorasens.data.features import IGNORE_INDEX, build_features
-from lorasens.data.registry import Example, group_by_prompt, load_examples, subset
+from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, load_examples, subset
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
-from lorasens.module_map import ModuleMap
-from lorasens.rundir import CONFIG_FILE
+from lorasens.evaluation.metrics import ensure_wordnet
+from lorasens.evaluation.runner import evaluate_model, settings_from_config
+from lorasens.models import load_model
+from lorasens.module_map import ModuleMap, build_module_map
+from lorasens.plots.validation_plots import plot_placement_validation
+from lorasens.report import write_report
+from lorasens.rundir import files
+from lorasens.rundir.files import CONFIG_FILE, SUMMARY_FILE
+from lorasens.rundir.load import load_run, read_run_config
+from lorasens.run import run_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +137,6 @@ def module_sizes(model: torch.nn.Module, module_map: ModuleMap) -> dict[str, Mod
 
 def recommended_ranks(run_dir: Path, model: torch.nn.Module, module_map: ModuleMap) -> dict[str, int]:
     """The modules (and ranks) of RUN_DIR/recommended_lora_config.json, resolved with PEFT's own matchers."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from peft.utils.other import get_pattern_key
-
     path = run_dir / files.RECOMMENDED_CONFIG
     if not path.exists():
         raise UserError(f"{run_dir} has no {files.RECOMMENDED_CONFIG} (run `lorasens analyze {run_dir}` first)")
@@ -334,7 +341,7 @@ class SubRun:
     def status(self) -> str:
         if (self.run_dir / TEST_SCORES).exists():
             return "complete"
-        if (self.run_dir / "summary.json").exists():
+        if (self.run_dir / SUMMARY_FILE).exists():
             return "trained"
         if (self.run_dir / CONFIG_FILE).exists():
             return "incomplete"
@@ -351,14 +358,9 @@ class ValidationResult:
 
 def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str | Path | None = None,
                  overwrite: bool = False) -> ValidationResult:
-    from lorasens.models import load_model
-    from lorasens.module_map import build_module_map
-
     settings.check()
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).exists():
-        raise UserError(f"{run_dir} is not a lorasens run directory (no {CONFIG_FILE})")
-    cfg = config_from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
+    cfg = read_run_config(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / OUT_DIR
     started = time.time()
 
@@ -372,11 +374,8 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
         rec = recommended_ranks(run_dir, loaded.model, module_map)
     placements = plan_placements(rec, sizes, module_map, r, settings.random_sets)
     examples, test_info = held_out_examples(cfg, settings.seeds, settings.test_samples)
-    if settings.metric is not None:
-        from lorasens.evaluation.metrics import ensure_wordnet, scorer_name
-
-        if scorer_name(cfg.data.dataset) in ("e2e", "samsum"):
-            ensure_wordnet()
+    if settings.metric is not None and get_dataset_spec(cfg.data.dataset).evaluation.needs_wordnet:
+        ensure_wordnet()  # METEOR: fail now, not after the first training
 
     plan = {"run_dir": str(run_dir.resolve()), "settings": asdict(settings), "max_steps": settings.max_steps or cfg.training.max_steps,
             "test": {**test_info, "prompts": [ex.prompt for ex in examples]},
@@ -402,6 +401,22 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
                 "LoRA parameters", len(placements), len(settings.seeds), len(subruns), len(subruns) - len(todo),
                 len(todo), len(features), placements[0].params(sizes))
     outcome = {s.name: "skipped (complete)" for s in subruns if s not in todo}
+
+    def write_finished_seeds() -> tuple[list[dict], dict] | None:
+        """The three files over the seeds whose trainings are all scored (all seeds once the validation is done)."""
+        done = tuple(seed for seed in settings.seeds
+                     if all(sub.status() == "complete" for sub in subruns if sub.seed == seed))
+        if not done:
+            return None
+        rows = [_row(sub, sizes, settings) for sub in subruns if sub.seed in done]
+        summary = summarise(rows, replace(settings, seeds=done), placements, sizes, test_info, cfg, run_dir)
+        summary["seeds_planned"] = list(settings.seeds)
+        summary["complete"] = len(done) == len(settings.seeds)
+        summary["wall_time_s"] = round(time.time() - started, 2)  # of this invocation
+        write_outputs(out, rows, summary)
+        return rows, summary
+
+    write_finished_seeds()  # a resumed validation is readable at once
     for index, sub in enumerate(todo, 1):
         status = sub.status()
         logger.info("validate [%d/%d] %s (%s)", index, len(todo), sub.name, status)
@@ -409,10 +424,9 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
             _train(cfg, sub, placement_files[sub.placement.name], settings, rerun=status == "incomplete")
         _score(sub, features, examples, cfg, settings, sizes)
         outcome[sub.name] = "scored" if status == "trained" else "trained"
-    rows = [_row(sub, sizes, settings) for sub in subruns]
-    summary = summarise(rows, settings, placements, sizes, test_info, cfg, run_dir)
-    summary["wall_time_s"] = round(time.time() - started, 2)
-    write_outputs(out, rows, summary)
+        if all(o.status() == "complete" for o in subruns if o.seed == sub.seed) and sub is not todo[-1]:
+            write_finished_seeds()  # a seed is finished: the files cover it from now on
+    rows, summary = write_finished_seeds()
     _update_report(run_dir, out)
     return ValidationResult(out, rows, summary, outcome)
 
@@ -447,19 +461,15 @@ def training_config(cfg: ExperimentConfig, sub: SubRun, placement_file: Path, se
     data["evaluation"].update(evaluate=False, baseline=False)
     data["output"].update(output_dir=str(sub.run_dir.parent), experiment_name=sub.run_dir.name, overwrite=rerun,
                           resume=False)
-    return config_from_dict(data).validate()
+    return check_environment(config_from_dict(data))
 
 
 def _train(cfg: ExperimentConfig, sub: SubRun, placement_file: Path, settings: ValidateSettings, rerun: bool) -> None:
-    from lorasens.run import run_experiment
-
-    run_experiment(training_config(cfg, sub, placement_file, settings, rerun), after_training=False)
+    run_experiment(training_config(cfg, sub, placement_file, settings, rerun), after_training=())
 
 
 def _score(sub: SubRun, features: list[dict], examples: list[Example], cfg: ExperimentConfig,
            settings: ValidateSettings, sizes: dict[str, ModuleSize]) -> None:
-    from lorasens.run import load_run
-
     loaded = load_run(sub.run_dir)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
     per_example = example_losses(loaded.model, features, cfg.evaluation.eval_batch_size, pad)
@@ -478,8 +488,6 @@ def _score(sub: SubRun, features: list[dict], examples: list[Example], cfg: Expe
 
 
 def _metric(loaded, examples: list[Example], cfg: ExperimentConfig, settings: ValidateSettings) -> float | None:
-    from lorasens.evaluation.runner import evaluate_model, settings_from_config
-
     eval_settings = settings_from_config(cfg, "test", len(examples))
     result = evaluate_model(loaded.model, loaded.tokenizer, cfg, eval_settings, examples=examples)
     metrics = result["metrics"]
@@ -506,8 +514,6 @@ def _row(sub: SubRun, sizes: dict[str, ModuleSize], settings: ValidateSettings) 
 
 def mean_ci(values: list[float], level: float = 0.95) -> dict:
     """Mean and its two-sided Student-t confidence interval (None bounds for a single value)."""
-    from scipy import stats
-
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -585,8 +591,6 @@ def measure_agreement(rows: list[dict], run_dir: Path, placements: list[Placemen
     """For each measure of sensitivity.json: does it rank the same-size placements (recommended + random) as their
     test loss does? Spearman between a placement's summed measure and its mean test loss; negative = the measure
     would have picked lower-loss placements."""
-    from scipy.stats import spearmanr
-
     path = run_dir / files.SENSITIVITY
     if not path.exists():
         return {}
@@ -599,7 +603,7 @@ def measure_agreement(rows: list[dict], run_dir: Path, placements: list[Placemen
     result = {}
     for name, scores in measures.items():
         totals = [sum((scores.get(k) or 0.0) for k in p.ranks) for p in same_size]
-        rho = spearmanr(totals, [loss[p.name] for p in same_size]).statistic
+        rho = stats.spearmanr(totals, [loss[p.name] for p in same_size]).statistic
         result[name] = {"spearman_with_test_loss": None if rho != rho else float(rho),
                         "best_placement": same_size[max(range(len(totals)), key=totals.__getitem__)].name}
     result["best_placement_by_test_loss"] = min(loss, key=loss.get)
@@ -614,8 +618,6 @@ def write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
         for row in rows:
             writer.writerow({k: ("" if row[k] is None else row[k]) for k in CSV_COLUMNS})
     (out / JSON_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    from lorasens.plots.validation_plots import plot_placement_validation
-
     plot_placement_validation(out)
     logger.info("validate: %s", summary["verdict"])
 
@@ -624,8 +626,6 @@ def _update_report(run_dir: Path, out: Path) -> None:
     """Redraw the run's report.html so it shows the validation section (only when validating into the run)."""
     if out.resolve() != (run_dir / OUT_DIR).resolve():
         return
-    from lorasens.report import write_report
-
     try:
         write_report(run_dir, redraw=False)
     except UserError as exc:

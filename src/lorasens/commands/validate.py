@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    # Imported when the command runs, not at start-up (torch, transformers and peft cost seconds; see sweep.py).
     from lorasens.validate import ValidateSettings, parse_seeds, validate_run
 
     settings = ValidateSettings(seeds=parse_seeds(args.seeds), max_steps=args.max_steps, budget=args.budget,
