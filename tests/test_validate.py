@@ -197,10 +197,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "lorasens", "train", *TINY, "--output_dir", str(out),
-                           "--experiment_name", "probe"], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["train", *TINY, "--output_dir", str(out), "--experiment_name", "probe"]) == 0
     return out / "probe"
 
 
@@ -261,7 +258,7 @@ def test_killed_validate_resumes_without_redoing_finished_trainings(tiny_run, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_validate_command(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while not (second / "config.json").exists():  # the second training has started: kill validate mid-run
             assert proc.poll() is None, f"validate exited early ({proc.returncode})"
             assert time.time() < deadline
@@ -277,7 +274,7 @@ def test_killed_validate_resumes_without_redoing_finished_trainings(tiny_run, tm
     mtime = (first / "test_scores.json").stat().st_mtime_ns
     adapter_mtime = (first / "final_model" / "adapter_model.safetensors").stat().st_mtime_ns
 
-    done = subprocess.run(_validate_command(run), capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(_validate_command(run), capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (first / "test_scores.json").read_bytes() == scores
     assert (first / "test_scores.json").stat().st_mtime_ns == mtime  # neither retrained nor rescored
