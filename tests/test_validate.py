@@ -235,6 +235,7 @@ def test_validate_writes_the_three_files_and_the_report_section(tiny_run, tmp_pa
     expected = [by[("recommended", s)] - by[("random_1", s)] for s in ("1", "2")]
     assert diff["mean"] == pytest.approx(sum(expected) / 2)
     assert summary["verdict"].startswith("recommended - matched-random test loss")
+    assert summary["complete"] is True and summary["seeds"] == summary["seeds_planned"] == [1, 2]
     assert (out / "placement_validation.png").stat().st_size > 10_000
     report = (run / "report.html").read_text()
     assert 'id="validation"' in report and summary["verdict"].split(":")[0] in report
@@ -254,7 +255,7 @@ def test_killed_validate_resumes_without_redoing_finished_trainings(tiny_run, tm
     run = tmp_path / "probe"
     shutil.copytree(tiny_run, run)
     runs = run / "validation" / "runs"
-    first, second = runs / "recommended_seed1", runs / "random_1_seed1"
+    first, second = runs / "recommended_seed1", runs / "recommended_seed2"  # kill once seed 1 is finished
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_validate_command(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
@@ -270,6 +271,10 @@ def test_killed_validate_resumes_without_redoing_finished_trainings(tiny_run, tm
             proc.kill()
             proc.wait()
     assert (first / "test_scores.json").exists() and not (second / "test_scores.json").exists()
+    # Seed 1 is finished, so the files already cover it (and say that the validation is not complete).
+    assert len(_read_csv(run / "validation" / "placement_validation.csv")) == 7
+    partial = json.loads((run / "validation" / "placement_validation.json").read_text())
+    assert partial["seeds"] == [1] and partial["seeds_planned"] == [1, 2] and partial["complete"] is False
     scores = (first / "test_scores.json").read_bytes()
     mtime = (first / "test_scores.json").stat().st_mtime_ns
     adapter_mtime = (first / "final_model" / "adapter_model.safetensors").stat().st_mtime_ns
@@ -279,7 +284,8 @@ def test_killed_validate_resumes_without_redoing_finished_trainings(tiny_run, tm
     assert (first / "test_scores.json").read_bytes() == scores
     assert (first / "test_scores.json").stat().st_mtime_ns == mtime  # neither retrained nor rescored
     assert (first / "final_model" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime
-    assert "recommended_seed1 (" not in done.stderr and "random_1_seed1 (incomplete)" in done.stderr
+    assert "recommended_seed1 (" not in done.stderr and "recommended_seed2 (incomplete)" in done.stderr
     assert len(_read_csv(run / "validation" / "placement_validation.csv")) == 14
+    assert json.loads((run / "validation" / "placement_validation.json").read_text())["complete"] is True
     # Other settings on the same folder are refused rather than mixed in.
     assert main(["validate", str(run), "--seeds", "1,2", "--random_sets", "2", "--test_samples", "6"]) == 2
