@@ -160,6 +160,16 @@ def test_example_losses_are_the_token_weighted_loss(tiny_llama):
         assert nll / tokens == pytest.approx(expected, rel=1e-5)
 
 
+def test_same_size_placements_are_spread_sideways_in_the_plot():
+    from lorasens.plots.validation_plots import dodged_positions
+
+    xs = dodged_positions({"recommended": 1000, "random_1": 1010, "qv": 990, "all": 4000})
+    assert xs["all"] == 4000  # alone in its column: drawn at its count
+    column = [xs["recommended"], xs["random_1"], xs["qv"]]
+    assert column == sorted(column) and len(set(column)) == 3  # in order, none on top of another
+    assert xs["random_1"] == pytest.approx(1000) and column[0] * column[2] == pytest.approx(1000**2)  # centred
+
+
 def test_seeds_and_settings_are_checked():
     assert parse_seeds("1, 2,3") == (1, 2, 3)
     for bad in ("", "1,x", "a"):

@@ -37,12 +37,12 @@ def plot_placement_validation(out_dir: str | Path) -> Path:
     summary = json.loads((out_dir / JSON_FILE).read_text())
     fig, ax = new_figure(figsize=(9, 5.2))
     seen_kinds: set[str] = set()
-    for name, entry in summary["placements"].items():
+    shown = {name: e for name, e in summary["placements"].items() if name != "matched_random"}  # sets one by one
+    xs = dodged_positions({name: e["lora_params"] for name, e in shown.items()})
+    for name, entry in shown.items():
         kind = entry["kind"]
         colour, marker, label = KIND_STYLE[kind]
-        if name == "matched_random":
-            continue  # the aggregate; its sets are drawn one by one
-        x = entry["lora_params"]
+        x = xs[name]
         seeds = [float(r["test_loss"]) for r in rows if r["placement"] == name]
         ax.scatter([x] * len(seeds), seeds, s=12, color=colour, alpha=0.35, zorder=2)
         loss = entry["test_loss"]
@@ -52,11 +52,11 @@ def plot_placement_validation(out_dir: str | Path) -> Path:
         ax.errorbar([x], [loss["mean"]], yerr=err, fmt=marker, color=colour, markersize=11 if kind == "recommended" else 7,
                     capsize=4, zorder=3, label=None if kind in seen_kinds else label)
         seen_kinds.add(kind)
-        if kind != "matched_random":
-            ax.annotate(name, (x, loss["mean"]), textcoords="offset points", xytext=(8, -3), fontsize=8)
+        ax.annotate(name, (x, loss["mean"]), textcoords="offset points", xytext=(7, -3), fontsize=8)
     ax.axvline(summary["budget_lora_params"], color="#999999", linestyle=":", linewidth=1, zorder=1)
     ax.set_xscale("log")
-    ax.set_xlabel("LoRA parameters (log scale; dotted: the recommendation's budget)")
+    ax.set_xlabel("LoRA parameters (log scale; dotted: the recommendation's budget; placements of about the same size "
+                  "are spread sideways)", fontsize=9)
     ax.set_ylabel("test loss (nats/target token)")
     ax.set_title(f"Placement validation — {summary.get('model')} on {summary.get('dataset')}, "
                  f"{len(summary['seeds'])} seed(s), {summary['max_steps']} steps\nmean and 95% CI over seeds; dots: single seeds",
@@ -65,3 +65,21 @@ def plot_placement_validation(out_dir: str | Path) -> Path:
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return save(fig, out_dir / PNG_FILE)
+
+
+def dodged_positions(params: dict[str, int], spread: float = 0.07, same: float = 0.06) -> dict[str, float]:
+    """x positions: placements within `same` (relative) of each other share a column and are spread around it by
+    factors of (1 + spread) on the log axis, in the given order, so their markers and labels do not overlap."""
+    positions: dict[str, float] = {}
+    groups: list[list[str]] = []
+    for name, value in params.items():
+        group = next((g for g in groups if abs(params[g[0]] - value) <= same * params[g[0]]), None)
+        if group is None:
+            groups.append([name])
+        else:
+            group.append(name)
+    for group in groups:
+        centre = params[group[0]]
+        for i, name in enumerate(group):
+            positions[name] = centre * (1 + spread) ** (i - (len(group) - 1) / 2)
+    return positions
