@@ -46,7 +46,7 @@ from lorasens.data.features import IGNORE_INDEX, build_features
 from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, load_examples, subset
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
-from lorasens.evaluation.metrics import ensure_wordnet
+from lorasens.evaluation.metrics import ensure_meteor_ready
 from lorasens.evaluation.runner import evaluate_model, settings_from_config
 from lorasens.models import load_model
 from lorasens.module_map import ModuleMap, build_module_map
@@ -374,8 +374,8 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
         rec = recommended_ranks(run_dir, loaded.model, module_map)
     placements = plan_placements(rec, sizes, module_map, r, settings.random_sets)
     examples, test_info = held_out_examples(cfg, settings.seeds, settings.test_samples)
-    if settings.metric is not None and get_dataset_spec(cfg.data.dataset).evaluation.needs_wordnet:
-        ensure_wordnet()  # METEOR: fail now, not after the first training
+    if settings.metric is not None and get_dataset_spec(cfg.data.dataset).evaluation.needs_meteor:
+        ensure_meteor_ready()  # METEOR: fail now, not after the first training
 
     plan = {"run_dir": str(run_dir.resolve()), "settings": asdict(settings), "max_steps": settings.max_steps or cfg.training.max_steps,
             "test": {**test_info, "prompts": [ex.prompt for ex in examples]},
