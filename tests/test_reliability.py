@@ -182,7 +182,7 @@ def test_two_concurrent_runs_into_one_folder(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lora_alpha", "nan"),
                                          ("--lora_dropout", "nan"), ("--importance_ema", "-inf"),
-                                         ("--budget_modules", "nan")])
+                                         ("--budget", "nan")])
 def test_non_finite_numbers_are_bad_input(flag, value, capsys):
     assert main(["train", f"{flag}={value}"]) == 2
     assert last_line(capsys) == f"error: {flag[2:]} must be a finite number, got {value!r}"

@@ -40,7 +40,7 @@ from lorasens.validate import (
 # One optimizer step of the tiny model: the validation machinery is what is tested, not the training.
 TINY = ["--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps", "1", "--max_length", "160",
         "--batch_size", "2", "--train_samples", "4", "--eval_samples", "4", "--eval_steps", "0",
-        "--evaluate", "false", "--ablation", "false", "--budget_modules", "0.25", "--budget_unit", "params"]
+        "--evaluate", "false", "--ablation", "false", "--budget", "0.25", "--budget_unit", "params"]
 VALIDATE = ["--seeds", "1,2", "--random_sets", "1", "--test_samples", "6"]
 
 
