@@ -438,7 +438,7 @@ def run_copy(finished_run, tmp_path):
 
 @pytest.mark.parametrize("command", ["eval", "analyze"])
 @pytest.mark.parametrize("damage, message", [
-    ("config", "config.json:39: the run's config is corrupt"),  # cut in line 39 of 77
+    ("config", "config.json:{line}: the run's config is corrupt"),  # cut in the middle: {line} = where
     ("adapter missing", "final_model: missing adapter_model.safetensors"),
     ("adapter truncated", "final_model: adapter_model.safetensors is truncated or unreadable"),
 ])
@@ -446,6 +446,8 @@ def test_damaged_run_files_are_one_line(run_copy, capsys, command, damage, messa
     if damage == "config":
         text = (run_copy / "config.json").read_text()
         (run_copy / "config.json").write_text(text[: len(text) // 2])
+        # The JSON error points at the line after the cut (the cut line holds an unterminated key or value).
+        message = message.format(line=text[: len(text) // 2].count("\n") + 1)
     elif damage == "adapter missing":
         (run_copy / "final_model" / "adapter_model.safetensors").unlink()
     else:

@@ -32,17 +32,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from scipy import stats
 
-from lorasens.analysis.ablation import validation_batches
+from lorasens.analysis.ablation import per_example_losses, validation_batches
 from lorasens.analysis.budget import ModuleSize, rank_allocation_config, select_within_budget
 from lorasens.analysis.sensitivity import COMBINED, key_of
 from lorasens.config import ExperimentConfig, check_environment, config_from_dict
-from lorasens.data.features import IGNORE_INDEX, build_features
+from lorasens.data.features import build_features
 from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, load_examples, subset
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
@@ -298,30 +297,13 @@ def held_out_examples(cfg: ExperimentConfig, seeds: tuple[int, ...], test_sample
     return chosen, info
 
 
-@torch.no_grad()
 def example_losses(model: torch.nn.Module, features: list[dict], batch_size: int, pad_token_id: int) -> list[tuple[float, int]]:
-    """(summed NLL over target tokens, target tokens) per feature, in input order; a full forward (exact for every
-    architecture, logit soft-capping included)."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    """(summed NLL over target tokens, target tokens) per feature, in input order: the ablation engine's exact
+    full-model pass, padded batches."""
     device = next(model.parameters()).device
-    # validation_batches sorts by length (stably); pre-sorted input keeps its order, so rows map back to `order`.
-    batches = validation_batches([features[i] for i in order], batch_size, pad_token_id, device)
-    was_training = model.training
-    model.eval()
-    out: list[tuple[float, int]] = []
-    try:
-        for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            labels = batch["labels"][:, 1:]
-            nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-            tokens = (labels != IGNORE_INDEX).sum(dim=1)
-            out.extend(zip(nll.sum(dim=1).double().cpu().tolist(), tokens.cpu().tolist()))
-    finally:
-        model.train(was_training)
-    result: list[tuple[float, int]] = [(0.0, 0)] * len(features)
-    for position, index in enumerate(order):
-        result[index] = out[position]
-    return result
+    batches = validation_batches(features, batch_size, pad_token_id, device)
+    sums, counts = per_example_losses(model, batches, len(features))
+    return list(zip(sums.tolist(), counts.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -313,6 +313,26 @@ def _decoder_pass(base: torch.nn.Module, batch: EvalBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
+def per_example_losses(model: torch.nn.Module, batches: Sequence[EvalBatch], num_examples: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL over each example's target tokens, their count), indexed like the features the
+    batches were built from; a plain forward of the whole model (exact for every architecture)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(num_examples, dtype=torch.float64)
+    counts = torch.zeros(num_examples, dtype=torch.long)
+    try:
+        for batch in batches:
+            _, _, example = _scored(batch)
+            batch_sums, batch_counts = _example_sums(_model_pass(model, batch), example, num_examples)
+            sums += batch_sums
+            counts += batch_counts
+    finally:
+        model.train(was_training)
+    return sums, counts
+
+
+@torch.no_grad()
 def validation_loss(model: torch.nn.Module, batches: Sequence[EvalBatch]) -> float:
     """Mean next-token cross-entropy over all label tokens of all batches (token-weighted, like training)."""
     was_training = model.training

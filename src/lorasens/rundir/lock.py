@@ -108,7 +108,8 @@ def hold_run_lock(run_dir: str | Path, create: bool = False, command: str | None
     if run_dir in _held or (not create and not run_dir.is_dir()):
         yield
         return
-    created = not run_dir.exists()
+    # The folders this call creates (the run directory, and --output_dir if it is new), innermost first.
+    created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
     path = acquire(run_dir, command)
     _held.add(run_dir)
     try:
@@ -117,5 +118,5 @@ def hold_run_lock(run_dir: str | Path, create: bool = False, command: str | None
         _held.discard(run_dir)
         with contextlib.suppress(OSError):
             release(path)
-            if created:
-                run_dir.rmdir()  # only when empty: a run that failed before writing anything leaves no folder
+            for folder in created:
+                folder.rmdir()  # only when empty: a run that failed before writing anything leaves no folder
