@@ -11,7 +11,8 @@ Field categories live in the field's metadata (`opt(..., resumable=True)`), neve
 - reanalysable: may be overridden by `lorasens analyze`;
 - schedule_only: only meaningful with a phase schedule (a sweep drops them from static grid points);
 - not_a_setting: does not change what is learnt (`compare` pools runs that differ only here, e.g. seeds);
-- key: (position, label) of a key setting: shown in the report's settings table and in `compare`'s tables.
+- key: (position, label) of a key setting: shown in the report's settings table and in `compare`'s tables;
+- custom_data: describes your own data (--dataset custom / hf:ORG/NAME); an error with any other dataset.
 """
 
 from __future__ import annotations
@@ -39,9 +40,13 @@ LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "c
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
 Allocate = Literal["modules", "ranks"]
+# Generation metrics of a custom dataset (--metrics); lorasens.evaluation.metrics.TEXT_METRIC_FUNCTIONS scores them.
+TextMetric = Literal["exact_match", "rouge_l", "bleu", "accuracy"]
+DEFAULT_TEXT_METRICS = ("exact_match", "rouge_l", "bleu")
+CUSTOM_DATASET, HUB_PREFIX = "custom", "hf:"
 
 
-CATEGORIES = ("resumable", "reanalysable", "schedule_only", "not_a_setting")
+CATEGORIES = ("resumable", "reanalysable", "schedule_only", "not_a_setting", "custom_data")
 
 
 def opt(default: Any, help: str, *, key: tuple[int, str] | None = None, **categories: bool) -> Any:
@@ -89,8 +94,10 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("e2e", "Dataset name (see `lorasens datasets`).", key=(1, "dataset"))
-    data_dir: str | None = opt(None, "Local folder with the dataset's official files; default: the Hugging Face Hub.")
+    dataset: str = opt("e2e", "Dataset name (see `lorasens datasets`), or your own data: custom (files, see "
+                       "--data_dir / --data_files) or hf:ORG/NAME[:CONFIG] (a Hub dataset).", key=(1, "dataset"))
+    data_dir: str | None = opt(None, "Local folder with the dataset's official files; default: the Hugging Face Hub. "
+                               "custom: the folder holding train / validation / test (.jsonl, .csv or .parquet).")
     max_length: int = opt(256, "Maximum tokens per training example (prompt + target); prompts are cut first.",
                           key=(12, "max_length"))
     train_samples: int | None = opt(None, "Use a deterministic subset of this many training examples.")
@@ -103,6 +110,27 @@ class DataConfig:
         None, "Prompt override, a format string over the dataset's fields, e.g. 'Dialogue: {dialogue}\\nSummary:' "
         "(see docs/GUIDE.md); default: the dataset's own template."
     )
+    # Your own data (--dataset custom or hf:ORG/NAME); refused with any other dataset, never silently ignored.
+    data_files: str | None = opt(
+        None, "custom: the files, as SPLIT=PATH comma list (train=a.jsonl,test=b.csv), or one PATH used as train.",
+        custom_data=True)
+    prompt_field: str | None = opt(None, "custom: column holding the prompt (default: prompt).", custom_data=True)
+    target_field: str | None = opt(None, "custom: column holding the answer the loss is on (default: completion).",
+                                   custom_data=True)
+    split_train: str | None = opt(None, "custom: name of the training split / file stem (default: train).",
+                                  custom_data=True)
+    split_validation: str | None = opt(None, "custom: name of the validation split / file stem (default: validation).",
+                                       custom_data=True)
+    split_test: str | None = opt(None, "custom: name of the test split / file stem (default: test).", custom_data=True)
+    validation_fraction: float | None = opt(
+        None, "custom without a validation split: share of the training rows held out for it, chosen by a hash of "
+        "the row (default: 0.1).", custom_data=True)
+    test_fraction: float | None = opt(
+        None, "custom without a test split: share of the training rows held out for it, by a hash of the row "
+        "(default: 0.1).", custom_data=True)
+    metrics: str | None = opt(
+        None, f"custom: comma list of generation metrics from {', '.join(get_args(TextMetric))} (default: "
+        f"{','.join(DEFAULT_TEXT_METRICS)}).", custom_data=True)
 
     def __post_init__(self):
         _positive("max_length", self.max_length)
@@ -111,6 +139,26 @@ class DataConfig:
             _positive("train_samples", self.train_samples)
         if self.analysis_samples is not None:
             _positive("analysis_samples", self.analysis_samples)
+        given = [f"--{f.name}" for f in fields(self) if f.metadata.get("custom_data") and getattr(self, f.name) is not None]
+        if given and not is_custom_dataset(self.dataset):
+            raise UserError(f"{', '.join(given)} only apply to your own data: --dataset custom or "
+                            f"hf:ORG/NAME, not {self.dataset}")
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise UserError(f"--{name} must be in (0, 1), got {value}")
+        if (self.validation_fraction or 0.1) + (self.test_fraction or 0.1) >= 1:
+            raise UserError("--validation_fraction + --test_fraction must leave training rows (sum < 1)")
+        if self.metrics is not None:
+            self.metrics = ",".join(text_metrics(self.metrics))
+        if self.data_files and self.data_dir:
+            raise UserError("give --data_files or --data_dir, not both")
+        if self.dataset.startswith(HUB_PREFIX):
+            if not self.dataset[len(HUB_PREFIX):].strip(":"):
+                raise UserError(f"--dataset {self.dataset!r}: give the Hub dataset, hf:ORG/NAME or hf:ORG/NAME:CONFIG")
+            if self.data_dir or self.data_files:
+                raise UserError(f"--dataset {self.dataset} is read with datasets.load_dataset; drop --data_dir / "
+                                "--data_files, or use --dataset custom for your files")
 
 
 @dataclass
@@ -322,6 +370,20 @@ def check_budget(budget: float | None, unit: str) -> None:
 def check_allocation(allocate: str, unit: str) -> None:
     if allocate == "ranks" and unit != "params":
         raise UserError("--allocate ranks distributes a budget of LoRA parameters; use it with --budget_unit params")
+def is_custom_dataset(name: str) -> bool:
+    """Your own data: `custom` (files) or `hf:ORG/NAME[:CONFIG]` (a Hub dataset)."""
+    return name == CUSTOM_DATASET or name.startswith(HUB_PREFIX)
+
+
+def text_metrics(value: str) -> tuple[str, ...]:
+    """The metric names of a --metrics comma list, checked against `TextMetric`."""
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    if not names:
+        raise UserError(f"--metrics needs at least one of {', '.join(get_args(TextMetric))}")
+    for name in names:
+        if name not in get_args(TextMetric):
+            raise unknown_choice("metric", name, get_args(TextMetric))
+    return names
 
 
 def _check_run_name(name: str | None) -> None:

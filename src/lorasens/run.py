@@ -117,8 +117,10 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
         lora_modules = targets_for(module_map, cfg.lora.target)
     # The analysis split (ablation, first-order estimate) is held out of train, disjoint from validation and test.
     train_examples, analysis_examples = training_splits(cfg.data.dataset, cfg.data.data_dir, cfg.training.seed,
-                                                        cfg.data.train_samples, cfg.data.analysis_samples)
-    val_examples = load_examples(cfg.data.dataset, "validation", cfg.data.data_dir, cfg.training.seed, cfg.data.eval_samples)
+                                                        cfg.data.train_samples, cfg.data.analysis_samples,
+                                                        options=cfg.data)
+    val_examples = load_examples(cfg.data.dataset, "validation", cfg.data.data_dir, cfg.training.seed, cfg.data.eval_samples,
+                                 options=cfg.data)
     # --prompt_template: the same prompts for training, validation loss and evaluation.
     train_examples = apply_prompt_template(train_examples, cfg.data.prompt_template, cfg.data.dataset)
     val_examples = apply_prompt_template(val_examples, cfg.data.prompt_template, cfg.data.dataset)

@@ -319,7 +319,7 @@ def analyze_run(run_dir: str | Path, overrides: dict | None = None, probe: str |
             raise UserError(f"--probe {probe_dir} trained {probe_cfg.model.model}, the run {cfg.model.model}: "
                             "a probe must use the same model")
     _, examples = training_splits(cfg.data.dataset, cfg.data.data_dir, cfg.training.seed, cfg.data.train_samples,
-                                  cfg.data.analysis_samples)
+                                  cfg.data.analysis_samples, options=cfg.data)
     examples = apply_prompt_template(examples, cfg.data.prompt_template, cfg.data.dataset)
     features, _ = build_features(examples, loaded.tokenizer, cfg.data.max_length, "analysis")
     return analyze(run_dir, cfg, loaded.model, loaded.module_map, loaded.lora, features, loaded.tokenizer, probe_dir)

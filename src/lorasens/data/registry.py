@@ -6,11 +6,13 @@ final evaluation uses "test" (a dataset may fall back to "validation" when it ha
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lorasens.data.files import read_table_records, stable_bucket
 from lorasens.errors import UserError, unknown_choice
@@ -26,6 +28,10 @@ class Example:
     target: str  # the answer the loss is computed on (one reference)
     references: tuple[str, ...] = ()  # every reference for this prompt (evaluation)
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    # A chat example (custom data in TRL's conversational format): ({role, content}, ...) ending in the assistant
+    # turn `target` holds. Rendered with the tokenizer's chat template (features.py); `prompt` is then only a
+    # readable `role: content` transcript of the turns before the answer.
+    messages: tuple[dict, ...] = field(default=(), compare=False, hash=False)
 
 
 # Extra evaluation sets of a dataset: (split, data_dir, select) -> (named example sets, metrics of sets that are
@@ -61,12 +67,17 @@ class DatasetSpec:
     # Examples held out of the train split for the ablation (`--analysis_samples` default): enough for a bootstrap
     # interval, few enough that an ablation pass per module stays cheap.
     analysis_samples: int = 200
+    # A dataset the user describes with flags (custom): (name as given, the run's DataConfig or None for the
+    # defaults) -> this spec with `load` and `evaluation` bound to those settings. Built-in datasets have none.
+    configure: Callable[[str, Any], DatasetSpec] | None = None
+    # Names starting with this also resolve to this spec (custom: "hf:org/name[:config]").
+    name_prefix: str | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 # Modules that register datasets; imported lazily so that `import lorasens` stays light.
 _DATASET_MODULES = ("lorasens.data.e2e", "lorasens.data.synthetic", "lorasens.data.samsum", "lorasens.data.wikisql",
-                    "lorasens.data.mnli")
+                    "lorasens.data.mnli", "lorasens.data.custom")
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:
@@ -81,18 +92,24 @@ def registered_datasets() -> dict[str, DatasetSpec]:
     return DATASETS
 
 
-def get_dataset_spec(name: str) -> DatasetSpec:
+def get_dataset_spec(name: str, options: Any = None) -> DatasetSpec:
+    """The spec registered as `name` (or whose `name_prefix` starts it). `options` (the run's `DataConfig`) binds a
+    configurable dataset to the run's settings; without it such a dataset gets its defaults."""
     datasets = registered_datasets()
-    if name not in datasets:
+    spec = datasets.get(name) or next(
+        (s for s in datasets.values() if s.name_prefix and name.startswith(s.name_prefix)), None)
+    if spec is None:
         raise unknown_choice("dataset", name, datasets)
-    return datasets[name]
+    return spec.configure(name, options) if spec.configure is not None else spec
 
 
 def load_examples(
-    name: str, split: Split, data_dir: str | Path | None = None, seed: int = 0, limit: int | None = None
+    name: str, split: Split, data_dir: str | Path | None = None, seed: int = 0, limit: int | None = None,
+    options: Any = None,
 ) -> list[Example]:
-    """Examples of one split; `limit` takes a deterministic (seeded) subset, keeping file order."""
-    spec = get_dataset_spec(name)
+    """Examples of one split; `limit` takes a deterministic (seeded) subset, keeping file order. `options` (the
+    run's `DataConfig`) configures datasets that read more than `data_dir` (custom)."""
+    spec = get_dataset_spec(name, options)
     if split not in SPLITS:
         raise unknown_choice("split", split, SPLITS)
     folder = None
@@ -109,7 +126,7 @@ def load_examples(
 
 
 def training_splits(name: str, data_dir: str | Path | None, seed: int, train_samples: int | None,
-                    analysis_samples: int | None) -> tuple[list[Example], list[Example]]:
+                    analysis_samples: int | None, options: Any = None) -> tuple[list[Example], list[Example]]:
     """(train, analysis): the analysis split is carved out of the train split, disjoint from it *by prompt*.
 
     Prompts are ordered by a stable hash (crc32, the same on every machine and for every seed) and whole prompts
@@ -117,9 +134,9 @@ def training_splits(name: str, data_dir: str | Path | None, seed: int, train_sam
     dataset's own); the rest is the train split, of which `train_samples` are then drawn as before. Validation and
     test are separate splits already, so the analysis split is disjoint from all three.
     """
-    spec = get_dataset_spec(name)
+    spec = get_dataset_spec(name, options)
     wanted = spec.analysis_samples if analysis_samples is None else analysis_samples
-    examples = load_examples(name, "train", data_dir, seed, None)
+    examples = load_examples(name, "train", data_dir, seed, None, options=options)
     prompts = sorted(dict.fromkeys(ex.prompt for ex in examples), key=lambda p: (stable_bucket(p, 2**32), p))
     per_prompt: dict[str, int] = {}
     for ex in examples:
@@ -160,8 +177,7 @@ def group_by_prompt(examples: list[Example]) -> list[Example]:
         tuples = [tuple(ex.references or (ex.target,)) for ex in group]
         shared = len(set(tuples)) == 1 and (len(group) == 1 or len(tuples[0]) > 1)
         refs = tuples[0] if shared else tuple(r for t in tuples for r in t)
-        first = group[0]
-        out.append(Example(first.id, first.prompt, first.target, refs, first.meta))
+        out.append(dataclasses.replace(group[0], references=refs))
     return out
 
 

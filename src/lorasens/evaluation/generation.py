@@ -23,10 +23,11 @@ from lorasens.data.features import encode_prompt
 logger = logging.getLogger(__name__)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int | None) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[int]], max_prompt_tokens: int | None) -> list[list[int]]:
+    """Token ids of each prompt; a prompt given as token ids (a chat prompt, `features.prompt_input`) is kept."""
     encoded = []
     for prompt in prompts:
-        ids = encode_prompt(tokenizer, prompt)
+        ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             keep_head = 1 if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else 0
             ids = ids[:keep_head] + ids[len(ids) - (max_prompt_tokens - keep_head) :]
@@ -73,7 +74,7 @@ def _progress(total: int, desc: str):
 def generate(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     *,
     max_new_tokens: int,
     batch_size: int = 16,
@@ -111,7 +112,7 @@ def generate(
 
 @torch.inference_mode()
 def label_loglikelihoods(
-    model, tokenizer, prompts: Sequence[str], labels: Sequence[str], *, batch_size: int = 16,
+    model, tokenizer, prompts: Sequence[str | Sequence[int]], labels: Sequence[str], *, batch_size: int = 16,
     max_prompt_tokens: int | None = None, desc: str = "score labels",
 ) -> list[list[float]]:
     """log p(label | prompt) summed over the label's tokens, for every prompt and label: (N, len(labels)).

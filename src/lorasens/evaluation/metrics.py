@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -181,3 +182,55 @@ def mnli_metrics(predictions: Sequence, references: References) -> dict:
     scored = [(mnli_label(p), g) for p, g in zip(predictions, gold) if g is not None]
     correct = sum(p == g for p, g in scored)
     return {"accuracy": correct / len(scored) if scored else None, "unlabelled_excluded": len(refs) - len(scored)}
+
+
+# ------------------------------------------------------------------------ your own data (--dataset custom)
+# Generic metrics for free-text answers, chosen with --metrics (names: config.TextMetric): sacreBLEU's standard
+# corpus BLEU (case-sensitive, 13a; not the lowercased mteval BLEU of E2E), ROUGE-L from `rouge` above; exact match
+# and accuracy compare normalised strings, best reference, as fractions.
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _label(text: str) -> str:
+    """A label-like answer: its first non-empty line, lowercased, without surrounding white space or punctuation."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    return line.strip().strip(string.punctuation + " ").lower()
+
+
+def exact_match(predictions: Sequence[str], references: References) -> float:
+    """Share of predictions equal to one of their references, after stripping and collapsing white space."""
+    refs = _ref_lists(predictions, references)
+    return sum(_squash(p) in {_squash(r) for r in rs} for p, rs in zip(predictions, refs)) / len(refs)
+
+
+def label_accuracy(predictions: Sequence[str], references: References) -> float:
+    """Share of predictions whose first line names a reference's label (case and end punctuation ignored)."""
+    refs = _ref_lists(predictions, references)
+    return sum(_label(p) in {_label(r) for r in rs} for p, rs in zip(predictions, refs)) / len(refs)
+
+
+def rouge_l(predictions: Sequence[str], references: References) -> float:
+    """ROUGE-L F-measure (rouge-score, Porter stemmer), max over references, mean in points."""
+    return rouge(predictions, references)["rougeL"]
+
+
+def sacrebleu_bleu(predictions: Sequence[str], references: References) -> float:
+    """sacreBLEU corpus BLEU (0-100) with its defaults: 13a tokens, case-sensitive, exp smoothing, all references."""
+    import sacrebleu
+
+    refs = _ref_lists(predictions, references)
+    width = max(len(r) for r in refs)
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]  # sacrebleu skips the None
+    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+
+
+TEXT_METRIC_FUNCTIONS = {"exact_match": exact_match, "rouge_l": rouge_l, "bleu": sacrebleu_bleu,
+                         "accuracy": label_accuracy}
+
+
+def text_metrics(predictions: Sequence[str], references: References, names: Sequence[str]) -> dict[str, float]:
+    """The metrics `names` (from `config.TextMetric`) of predictions against their references."""
+    return {name: TEXT_METRIC_FUNCTIONS[name](predictions, references) for name in names}

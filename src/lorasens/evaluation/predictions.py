@@ -15,7 +15,7 @@ from pathlib import Path
 from lorasens.data.files import read_records
 from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt
 from lorasens.errors import UserError
-from lorasens.evaluation.metrics import e2e_metrics, mnli_metrics, samsum_metrics
+from lorasens.evaluation.metrics import e2e_metrics, mnli_metrics, samsum_metrics, text_metrics
 from lorasens.evaluation.wikisql import wikisql_metrics
 from lorasens.safeio import dumps
 
@@ -103,9 +103,10 @@ def group_e2e_rows(rows: list[dict]) -> list[dict]:
     return [{"id": ex.id, "prompt": ex.prompt, "prediction": ex.target, "references": list(ex.references)} for ex in grouped]
 
 
-def score_rows(dataset: str, rows: list[dict]) -> dict:
-    """The dataset's metrics for prediction rows (its registry entry names the scorer)."""
-    spec = get_dataset_spec(dataset)
+def score_rows(dataset: str, rows: list[dict], options=None) -> dict:
+    """The dataset's metrics for prediction rows (its registry entry names the scorer). `options`: the run's
+    `DataConfig`, which a custom dataset reads its `--metrics` from."""
+    spec = get_dataset_spec(dataset, options)
     if not rows:
         raise UserError(f"no predictions to score for {dataset}")
     return spec.evaluation.score_rows(rows)
@@ -155,3 +156,8 @@ def score_mnli_rows(rows: list[dict]) -> dict:
             logger.warning("MNLI %s: %d row(s) without a gold label (-1 / -) are excluded from the accuracy",
                            name, generated["unlabelled_excluded"])
     return metrics
+
+
+def score_text_rows(rows: list[dict], metrics: tuple[str, ...]) -> dict:
+    """Your own data: the chosen `--metrics`, one prediction per row against its references."""
+    return text_metrics(*_columns(rows), metrics)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lorasens.config import ExperimentConfig
 from lorasens.context import RunContext
+from lorasens.data.features import prompt_input
 from lorasens.data.registry import EvaluationSpec, Example, get_dataset_spec, group_by_prompt, load_examples, subset
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError, unknown_choice
@@ -69,7 +70,7 @@ def settings_from_config(cfg: ExperimentConfig, split: str = "test", num_samples
 def eval_examples(cfg, split: str, num_samples: int, seed: int, examples: list[Example] | None = None) -> list[Example]:
     """`num_samples` distinct prompts of `split` (all references of each), a seeded subset in file order."""
     if examples is None:
-        examples = load_examples(cfg.data.dataset, split, cfg.data.data_dir, seed)
+        examples = load_examples(cfg.data.dataset, split, cfg.data.data_dir, seed, options=cfg.data)
     examples = apply_prompt_template(examples, cfg.data.prompt_template, cfg.data.dataset)
     return subset(group_by_prompt(examples), num_samples, seed)
 
@@ -89,7 +90,7 @@ def _predict(model, tokenizer, dataset: str, sets: dict[str, list[Example]], s: 
     evaluation = get_dataset_spec(dataset).evaluation
     rows: list[dict] = []
     for name, examples in sets.items():
-        prompts = [ex.prompt for ex in examples]
+        prompts = [prompt_input(tokenizer, ex) for ex in examples]  # text, or a chat prompt's token ids
         preds = generate(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
                          num_beams=s.num_beams, stop_strings=evaluation.stop_strings,
                          max_prompt_tokens=s.max_prompt_tokens, desc=f"{label} {dataset} {name}")
@@ -136,14 +137,14 @@ def evaluate_model(model, tokenizer, cfg, settings: EvalSettings, baseline: bool
     model.eval()
     try:
         rows = _predict(model, tokenizer, dataset, sets, settings, "lora" if _has_adapter(model) else "model")
-        metrics = {**score_rows(dataset, rows), **unavailable}
+        metrics = {**score_rows(dataset, rows, cfg.data), **unavailable}
         baseline_result = None
         if baseline:
             if not _has_adapter(model):
                 raise UserError("--baseline needs a model with a LoRA adapter (the baseline is the model without it)")
             with model.disable_adapter():
                 base_rows = _predict(model, tokenizer, dataset, sets, settings, "base")
-            baseline_result = {"metrics": {**score_rows(dataset, base_rows), **unavailable}}
+            baseline_result = {"metrics": {**score_rows(dataset, base_rows, cfg.data), **unavailable}}
             for row, base in zip(rows, base_rows):
                 row["baseline_prediction"] = base["prediction"]
                 if "ll_prediction" in base:

@@ -32,12 +32,17 @@ PREDICTIONS_SUFFIX = "_predictions.jsonl"
 EVALUATION_SUFFIX = "_evaluation.json"
 
 
+def _file_stem(dataset: str) -> str:
+    """A dataset name as a file name: `hf:org/name` -> `hf_org_name` (no folder separators or colons)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in dataset)
+
+
 def predictions_file(dataset: str) -> str:
-    return f"{dataset}{PREDICTIONS_SUFFIX}"
+    return f"{_file_stem(dataset)}{PREDICTIONS_SUFFIX}"
 
 
 def evaluation_file(dataset: str) -> str:
-    return f"{dataset}{EVALUATION_SUFFIX}"
+    return f"{_file_stem(dataset)}{EVALUATION_SUFFIX}"
 
 
 # Analysis. The first two names are the ones of the tool lorasens replaces; keep them.
