@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -109,6 +110,18 @@ def parse_data_files(value: str | None) -> tuple[tuple[str, str], ...]:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+@contextmanager
+def quiet_datasets():
+    """No "Generating train split" bars from `datasets` while a file is read: an error must stay one line."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def read_table(path: Path) -> list[dict]:
     """The rows of one JSONL / JSON / CSV / Parquet file, read with `datasets`."""
     if not path.is_file():
@@ -126,7 +139,8 @@ def read_table(path: Path) -> list[dict]:
         options = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
                    "keep_default_na": False}
     try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train", **options)
+        with quiet_datasets():
+            table = datasets.load_dataset(kind, data_files=str(path), split="train", **options)
     except Exception as exc:  # the builders' own errors (bad JSON, ragged CSV, not parquet): name the file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: cannot read it as {kind}: {first}") from None
@@ -136,49 +150,44 @@ def read_table(path: Path) -> list[dict]:
     return rows
 
 
-def source_tables(data: CustomData, data_dir: Path | None) -> tuple[dict[str, list[dict]], str]:
-    """Rows of every split the source has (train always), and a name of the source for messages."""
+def source_tables(data: CustomData, data_dir: Path | None) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Rows of every split the source has (train always), and where each came from (for messages)."""
     names = dict(data.split_names)
     if data.hub_id is not None:
-        found = load_hub_dataset(data.hub_id, data.hub_config)
-        source = data.name
+        with quiet_datasets():
+            found = load_hub_dataset(data.hub_id, data.hub_config)
         if names["train"] not in found:
-            raise UserError(f"{source} has no split {names['train']!r} (found: {', '.join(found)}); name the "
+            raise UserError(f"{data.name} has no split {names['train']!r} (found: {', '.join(found)}); name the "
                             "training split with --split_train")
-        return {s: found[names[s]].to_list() for s in SPLITS if names[s] in found}, source
+        present = [s for s in SPLITS if names[s] in found]
+        return {s: found[names[s]].to_list() for s in present}, {s: f"{data.name} ({names[s]})" for s in present}
     if data.files:  # DataConfig refuses --data_files with --data_dir
-        return {s: read_table(Path(p).expanduser()) for s, p in data.files}, "--data_files"
+        return {s: read_table(Path(p).expanduser()) for s, p in data.files}, dict(data.files)
     if data_dir is None:
         raise UserError(f"--dataset {CUSTOM_DATASET} needs --data_dir DIR (with {names['train']}.jsonl, .csv or "
                         ".parquet) or --data_files train=PATH; a Hub dataset is --dataset hf:ORG/NAME")
-    tables = {}
+    tables, sources = {}, {}
     for split in SPLITS:
         path = next((data_dir / f"{names[split]}{suffix}" for suffix in READERS
                      if (data_dir / f"{names[split]}{suffix}").exists()), None)
         if path is not None:
-            tables[split] = read_table(path)
+            tables[split], sources[split] = read_table(path), str(path)
         elif split == "train":
             found = ", ".join(sorted(p.name for p in data_dir.iterdir())) or "nothing"
             raise UserError(f"--data_dir {str(data_dir)!r} has no {names['train']}{{{','.join(READERS)}}} (found: "
                             f"{found}); name the training file's stem with --split_train")
-    return tables, str(data_dir)
+    return tables, sources
 
 
-def split_rows(data: CustomData, tables: dict[str, list[dict]], split: str) -> list[tuple[str, int, dict]]:
-    """(source split, row index, row) of `split`: its own table, or its hash part of the training rows."""
-    if split in tables and split != "train":
-        return [(split, i, row) for i, row in enumerate(tables[split])]
-    # Hash parts of the training rows, for the held-out splits the source lacks: validation [0, v), test [v, v+t).
+def hash_part(data: CustomData, tables: dict[str, list[dict]], row: dict) -> str:
+    """Which split a training row belongs to when the source lacks held-out splits: validation takes the hash
+    buckets [0, v), test [v, v + t) of the missing ones, the rest is train."""
     fractions = dict(data.fractions)
     bounds = {"validation": (0.0, fractions["validation"]),
               "test": (fractions["validation"], fractions["validation"] + fractions["test"])}
-    cut = {s: bounds[s] for s in ("validation", "test") if s not in tables}
-
-    def part(row: dict) -> str:
-        bucket = row_bucket(row)
-        return next((s for s, (lo, hi) in cut.items() if lo * HASH_BUCKETS <= bucket < hi * HASH_BUCKETS), "train")
-
-    return [("train", i, row) for i, row in enumerate(tables["train"]) if part(row) == split]
+    bucket = row_bucket(row)
+    return next((s for s, (lo, hi) in bounds.items()
+                 if s not in tables and lo * HASH_BUCKETS <= bucket < hi * HASH_BUCKETS), "train")
 
 
 def row_bucket(row: dict) -> int:
@@ -197,16 +206,16 @@ def is_chat(data: CustomData, columns: list[str]) -> bool:
     return not data.fields_given and data.prompt_field not in columns and MESSAGES_FIELD in columns
 
 
-def make_examples(data: CustomData, rows: list[tuple[str, int, dict]], source: str) -> list[Example]:
-    if not rows:
-        return []
-    columns = list(rows[0][2])
+def make_examples(data: CustomData, split: str, table: list[dict], source: str) -> list[Example]:
+    """Examples of every row of one table (checked: fields present, prompts and targets non-empty text)."""
+    rows = [(split, i, row) for i, row in enumerate(table)]
+    columns = list(table[0])
     if is_chat(data, columns):
         if data.prompt_template is not None:
             raise UserError(f"{source}: chat rows ({MESSAGES_FIELD}) are rendered with the tokenizer's chat template; "
                             "--prompt_template applies to prompt/completion rows")
         return [chat_example(source, split, i, row) for split, i, row in rows]
-    needed = [data.target_field] + ([] if data.prompt_template else [data.prompt_field])
+    needed = ([] if data.prompt_template else [data.prompt_field]) + [data.target_field]
     missing = [c for c in needed if c not in columns]
     if missing:
         raise UserError(f"{source}: no column {', '.join(repr(c) for c in missing)}; columns found: "
@@ -248,15 +257,24 @@ def chat_example(source: str, split: str, i: int, row: dict) -> Example:
 
 
 def load(data: CustomData, split: str, data_dir: Path | None, seed: int) -> list[Example]:
-    tables, source = source_tables(data, data_dir)
-    rows = split_rows(data, tables, split)
-    if not rows and split not in tables:
-        fraction = dict(data.fractions)[split]
-        raise UserError(f"{source}: the {split} split, {fraction:g} of {len(tables['train'])} training rows by hash, "
-                        f"is empty; add a {split} file or raise --{split}_fraction")
-    if split != "train" and split not in tables:
-        logger.info("%s: no %s split; using %d training rows (hash part, --%s_fraction)", source, split, len(rows), split)
-    return make_examples(data, rows, source)
+    tables, sources = source_tables(data, data_dir)
+    if split == "train":  # check every table now (the run loads train first), not only after training
+        for name in tables.keys() - {"train"}:
+            make_examples(data, name, tables[name], sources[name])
+    if split in tables and split != "train":
+        return make_examples(data, split, tables[split], sources[split])
+    source = sources["train"]
+    examples = make_examples(data, "train", tables["train"], source)
+    examples = [ex for ex, row in zip(examples, tables["train"]) if hash_part(data, tables, row) == split]
+    if not examples:
+        fraction = dict(data.fractions).get(split)
+        what = "the training rows left" if split == "train" else f"--{split}_fraction {fraction:g} of the training rows"
+        raise UserError(f"{source}: the {split} split ({what}, by hash, of {len(tables['train'])}) is empty; add "
+                        f"rows or a {split} file" + ("" if split == "train" else f", or raise --{split}_fraction"))
+    if split != "train":
+        logger.info("%s: no %s split; using %d training rows (hash part, --%s_fraction)", source, split,
+                    len(examples), split)
+    return examples
 
 
 def configure(name: str, options: DataConfig | None) -> DatasetSpec:

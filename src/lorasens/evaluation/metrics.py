@@ -197,7 +197,7 @@ def _squash(text: str) -> str:
 def _label(text: str) -> str:
     """A label-like answer: its first non-empty line, lowercased, without surrounding white space or punctuation."""
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    return line.strip().strip(string.punctuation + " ").lower()
+    return _squash(line).strip(string.punctuation + " ").lower()
 
 
 def exact_match(predictions: Sequence[str], references: References) -> float:
