@@ -339,3 +339,25 @@ def test_score_rows_uses_the_runs_metrics():
     rows = [{"id": "0", "prompt": "p", "prediction": "Yes", "references": ["yes"]}]
     assert score_rows("custom", rows, DataConfig(dataset="custom", metrics="accuracy")) == {"accuracy": 1.0}
     assert score_rows("custom", rows) == text_metrics(["Yes"], [["yes"]], ("exact_match", "rouge_l", "bleu"))
+
+
+@pytest.mark.slow  # SmolLM2-135M: two training steps and generation on CPU
+def test_chat_data_trains_and_evaluates_end_to_end(tmp_path, capsys):
+    """Chat rows through the whole run: template-rendered features, generation from the chat prompt's tokens."""
+    chats = [{"messages": [{"role": "user", "content": f"Repeat the word number {i}."},
+                           {"role": "assistant", "content": f"word{i}"}]} for i in range(24)]
+    write_jsonl(tmp_path / "train.jsonl", chats)
+    write_jsonl(tmp_path / "test.jsonl", chats[:2])
+    code = main(["train", "--model", "smollm2-135m", "--dataset", "custom", "--data_dir", str(tmp_path),
+                 "--validation_fraction", "0.2", "--max_steps", "2", "--batch_size", "2", "--r", "2",
+                 "--max_length", "64", "--eval_steps", "0", "--ablation", "false", "--eval_samples", "2",
+                 "--max_new_tokens", "6", "--metrics", "exact_match", "--output_dir", str(tmp_path / "runs"),
+                 "--experiment_name", "chat"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    run = tmp_path / "runs" / "chat"
+    rows = [json.loads(line) for line in (run / "custom_predictions.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["references"]) for r in rows] == [("user: Repeat the word number 0.", ["word0"]),
+                                                              ("user: Repeat the word number 1.", ["word1"])]
+    assert all(isinstance(r["prediction"], str) and "<|im_end|>" not in r["prediction"] for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["evaluation"]) == {"exact_match"} and summary["train_data"]["examples"] > 0

@@ -230,7 +230,7 @@ def test_score_bad_predictions_file_exits_2_naming_file_and_line(tmp_path, capsy
 
 def test_score_unknown_dataset_lists_choices(tmp_path, capsys):
     assert main(["score", "squad", str(tmp_path / "x.jsonl")]) == 2
-    assert "valid: e2e, mnli, samsum, synthetic, wikisql" in capsys.readouterr().err
+    assert "valid: custom, e2e, mnli, samsum, synthetic, wikisql" in capsys.readouterr().err
 
 
 def test_score_e2e_groups_rows_by_mr(tmp_path, capsys):

@@ -244,7 +244,7 @@ def test_scorer_lookup_lists_valid_names():
     # The dataset's registry entry names its scorer: the synthetic set is E2E-shaped and scored like E2E.
     assert get_dataset_spec("synthetic").evaluation.score_rows is score_e2e_rows
     assert get_dataset_spec("e2e").evaluation.score_rows is score_e2e_rows
-    with pytest.raises(UserError, match="valid: e2e, mnli, samsum, synthetic, wikisql"):
+    with pytest.raises(UserError, match="valid: custom, e2e, mnli, samsum, synthetic, wikisql"):
         get_dataset_spec("squad")
 
 

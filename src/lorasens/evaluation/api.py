@@ -8,12 +8,15 @@
 `model_path` is a lorasens run directory, a PEFT adapter folder (its base model: `base_model_id`, else the one
 recorded in adapter_config.json), or a full model (alias, Hub id, local folder); with `model_path=None` the base
 model `base_model_id` alone is scored. `output_dir` also writes the predictions and evaluation files there.
-A run evaluated on its own dataset keeps the run's data_dir, max_length (prompts are cut from the left to it) and
-prompt_template unless they are given; otherwise max_length defaults to 512.
+A run evaluated on its own dataset keeps the run's data settings — data_dir, max_length (prompts are cut from the
+left to it), prompt_template and, for your own data, its files, fields and metrics — unless they are given;
+otherwise max_length defaults to 512. Your own data without a run: `evaluate_dataset("custom", ...,
+data_options={"data_files": "qa.jsonl", "target_field": "answer", "metrics": "exact_match"})` (DataConfig fields).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -66,18 +69,17 @@ def evaluate_dataset(
     seed: int = 42,
     precision: str = "auto",
     output_dir: str | None = None,
+    data_options: dict | None = None,
 ) -> dict:
     get_dataset_spec(dataset)
     model, tokenizer, run_cfg = _load(model_path, base_model_id, precision)
-    data = DataConfig(dataset=dataset, data_dir=data_dir, max_length=max_length or 512, prompt_template=prompt_template)
+    given = {k: v for k, v in {"data_dir": data_dir, "max_length": max_length, "prompt_template": prompt_template,
+                                **(data_options or {})}.items() if v is not None}
     if run_cfg is not None and run_cfg.data.dataset == dataset:
-        # What training saw: the same files, prompt length and template.
-        data = DataConfig(
-            dataset=dataset,
-            data_dir=data_dir if data_dir is not None else run_cfg.data.data_dir,
-            max_length=max_length or run_cfg.data.max_length,
-            prompt_template=prompt_template if prompt_template is not None else run_cfg.data.prompt_template,
-        )
+        # What training saw: the same files, fields, prompt length, template (and custom data's metrics).
+        data = dataclasses.replace(run_cfg.data, **given)
+    else:
+        data = DataConfig(dataset=dataset, **{"max_length": 512, **given})
     cfg = ExperimentConfig(data=data, evaluation=EvaluationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams),
                            training=TrainingConfig(seed=seed))
     settings = settings_from_config(cfg, split, num_samples, batch_size)
