@@ -326,6 +326,9 @@ def test_train_on_custom_data_runs_the_whole_pipeline(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["metrics"] == evaluation["metrics"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["evaluation"] == evaluation["metrics"] and summary["steps"] == 4
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0  # compare reads the custom metrics
+    header = (tmp_path / "cmp" / "comparison_runs.csv").read_text().splitlines()[0]
+    assert all(name in header for name in ("exact_match", "accuracy", "rouge_l")), header
 
 
 def test_predictions_of_a_hub_named_dataset_get_a_plain_file_name():
