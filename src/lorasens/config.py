@@ -44,6 +44,7 @@ Allocate = Literal["modules", "ranks"]
 TextMetric = Literal["exact_match", "rouge_l", "bleu", "accuracy"]
 DEFAULT_TEXT_METRICS = ("exact_match", "rouge_l", "bleu")
 CUSTOM_DATASET, HUB_PREFIX = "custom", "hf:"
+DEFAULT_HELD_OUT_FRACTION = 0.1  # custom data: --validation_fraction / --test_fraction when not given
 
 
 CATEGORIES = ("resumable", "reanalysable", "schedule_only", "not_a_setting", "custom_data")
@@ -147,7 +148,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 raise UserError(f"--{name} must be in (0, 1), got {value}")
-        if (self.validation_fraction or 0.1) + (self.test_fraction or 0.1) >= 1:
+        if (self.validation_fraction or DEFAULT_HELD_OUT_FRACTION) + (self.test_fraction or DEFAULT_HELD_OUT_FRACTION) >= 1:
             raise UserError("--validation_fraction + --test_fraction must leave training rows (sum < 1)")
         if self.metrics is not None:
             self.metrics = ",".join(text_metrics(self.metrics))

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import datasets
 
-from lorasens.config import CUSTOM_DATASET, DEFAULT_TEXT_METRICS, HUB_PREFIX, DataConfig, text_metrics
+from lorasens.config import (CUSTOM_DATASET, DEFAULT_HELD_OUT_FRACTION, DEFAULT_TEXT_METRICS, HUB_PREFIX, DataConfig,
+                             text_metrics)
 from lorasens.data.hub import load_hub_dataset
 from lorasens.data.registry import SPLITS, DatasetSpec, EvaluationSpec, Example, register
 from lorasens.errors import UserError, unknown_choice
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 PROMPT_FIELD, TARGET_FIELD, MESSAGES_FIELD = "prompt", "completion", "messages"
 ROLES = ("system", "user", "assistant")
-DEFAULT_FRACTION = 0.1  # of the training rows, for each missing held-out split
 HASH_BUCKETS = 10_000
 READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> datasets builder
 
@@ -65,7 +65,8 @@ class CustomData:
     target_field: str = TARGET_FIELD
     fields_given: bool = False  # --prompt_field/--target_field given: never read the rows as chat
     split_names: tuple[tuple[str, str], ...] = tuple((s, s) for s in SPLITS)  # our split -> its name in the source
-    fractions: tuple[tuple[str, float], ...] = (("validation", DEFAULT_FRACTION), ("test", DEFAULT_FRACTION))
+    fractions: tuple[tuple[str, float], ...] = (("validation", DEFAULT_HELD_OUT_FRACTION),
+                                                 ("test", DEFAULT_HELD_OUT_FRACTION))
     metrics: tuple[str, ...] = DEFAULT_TEXT_METRICS
     prompt_template: str | None = None
 
@@ -80,8 +81,8 @@ class CustomData:
             prompt_field=data.prompt_field or PROMPT_FIELD, target_field=data.target_field or TARGET_FIELD,
             fields_given=data.prompt_field is not None or data.target_field is not None,
             split_names=tuple((s, getattr(data, f"split_{s}") or s) for s in SPLITS),
-            fractions=(("validation", data.validation_fraction or DEFAULT_FRACTION),
-                       ("test", data.test_fraction or DEFAULT_FRACTION)),
+            fractions=(("validation", data.validation_fraction or DEFAULT_HELD_OUT_FRACTION),
+                       ("test", data.test_fraction or DEFAULT_HELD_OUT_FRACTION)),
             metrics=text_metrics(data.metrics) if data.metrics else DEFAULT_TEXT_METRICS,
             prompt_template=data.prompt_template,
         )
