@@ -298,6 +298,7 @@ def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, flags, message):
 # ------------------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow  # a 4-step tiny-model run with evaluation, ablation, report and compare (~10-25 s)
 def test_train_on_custom_data_runs_the_whole_pipeline(tmp_path, capsys):
     """Phases, tracking, evaluation, ablation, recommendation, report and `score` all work on a custom dataset."""
     rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(60)]
