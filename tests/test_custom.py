@@ -14,7 +14,7 @@ from lorasens.config import DataConfig, TextMetric, build_config
 from lorasens.data.features import IGNORE_INDEX, build_features, chat_prompt_ids
 from lorasens.data.registry import Example, load_examples
 from lorasens.errors import UserError
-from lorasens.evaluation.metrics import TEXT_METRIC_FUNCTIONS, bleu, text_metrics
+from lorasens.evaluation.metrics import TEXT_METRIC_FUNCTIONS, sacrebleu_bleu, text_metrics
 from lorasens.evaluation.predictions import score_rows
 from lorasens.rundir.files import (ABLATION, CONFIG_FILE, LAYER_NORMS, PHASES, RECOMMENDED_CONFIG, REPORT_FILE,
                                    SENSITIVITY, SUMMARY_FILE)
@@ -218,7 +218,7 @@ def test_text_metrics_on_a_hand_computed_case():
     # length 11 >= closest reference lengths 6 + 1 + 3, so no brevity penalty
     assert scores["bleu"] == pytest.approx(100 * math.exp((math.log(8 / 11) + math.log(5 / 8) + math.log(2 / 5)
                                                            + math.log(1 / 6)) / 4), abs=1e-6)
-    assert bleu(["a b c d e"], [["a b c d f"]]) == pytest.approx(100 * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
+    assert sacrebleu_bleu(["a b c d e"], [["a b c d f"]]) == pytest.approx(100 * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
 
 
 def test_metric_vocabulary_is_the_config_literal():
