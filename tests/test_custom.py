@@ -306,7 +306,8 @@ def test_train_on_custom_data_runs_the_whole_pipeline(tmp_path, capsys):
     code = main(["train", *FAST, "--dataset", "custom", "--data_files", str(path), "--prompt_field", "question",
                  "--target_field", "answer", "--metrics", "exact_match,accuracy,rouge_l", "--max_steps", "4",
                  "--eval_steps", "2", "--phase_strategy", "both->mlp", "--eval_samples", "8",
-                 "--max_new_tokens", "4", "--ablation_max_single", "2", "--output_dir", str(tmp_path / "runs"),
+                 "--max_new_tokens", "4", "--ablation_max_single", "2", "--analysis_samples", "8",
+                 "--output_dir", str(tmp_path / "runs"),
                  "--experiment_name", "mine"])
     assert code == 0, capsys.readouterr().err[-3000:]
     run = tmp_path / "runs" / "mine"
@@ -354,7 +355,7 @@ def test_chat_data_trains_and_evaluates_end_to_end(tmp_path, capsys):
     write_jsonl(tmp_path / "test.jsonl", chats[:2])
     code = main(["train", "--model", "smollm2-135m", "--dataset", "custom", "--data_dir", str(tmp_path),
                  "--validation_fraction", "0.2", "--max_steps", "2", "--batch_size", "2", "--r", "2",
-                 "--max_length", "64", "--eval_steps", "0", "--ablation", "false", "--eval_samples", "2",
+                 "--max_length", "64", "--eval_steps", "0", "--ablation", "false", "--eval_samples", "2", "--analysis_samples", "2",
                  "--max_new_tokens", "6", "--metrics", "exact_match", "--output_dir", str(tmp_path / "runs"),
                  "--experiment_name", "chat"])
     assert code == 0, capsys.readouterr().err[-3000:]

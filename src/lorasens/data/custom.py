@@ -292,4 +292,5 @@ SPEC = register(DatasetSpec(
     f"Parquet) or {HUB_PREFIX}ORG/NAME[:CONFIG]; --metrics {'/'.join(DEFAULT_TEXT_METRICS)}/accuracy",
     partial(load, CustomData(CUSTOM_DATASET)), EvaluationSpec(partial(score_text_rows, metrics=DEFAULT_TEXT_METRICS),
                                                               stop_strings=()),
-    max_new_tokens=128, configure=configure, name_prefix=HUB_PREFIX))
+    # Analysis split (held out of train for the ablation): 100, not 200 — user files are often a few hundred rows.
+    max_new_tokens=128, analysis_samples=100, configure=configure, name_prefix=HUB_PREFIX))
