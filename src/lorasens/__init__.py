@@ -1,3 +1,25 @@
-"""lorasens: LoRA module sensitivity analysis on top of PEFT + the Hugging Face Trainer."""
+"""lorasens: LoRA module sensitivity analysis on top of PEFT + the Hugging Face Trainer.
+
+In your own training script (any Trainer, TRL's SFTTrainer included):
+
+    from lorasens import SensitivityCallback, PhaseScheduleCallback
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+# Resolved on first use (PEP 562): `import lorasens` also runs for `lorasens --help`, which must not pay for
+# importing torch and transformers (seconds); the callbacks need both.
+_LAZY = {
+    "SensitivityCallback": "lorasens.callbacks",
+    "PhaseScheduleCallback": "lorasens.phases",
+}
+
+__all__ = ["SensitivityCallback", "PhaseScheduleCallback", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorasens' has no attribute {name!r}")

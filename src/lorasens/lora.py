@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +12,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from lorasens.errors import UserError
-from lorasens.module_map import GROUPS, LoraModule, ModuleMap
+from lorasens.module_map import GROUPS, LoraModule, ModuleMap, build_module_map
+
+# An explicit module map for an architecture the module map does not know: {"attn": [...], "mlp": [...]}.
+ModuleMapSpec = ModuleMap | Mapping[str, Sequence[str]] | None
 
 PEFT_PREFIX = "base_model.model."
 
@@ -149,3 +152,35 @@ def set_trainable(peft_model: torch.nn.Module, lora: list[LoraParams], active: I
             param.requires_grad_(False)
             param.grad = None
     return trainable
+
+
+def lora_of_model(model: torch.nn.Module, module_map: ModuleMapSpec = None,
+                  who: str = "lorasens") -> tuple[ModuleMap, list[LoraParams]]:
+    """The module map and the LoRA modules of a PEFT model someone else built (a user's training script).
+
+    `module_map` is a ModuleMap, or {"attn": names, "mlp": names} for an architecture the map does not know, or None
+    (from the base model's `config.model_type`). Raises `UserError` naming the problem when the model has no LoRA.
+    """
+    if not isinstance(model, PeftModel):
+        raise UserError(f"{who}: the model is a {type(model).__name__}, not a PEFT model with LoRA; wrap it with "
+                        "peft.get_peft_model(model, LoraConfig(...)) (or give SFTTrainer a peft_config)")
+    if isinstance(module_map, ModuleMap):
+        mm = module_map
+    else:
+        spec = dict(module_map or {})
+        unknown = set(spec) - set(GROUPS)
+        if unknown:
+            raise UserError(f"{who}: module_map keys must be {' and '.join(GROUPS)}, got {sorted(unknown)}")
+        names = {g: ",".join(spec[g]) if spec.get(g) else None for g in GROUPS}
+        mm = build_module_map(model.get_base_model(), names["attn"], names["mlp"])
+    lora = lora_parameters(model, mm, model.active_adapter)
+    if not lora:
+        raise UserError(f"{who}: the PEFT model has no LoRA on any attention or MLP module of its {mm.architecture!r} "
+                        f"module map (LoRA targets: {sorted(model.peft_config[model.active_adapter].target_modules or [])})")
+    return mm, lora
+
+
+def lora_target(lora: Sequence[LoraParams]) -> str:
+    """The LoRA target of a set of modules as `--target` names it: attn, mlp or both."""
+    groups = {lp.module.group for lp in lora}
+    return "both" if groups == set(GROUPS) else next(iter(groups))

@@ -126,7 +126,7 @@ def build_module_map(model: nn.Module, attn_modules: str | None = None, mlp_modu
     last_parts = [name.split(".")[-1] for name, _ in wanted]
     modules: list[LoraModule] = []
     for index, layer in enumerate(layer_list):
-        linear = {rel: mod for rel, mod in layer.named_modules() if rel and _is_linear(mod)}
+        linear = {rel: mod for rel, mod in layer.named_modules() if rel and _is_linear(mod) and not _inside_adapter(rel)}
         for (name, group), last in zip(wanted, last_parts):
             matches = [rel for rel in linear if rel == name or rel.endswith("." + name)]
             if len(matches) != 1:
@@ -141,5 +141,12 @@ def build_module_map(model: nn.Module, attn_modules: str | None = None, mlp_modu
 
 
 def _is_linear(module: nn.Module) -> bool:
+    # A module PEFT has already wrapped (LoRA in a user's training script) counts as the linear layer it wraps.
+    module = getattr(module, "base_layer", module)
     # transformers' GPT-2 uses Conv1D (a transposed linear layer); PEFT supports it as well.
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _inside_adapter(rel: str) -> bool:
+    """A path inside a PEFT-wrapped layer (its base_layer, lora_A/lora_B...): part of that layer, not a module."""
+    return any(part == "base_layer" or part.startswith("lora_") for part in rel.split("."))

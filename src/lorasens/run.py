@@ -16,7 +16,7 @@ from transformers import set_seed
 
 from lorasens import report
 from lorasens.analysis import post
-from lorasens.analysis.callbacks import analysis_callbacks
+from lorasens.callbacks import SensitivityCallback
 from lorasens.config import ExperimentConfig, resumable_fields, save_config
 from lorasens.context import AfterTrainingStep, RunContext
 from lorasens.data.features import build_features
@@ -28,7 +28,7 @@ from lorasens.evaluation.metrics import ensure_meteor_ready
 from lorasens.lora import Placement, apply_lora, load_placement, lora_parameters, set_trainable, targets_for
 from lorasens.models import load_model
 from lorasens.module_map import build_module_map
-from lorasens.phases import PhaseCallback
+from lorasens.phases import PhaseScheduleCallback
 from lorasens.plots import plot_training_loss
 from lorasens.rundir import check_run_dir, replace_run_dir
 from lorasens.rundir.files import ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL, RUN_LOG, SUMMARY_FILE
@@ -42,7 +42,6 @@ from lorasens.training import (
     BestAdapterCallback,
     DivergenceCallback,
     RunState,
-    TrainLogCallback,
     build_trainer,
     checkpoint_step,
     decide_packing,
@@ -155,13 +154,15 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
                          val_features=val_features, analysis_features=analysis_features)
         best = BestAdapterCallback(lambda: get_peft_model_state_dict(model))
         divergence = DivergenceCallback([p for lp in lora for p in (lp.A, lp.B)])
-        trainer_callbacks = [TrainLogCallback(run_dir, ctx.state), best, divergence]
+        # The public callbacks a user's own training script uses (lorasens.SensitivityCallback and
+        # PhaseScheduleCallback): one implementation of logging, measuring and phase switching.
+        sensitivity = SensitivityCallback.for_run(ctx)
+        trainer_callbacks = [sensitivity, best, divergence]
         if schedule is not None:
-            trainer_callbacks.append(PhaseCallback(schedule, module_map, lora, ctx.state, run_dir,
-                                                   cfg.schedule.reset_optimizer_on_switch))
-        trackers = analysis_callbacks(ctx)
-        trainer_callbacks.extend(trackers)
-        trainer_callbacks.extend(tensorboard_callbacks(ctx, trackers))  # gradient norms as scalars (--report_to)
+            trainer_callbacks.append(PhaseScheduleCallback(schedule, output_dir=run_dir, module_map=module_map,
+                                                           reset_optimizer_on_switch=cfg.schedule.reset_optimizer_on_switch,
+                                                           run_state=ctx.state))
+        trainer_callbacks.extend(tensorboard_callbacks(ctx, sensitivity))  # gradient norms as scalars (--report_to)
         trainer_callbacks.extend(callbacks)
         packing = decide_packing(model, loaded.tokenizer, train_features, cfg.training.packing, cfg.training.batch_size)
         ctx.trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features,

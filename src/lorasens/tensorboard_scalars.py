@@ -22,17 +22,18 @@ from lorasens.context import RunContext
 logger = logging.getLogger(__name__)
 
 
-def tensorboard_callbacks(ctx: RunContext, trackers: list[GradientTrackingCallback]) -> list[TrainerCallback]:
-    """The scalar callback when the run reports to TensorBoard, else nothing."""
+def tensorboard_callbacks(ctx: RunContext, tracker) -> list[TrainerCallback]:
+    """The scalar callback when the run reports to TensorBoard, else nothing. `tracker` publishes the rows: a
+    `GradientTrackingCallback`, or the `SensitivityCallback` that builds one when training begins."""
     if ctx.cfg.training.report_to != "tensorboard":
         return []
-    return [GradientScalarsCallback(lambda: ctx.trainer, trackers[0] if trackers else None)]
+    return [GradientScalarsCallback(lambda: ctx.trainer, tracker)]
 
 
 class GradientScalarsCallback(TrainerCallback):
     """Subscribes to the tracker's group and layer rows and writes them to the Trainer's TensorBoard writer."""
 
-    def __init__(self, get_trainer, tracker: GradientTrackingCallback | None):
+    def __init__(self, get_trainer, tracker: GradientTrackingCallback | None):  # or a SensitivityCallback
         self.get_trainer = get_trainer
         self.tracker = tracker
         self.writer = None

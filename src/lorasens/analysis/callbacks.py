@@ -32,7 +32,6 @@ from lorasens.rundir import files
 from lorasens.analysis.csvlog import BufferedCsv, cell, read_rows
 from lorasens.analysis.measures import foreach_norms, taylor_importance, update_magnitudes
 from lorasens.config import TrackingConfig
-from lorasens.context import RunContext
 from lorasens.lora import LoraParams
 from lorasens.module_map import GROUPS
 from lorasens.training import RunState
@@ -46,14 +45,6 @@ MATRICES = ("A", "B")
 RowListener = Callable[[dict], None]
 # Rows published to listeners: the group and layer norms (module-level rows stay in their files).
 PUBLISHED = ("group", "layer")
-
-
-def analysis_callbacks(ctx: RunContext) -> list["GradientTrackingCallback"]:
-    """The analysis callbacks for `run_experiment` (none when every measurement is switched off)."""
-    tracking: TrackingConfig = ctx.cfg.tracking
-    if not (tracking.track_gradients or tracking.track_importance or tracking.track_update_magnitude):
-        return []
-    return [GradientTrackingCallback(ctx.run_dir, ctx.lora, ctx.state, tracking, lambda: ctx.trainer)]
 
 
 @dataclass
