@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasens.analysis.stats import jaccard, random_jaccard, spearman
-from lorasens.config import fields_with, key_settings
+from lorasens.config import SECTIONS, fields_with, key_settings
 from lorasens.errors import UserError
 from lorasens.plots.common import MissingInput
 from lorasens.plots.compare_plots import COMPARE_PLOTS
@@ -42,6 +42,7 @@ from lorasens.rundir.files import (
     TRAIN_LOG,
     evaluation_files,
     read_json,
+    unknown_fields,
 )
 from lorasens.rundir.metrics import read_run_metrics
 
@@ -96,7 +97,9 @@ def load_run_record(run_dir: Path) -> RunRecord:
                         f"or *{EVALUATION_SUFFIX})")
     missing = [f"{name} is {'corrupt' if (run_dir / name).exists() else 'missing'}"
                for name, data in ((CONFIG_FILE, config), (SUMMARY_FILE, summary)) if data is None]
-    settings = {k: v for section in (config or {}).values() if isinstance(section, dict) for k, v in section.items()}
+    unknown = unknown_fields(config)  # a run recorded in a user's script: what it did not tell is unknown (None)
+    settings = {k: (None if f"{name}.{k}" in unknown else v) for name, section in (config or {}).items()
+                if name in SECTIONS and isinstance(section, dict) for k, v in section.items()}
     metrics: dict[str, float] = {}
     if run_metrics.final_train_loss is not None:
         metrics["final_train_loss"] = run_metrics.final_train_loss

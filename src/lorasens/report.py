@@ -27,6 +27,7 @@ from lorasens.rundir.files import (
     TRAIN_LOG,
     PREDICTIONS_SUFFIX,
     RECOMMENDED_CONFIG,
+    RECORDED_BY,
     REPORT_FILE,
     RUN_FILES,
     SUMMARY_FILE,
@@ -36,6 +37,7 @@ from lorasens.rundir.files import (
     evaluation_files,
     read_json,
     read_jsonl,
+    unknown_fields,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ KEY_SETTINGS = key_settings()
 SUMMARY_KEYS = ("steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "final_model_from",
                 "trainable_params", "lora_modules", "num_layers", "train_runtime_s", "wall_time_s")
 RANKING_TOP = 10
+# A setting a user's training script did not tell SensitivityCallback (config.json "recorded_by").
+UNKNOWN_SETTING = "unknown (not recorded)"
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d1d1d;background:#fafafa}
@@ -206,10 +210,17 @@ def _config_section(config: dict | None, summary: dict | None, run_dir: Path) ->
     columns = []  # settings and run summary side by side
     details = ""
     if config is not None:
-        rows = [[label, config.get(section, {}).get(name)] for label, section, name in KEY_SETTINGS]
+        unknown = unknown_fields(config)
+        rows = [[label, UNKNOWN_SETTING if f"{section}.{name}" in unknown else config.get(section, {}).get(name)]
+                for label, section, name in KEY_SETTINGS]
         rows.append(["preset", config.get("preset")])
+        recorded = config.get(RECORDED_BY)
+        if isinstance(recorded, dict):
+            details += (f'<p class="note">Recorded by {esc(recorded.get("recorder"))} in a '
+                        f'{esc(recorded.get("trainer"))} script; settings the script did not tell lorasens: '
+                        f'{esc(", ".join(sorted(unknown)) or "none")}.</p>')
         columns.append("<div><h3>Settings</h3>" + table(["setting", "value"], rows) + "</div>")
-        details = ("<details><summary>Full config.json</summary><pre>" + esc(json.dumps(config, indent=2))
+        details += ("<details><summary>Full config.json</summary><pre>" + esc(json.dumps(config, indent=2))
                    + "</pre></details>")
     else:
         missing.append(f"{CONFIG_FILE} is {'corrupt' if (run_dir / CONFIG_FILE).exists() else 'missing'}")

@@ -54,8 +54,8 @@ from lorasens.errors import UserError
 from lorasens.lora import LoraParams
 from lorasens.module_map import ModuleMap
 from lorasens.rundir import files
-from lorasens.rundir.files import CONFIG_FILE
-from lorasens.rundir.load import load_run, read_run_config
+from lorasens.rundir.files import CONFIG_FILE, read_json, unknown_fields
+from lorasens.rundir.load import load_run, read_run_config, require_known
 from lorasens.safeio import write_json
 from lorasens.training import decide_packing
 
@@ -318,6 +318,15 @@ def analyze_run(run_dir: str | Path, overrides: dict | None = None, probe: str |
         if probe_cfg.model.model != cfg.model.model:
             raise UserError(f"--probe {probe_dir} trained {probe_cfg.model.model}, the run {cfg.model.model}: "
                             "a probe must use the same model")
+    if "data.dataset" in unknown_fields(read_json(run_dir / CONFIG_FILE)):
+        # Recorded by SensitivityCallback in a training script: its held-out data is the script's, not a dataset
+        # lorasens can load. Re-ranking from the recorded measures is still possible, if asked for explicitly.
+        require_known(run_dir, {"data.dataset"} if cfg.tracking.ablation else set(),
+                      "its held-out data is the script's, so the ablation and first-order estimate cannot be rerun "
+                      "here: analyze it with --ablation false (rankings from the recorded measures), or pass "
+                      "validation_data to the callback")
+        logger.warning("%s: data unknown to lorasens; first-order estimate and ablation not recomputed", run_dir)
+        return analyze(run_dir, cfg, loaded.model, loaded.module_map, loaded.lora, None, loaded.tokenizer, probe_dir)
     _, examples = training_splits(cfg.data.dataset, cfg.data.data_dir, cfg.training.seed, cfg.data.train_samples,
                                   cfg.data.analysis_samples, options=cfg.data)
     examples = apply_prompt_template(examples, cfg.data.prompt_template, cfg.data.dataset)

@@ -75,6 +75,18 @@ RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, TRAIN_LOG, EVAL_LOG, PHASES, GROUP_NORMS
              SENSITIVITY, ABLATION, RECOMMENDED_CONFIG)
 
 
+# config.json / summary.json of a run recorded by `lorasens.SensitivityCallback` in a user's own training script:
+# {"recorder", "trainer", "unknown_fields": ["data.dataset", ...]}: the settings the script did not tell lorasens.
+RECORDED_BY = "recorded_by"
+
+
+def unknown_fields(config: dict | None) -> set[str]:
+    """"section.field" names of the settings a run recorded in a user's script could not know (none for a
+    `lorasens train` run): their values in config.json are defaults or "unknown", never facts."""
+    recorded = (config or {}).get(RECORDED_BY)
+    return set(recorded.get("unknown_fields", [])) if isinstance(recorded, dict) else set()
+
+
 def module_key(layer: int, module_type: str) -> str:
     """The key of one (layer, module) in sensitivity.json, e.g. "L3.q_proj"."""
     return f"L{layer}.{module_type}"

@@ -14,7 +14,8 @@ from lorasens.errors import UserError
 from lorasens.lora import LoraParams, lora_parameters
 from lorasens.models import load_model
 from lorasens.module_map import ModuleMap, build_module_map
-from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL
+from lorasens.rundir import files
+from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL, unknown_fields
 from lorasens.safeio import read_json
 
 
@@ -33,10 +34,20 @@ def read_run_config(run_dir: Path) -> ExperimentConfig:
     return config_from_dict(read_json(run_dir / CONFIG_FILE, "the run's config"))
 
 
+def require_known(run_dir: Path, names: set[str], purpose: str) -> None:
+    """Refuse, naming what is missing, to rebuild from settings a run recorded in a user's script did not know."""
+    missing = sorted(names & unknown_fields(files.read_json(Path(run_dir) / CONFIG_FILE)))  # tolerant: None
+    if missing:
+        raise UserError(f"{run_dir} was recorded by SensitivityCallback in a training script that did not tell "
+                        f"lorasens {', '.join(missing)}; {purpose}")
+
+
 def load_run(run_dir: str | Path, adapter: bool = True) -> LoadedRun:
     """The base model of the run's config.json + `final_model/` (with `adapter`)."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    require_known(run_dir, {"model.model"}, "its base model cannot be loaded again (give "
+                  "SensitivityCallback(model_name=...) the name lorasens loads it by)")
     loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
     module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
     model = loaded.model
