@@ -61,8 +61,8 @@ from lorasens.lora import LoraParams, ModuleMapSpec, lora_of_model, lora_target
 from lorasens.module_map import ModuleMap
 from lorasens.phases import PhaseScheduleCallback
 from lorasens.plots import plot_training_loss
-from lorasens.rundir import check_run_dir, replace_run_dir
-from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL, PHASES, RUN_LOG, SUMMARY_FILE
+from lorasens.rundir import replace_run_dir
+from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL, PHASES, RECORDED_BY, RUN_LOG, SUMMARY_FILE
 from lorasens.rundir.metrics import read_run_metrics
 from lorasens.training import RunState, TrainLogCallback
 
@@ -182,7 +182,7 @@ class SensitivityCallback(TrainerCallback):
             self.val_features = self._validation_features(trainer)
             self.cfg, self.unknown_fields = recorded_config(self, args, state, model)
             if state.is_world_process_zero:
-                self._prepare_run_dir(state)
+                self._prepare_run_dir(args, state)
         main = state.is_world_process_zero
         if main and self.phases is not None and self.phases.path is None:
             # phases.json beside the other files; written now if the phase callback already entered its first phase.
@@ -228,13 +228,27 @@ class SensitivityCallback(TrainerCallback):
 
     # -- a user script's run directory -----------------------------------------------------------------------------
 
-    def _prepare_run_dir(self, state) -> None:
-        resumed = state.global_step > 0
-        check_run_dir(self.run_dir, self.overwrite and not resumed, resumed)
-        if self.overwrite and not resumed:
-            replace_run_dir(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config = {**self.cfg.to_dict(), "recorded_by": self.recorded_by()}
+    def _prepare_run_dir(self, args, state) -> None:
+        """As `lorasens train`: never mix two runs in one folder, never delete a folder that is not a run."""
+        run_dir, resumed = self.run_dir, state.global_step > 0
+        if resumed and not (run_dir / CONFIG_FILE).exists():
+            raise UserError(f"{WHO}: the Trainer resumes from a checkpoint but {run_dir} holds no run to continue "
+                            f"(no {CONFIG_FILE})")
+        # The Trainer's own output_dir may already exist inside the run directory (checkpoints/, as lorasens train
+        # keeps them); empty, it is no sign of an earlier run.
+        trainer_dir = Path(args.output_dir).resolve()
+        earlier = [p for p in run_dir.iterdir() if not (p.resolve() == trainer_dir and not any(p.iterdir()))] \
+            if run_dir.is_dir() else []
+        if earlier and not resumed:
+            if not self.overwrite:
+                raise UserError(f"{WHO}: {run_dir} already holds files ({earlier[0].name}, ...); pass overwrite=True "
+                                "to replace that run, or choose another output_dir")
+            if not (run_dir / CONFIG_FILE).exists():
+                raise UserError(f"{WHO}: {run_dir} is not empty and is not a lorasens run directory (no "
+                                f"{CONFIG_FILE}); refusing to delete it")
+            replace_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {**self.cfg.to_dict(), RECORDED_BY: self.recorded_by()}
         (self.run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         self._log_handler = logging.FileHandler(self.run_dir / RUN_LOG)
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -287,7 +301,7 @@ class SensitivityCallback(TrainerCallback):
             "train_data": {"examples": _length(self.trainer.train_dataset)},
             "validation_data": {"examples": len(self.val_features)},
             "train_runtime_s": round(time.time() - self._started, 2),
-            "recorded_by": self.recorded_by(),
+            RECORDED_BY: self.recorded_by(),
         })
         for step in self.after_training:
             ctx.summary.update(step(ctx) or {})

@@ -311,7 +311,10 @@ class TrainLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "loss" in logs:
-            tokens = state.num_input_tokens_seen - self._tokens_at_last_log
+            # A Trainer that does not count tokens (include_num_input_tokens_seen="no", the default outside lorasens
+            # train) leaves the count at 0: that is "not counted", so the log says null, not 0 tokens.
+            counted = args.include_num_input_tokens_seen not in ("no", False, None)
+            tokens = state.num_input_tokens_seen - self._tokens_at_last_log if counted else None
             self._tokens_at_last_log = state.num_input_tokens_seen
             self.train.write(
                 {
@@ -321,7 +324,7 @@ class TrainLogCallback(TrainerCallback):
                     "grad_norm": logs.get("grad_norm"),
                     "phase": self.state.phase,
                     "tokens": tokens,
-                    "tokens_seen": state.num_input_tokens_seen,
+                    "tokens_seen": state.num_input_tokens_seen if counted else None,
                     "step_time_s": round(self._step_time, 6),
                     "time_since_last_log_s": round(self._time_since_log, 6),
                 }

@@ -24,9 +24,11 @@ def run(args) -> int:
     # Imported when the command runs, not at start-up: torch, transformers and peft cost seconds (measured:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
     from lorasens.evaluation.runner import evaluate_model, settings_from_config
-    from lorasens.rundir.load import load_run
+    from lorasens.rundir.load import load_run, require_known
     from lorasens.rundir.lock import hold_run_lock
 
+    require_known(args.run_dir, {"data.dataset"}, "`lorasens eval` scores a run on its own dataset; score its "
+                  "adapter on a registered one with lorasens.evaluation.api.evaluate_dataset(NAME, model_path=RUN_DIR)")
     with hold_run_lock(args.run_dir):  # one writer per run: not while a train/analyze writes into it
         loaded = load_run(args.run_dir)
         overrides = {name: getattr(args, name) for name in ("max_new_tokens", "num_beams") if getattr(args, name) is not None}
