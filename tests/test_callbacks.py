@@ -154,6 +154,7 @@ def test_script_run_has_sensitivity_recommendation_report_and_honest_config(plai
     assert config["data"]["eval_samples"] == n_val
 
 
+@pytest.mark.slow  # reloads the model twice (analyze) and redraws every plot: ~30 s on the shared 2-core machine
 def test_report_and_analyze_work_on_the_script_folder(plain_runs, capsys):
     _, run = plain_runs
     before = json.loads((run / files.SENSITIVITY).read_text())

@@ -28,6 +28,7 @@ tell (the dataset, its max_length, the base model's name unless `model_name` is 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -43,7 +44,6 @@ from lorasens import report
 from lorasens.analysis import post
 from lorasens.analysis.callbacks import GradientTrackingCallback, RowListener
 from lorasens.config import (
-    SECTIONS,
     EvaluationConfig,
     ExperimentConfig,
     LoraSettings,
@@ -375,7 +375,6 @@ def recorded_config(callback: SensitivityCallback, args, state, model) -> tuple[
     unknown += ["data.dataset", "data.data_dir", "data.prompt_template"]
     data_cfg = DataConfig(dataset=UNKNOWN, max_length=max_length, eval_samples=n_val or DataConfig().eval_samples)
 
-    steps_or_zero = lambda strategy, value: int(value) if str(getattr(strategy, "value", strategy)) == "steps" and value and value >= 1 else 0  # noqa: E731
     scheduler = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     if scheduler not in _choices("training", "lr_scheduler"):
         unknown.append("training.lr_scheduler")
@@ -387,8 +386,8 @@ def recorded_config(callback: SensitivityCallback, args, state, model) -> tuple[
         batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
         max_steps=state.max_steps, lr=args.learning_rate, lr_scheduler=scheduler, warmup_steps=int(warmup),
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or 0.0, seed=args.seed,
-        eval_steps=steps_or_zero(args.eval_strategy, args.eval_steps),
-        save_steps=steps_or_zero(args.save_strategy, args.save_steps),
+        eval_steps=_every_n_steps(args.eval_strategy, args.eval_steps),
+        save_steps=_every_n_steps(args.save_strategy, args.save_steps),
         logging_steps=max(1, int(args.logging_steps)) if args.logging_steps >= 1 else 1,
         gradient_checkpointing=bool(getattr(args, "activation_checkpointing", False)), report_to=report)
     if args.logging_steps < 1:
@@ -408,15 +407,21 @@ def recorded_config(callback: SensitivityCallback, args, state, model) -> tuple[
                                           reset_optimizer_on_switch=phases.reset_optimizer)
     tracking = callback.tracking
     if not n_val and tracking.ablation:
-        tracking = TrackingConfig(**{**tracking.__dict__, "ablation": False})
+        tracking = dataclasses.replace(tracking, ablation=False)  # no data to ablate on: config.json says so
     cfg = ExperimentConfig(
         model=model_cfg, lora=lora_cfg, data=data_cfg, training=training_cfg, schedule=schedule_cfg,
         tracking=tracking,
         evaluation=EvaluationConfig(evaluate=False, eval_batch_size=callback.eval_batch_size),
         output=OutputConfig(output_dir=str(callback.run_dir.parent), experiment_name=callback.run_dir.name),
     )
-    assert all(u.split(".")[0] in SECTIONS for u in unknown)
     return cfg, unknown
+
+
+def _every_n_steps(strategy, value) -> int:
+    """`--eval_steps` / `--save_steps` from a Trainer strategy: N for "steps" every N >= 1, else 0 (never / other)."""
+    if str(getattr(strategy, "value", strategy)) != "steps" or not value or value < 1:
+        return 0
+    return int(value)
 
 
 def _choices(section: str, name: str) -> tuple:
