@@ -171,6 +171,26 @@ def test_report_and_analyze_work_on_the_script_folder(plain_runs, capsys):
     assert "validation data" in capsys.readouterr().err
 
 
+def test_compare_reads_the_script_folder_beside_a_lorasens_run(plain_runs, tmp_path):
+    reference, run = plain_runs
+    assert cli_main(["compare", str(reference), str(run), "--out", str(tmp_path / "cmp")]) == 0
+    runs = {r["run"]: r for r in read_csv(tmp_path / "cmp" / "comparison_runs.csv")}
+    assert runs[run.name]["dataset"] == ""  # unknown to lorasens: empty, not a guessed name
+    assert runs[reference.name]["dataset"] == "synthetic"
+    # same losses (same training), two configurations (the script's unknown settings are not pooled with known ones)
+    assert float(runs[run.name]["final_train_loss"]) == pytest.approx(float(runs[reference.name]["final_train_loss"]),
+                                                                      rel=1e-6)
+    assert runs[run.name]["configuration"] != runs[reference.name]["configuration"]
+
+
+def test_module_map_sees_through_peft_wrapped_layers(tiny_llama):
+    from lorasens.module_map import build_module_map
+
+    before = build_module_map(tiny_llama.model)
+    model = get_peft_model(tiny_llama.model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    assert build_module_map(model.get_base_model()) == before  # lora_A / base_layer are not extra modules
+
+
 class WeightSnapshots(TrainerCallback):
     """LoRA weights after every optimizer step, and which modules the optimizer held."""
 
