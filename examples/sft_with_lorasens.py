@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/sft_example")
     parser.add_argument("--data_dir", default=None,
                         help="E2E folder (trainset.csv, devset.csv); default: lorasens's synthetic E2E-style data")
-    parser.add_argument("--max_steps", type=int, default=20)
+    parser.add_argument("--max_steps", type=int, default=12)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     args = parser.parse_args()

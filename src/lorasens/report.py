@@ -260,6 +260,10 @@ def _phases_section(run_dir: Path) -> tuple[str, list[str]]:
 def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[str]]:
     files = evaluation_files(run_dir)
     if not files:
+        if "data.dataset" in unknown_fields(config):
+            line = ("no evaluation: the run was recorded in a training script on data lorasens does not know; score "
+                    "final_model/ with lorasens.evaluation.api.evaluate_dataset(NAME, model_path=RUN_DIR)")
+            return missing_box([line]), [line]
         dataset = (config or {}).get("data", {}).get("dataset", "{dataset}")
         line = f"{dataset}{EVALUATION_SUFFIX} is missing (evaluation off or not run)"
         return missing_box([line]), [line]
