@@ -22,7 +22,7 @@ from lorasens import PhaseScheduleCallback, SensitivityCallback
 from lorasens.cli import main as cli_main
 from lorasens.config import TrackingConfig, build_config
 from lorasens.data.features import IGNORE_INDEX, build_features
-from lorasens.data.registry import load_examples
+from lorasens.data.registry import load_examples, training_splits
 from lorasens.errors import UserError
 from lorasens.models import load_model
 from lorasens.rundir import files
@@ -47,10 +47,11 @@ def user_model_and_data():
     """What a user's script does before building the Trainer (same order of random draws as `lorasens train`)."""
     set_seed(SEED)
     loaded = load_model("tiny-random-llama", seed=SEED)
-    splits = {}
-    for split, n in (("train", SETTINGS["train_samples"]), ("validation", SETTINGS["eval_samples"])):
-        examples = load_examples("synthetic", split, None, SEED, n)
-        splits[split], _ = build_features(examples, loaded.tokenizer, SETTINGS["max_length"], split)
+    # lorasens train holds its analysis split out of train; the same train examples here
+    train, _ = training_splits("synthetic", None, SEED, SETTINGS["train_samples"], None)
+    validation = load_examples("synthetic", "validation", None, SEED, SETTINGS["eval_samples"])
+    splits = {name: build_features(examples, loaded.tokenizer, SETTINGS["max_length"], name)[0]
+              for name, examples in (("train", train), ("validation", validation))}
     model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=LLAMA_TYPES,
                                                     task_type="CAUSAL_LM"))
     return model, loaded.tokenizer, Dataset.from_list(splits["train"]), Dataset.from_list(splits["validation"])
@@ -91,7 +92,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def assert_same_csvs(a: Path, b: Path) -> None:
-    """Same rows, same labels and empty (frozen) cells, every number equal to 1e-6 (relative)."""
+    """Same rows, same labels and empty (frozen) cells, every number equal to 1e-6.
+
+    The plain Trainer matches to the last float32 digit; SFTTrainer computes the loss from the logits with its own
+    loss function instead of the model's, which moves gradients by float32 rounding (measured: at most 1e-7
+    absolute, 1.3e-6 relative on a norm of 3e-5)."""
     for name in CSVS:
         rows_a, rows_b = read_csv(a / name), read_csv(b / name)
         assert len(rows_a) == len(rows_b) > 0, name
@@ -103,7 +108,7 @@ def assert_same_csvs(a: Path, b: Path) -> None:
                 except ValueError:
                     assert ra[key] == rb[key], (name, key, ra, rb)  # phase, group, module, matrix, empty cells
                     continue
-                assert va == pytest.approx(vb, rel=1e-6, abs=1e-12), (name, key, ra, rb)
+                assert va == pytest.approx(vb, rel=1e-6, abs=1e-6), (name, key, ra, rb)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +117,7 @@ def plain_runs(tmp_path_factory):
     reference = lorasens_train(out, "lorasens_train")
     script_dir = out / "script"
     tracking = TrackingConfig(ablation=True, ablation_max_single=4)
-    plain_trainer_script(out, [SensitivityCallback(script_dir, tracking=tracking, model_name="tiny-random-llama",
-                                                   eval_batch_size=8)])
+    plain_trainer_script(out, [SensitivityCallback(script_dir, tracking=tracking, model_name="tiny-random-llama")])
     return reference, script_dir
 
 
@@ -133,7 +137,7 @@ def test_script_run_has_sensitivity_recommendation_report_and_honest_config(plai
     reference, run = plain_runs
     n_val = json.loads((reference / files.SUMMARY_FILE).read_text())["validation_data"]["examples"]  # 9 of 12 fit
     sensitivity = json.loads((run / files.SENSITIVITY).read_text())
-    assert set(sensitivity["measures"]) >= {"grad_norm", "importance", "update_magnitude", "ablation"}
+    assert set(sensitivity["measures"]) >= {"grad_norm", "importance", "update_magnitude", "first_order", "ablation"}
     assert len(sensitivity["modules"]) == 4 * len(LLAMA_TYPES)
     ablation = read_csv(run / files.ABLATION)
     assert sum(r["kind"] == "module" for r in ablation) == 4  # ablation_max_single
@@ -142,7 +146,7 @@ def test_script_run_has_sensitivity_recommendation_report_and_honest_config(plai
     assert (run / files.REPORT_FILE).read_text().startswith("<!DOCTYPE html>")
     assert (run / files.FINAL_MODEL / "adapter_config.json").exists()
     summary = json.loads((run / files.SUMMARY_FILE).read_text())
-    assert summary["steps"] == STEPS and summary["validation_data"] == {"examples": n_val}
+    assert summary["steps"] == STEPS and summary["analysis_data"] == {"examples": n_val}  # the eval_dataset
     assert summary["recorded_by"]["trainer"] == "Trainer"
     config = json.loads((run / files.CONFIG_FILE).read_text())
     # What the Trainer and PEFT told, and what nobody told (listed, not guessed)
@@ -151,7 +155,7 @@ def test_script_run_has_sensitivity_recommendation_report_and_honest_config(plai
     assert config["lora"] == {"target": "both", "r": 4, "lora_alpha": 8.0, "lora_dropout": 0.05}
     assert config["model"]["model"] == "tiny-random-llama" and config["data"]["dataset"] == "unknown"
     assert {"data.dataset", "data.max_length"} <= set(config["recorded_by"]["unknown_fields"])
-    assert config["data"]["eval_samples"] == n_val
+    assert config["data"]["eval_samples"] == config["data"]["analysis_samples"] == n_val
 
 
 @pytest.mark.slow  # reloads the model twice (analyze) and redraws every plot: ~30 s on the shared 2-core machine
@@ -168,7 +172,7 @@ def test_report_and_analyze_work_on_the_script_folder(plain_runs, capsys):
     assert after["rankings"]["grad_norm"] == before["rankings"]["grad_norm"]
     assert after["measures"]["update_magnitude"] == pytest.approx(before["measures"]["update_magnitude"], rel=1e-5)
     assert cli_main(["analyze", str(run), "--ablation", "true"]) == 2
-    assert "validation data" in capsys.readouterr().err
+    assert "held-out data is the script's" in capsys.readouterr().err
 
 
 def test_compare_reads_the_script_folder_beside_a_lorasens_run(plain_runs, tmp_path):

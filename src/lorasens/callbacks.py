@@ -83,11 +83,12 @@ class SensitivityCallback(TrainerCallback):
       resumed from a checkpoint continues the files in it).
     - `module_map`: None (from the base model's architecture), or {"attn": [...], "mlp": [...]} module names for an
       architecture lorasens does not know, or a `ModuleMap`.
-    - `validation_data`: tokenised examples (a datasets.Dataset or a list of dicts with `input_ids` and `labels`,
-      -100 on tokens without loss; without `labels` every token counts) for the ablation; default: the Trainer's
-      `eval_dataset` when it is tokenised. Without either, no ablation is run (the other measures still rank).
+    - `validation_data`: held-out tokenised examples (a datasets.Dataset or a list of dicts with `input_ids` and
+      `labels`, -100 on tokens without loss; without `labels` every token counts) for the ablation and the
+      first-order estimate (what `lorasens train` computes on its analysis split); default: the Trainer's
+      `eval_dataset` when it is tokenised. Without either, both are skipped (the recorded measures still rank).
     - `tracking`: what is measured and how the recommendation is budgeted (`lorasens.config.TrackingConfig`: the
-      `--track_*`, `--ablation*`, `--budget_*` settings); `eval_batch_size`: batch size of the ablation passes.
+      `--track_*`, `--ablation*`, `--budget*`, `--allocate` settings).
     - `model_name`: how lorasens can load the base model again (alias, Hub id or path), for `lorasens analyze`;
       default: the model's `name_or_path`.
     - `trainer`: the Trainer, when you have it (else found when training begins, see the module docstring).
@@ -102,7 +103,6 @@ class SensitivityCallback(TrainerCallback):
         trainer: Trainer | None = None,
         tokenizer=None,
         tracking: TrackingConfig | None = None,
-        eval_batch_size: int = 16,
         model_name: str | None = None,
         overwrite: bool = False,
     ):
@@ -110,7 +110,6 @@ class SensitivityCallback(TrainerCallback):
         self.module_map_spec = module_map
         self.validation_data = validation_data
         self.tracking = tracking if tracking is not None else TrackingConfig()
-        self.eval_batch_size = EvaluationConfig(eval_batch_size=eval_batch_size).eval_batch_size  # checked there
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.overwrite = overwrite
@@ -129,15 +128,14 @@ class SensitivityCallback(TrainerCallback):
         self.phases: PhaseScheduleCallback | None = None
         self.cfg: ExperimentConfig | None = None
         self.unknown_fields: list[str] = []
-        self.val_features: list[dict] = []
+        self.analysis_features: list[dict] = []  # held-out examples for the ablation and first-order estimate
         self._log_handler: logging.Handler | None = None
         self._started = 0.0
 
     @classmethod
     def for_run(cls, ctx: RunContext) -> "SensitivityCallback":
         """The callback `lorasens train` uses (its context knows the config, the module map and the phase state)."""
-        callback = cls(ctx.run_dir, module_map=ctx.module_map, tracking=ctx.cfg.tracking,
-                       eval_batch_size=ctx.cfg.evaluation.eval_batch_size, tokenizer=ctx.tokenizer)
+        callback = cls(ctx.run_dir, module_map=ctx.module_map, tracking=ctx.cfg.tracking, tokenizer=ctx.tokenizer)
         callback._run = ctx
         callback._get_trainer = lambda: ctx.trainer
         callback.run_state = ctx.state
@@ -179,7 +177,7 @@ class SensitivityCallback(TrainerCallback):
         if self.tokenizer is None:
             self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if self._run is None:
-            self.val_features = self._validation_features(trainer)
+            self.analysis_features = self._validation_features(trainer)
             self.cfg, self.unknown_fields = recorded_config(self, args, state, model)
             if state.is_world_process_zero:
                 self._prepare_run_dir(args, state)
@@ -285,7 +283,7 @@ class SensitivityCallback(TrainerCallback):
         schedule = self.phases.schedule if self.phases is not None else None
         ctx = RunContext(cfg=self.cfg, run_dir=self.run_dir, model=model, tokenizer=self.tokenizer,
                          module_map=self.module_map, lora=self.lora, state=self.run_state, schedule=schedule,
-                         val_features=self.val_features, trainer=self.trainer)
+                         val_features=[], analysis_features=self.analysis_features, trainer=self.trainer)
         ctx.summary.update({
             "run_dir": str(self.run_dir),
             "model": self.cfg.model.model,
@@ -299,7 +297,8 @@ class SensitivityCallback(TrainerCallback):
             "best_eval_loss": metrics.best_eval_loss,
             "final_model_from": "the model at train end (as the Trainer left it)",
             "train_data": {"examples": _length(self.trainer.train_dataset)},
-            "validation_data": {"examples": len(self.val_features)},
+            "validation_data": {"examples": _length(self.trainer.eval_dataset)},
+            "analysis_data": {"examples": len(self.analysis_features)},
             "train_runtime_s": round(time.time() - self._started, 2),
             RECORDED_BY: self.recorded_by(),
         })
@@ -369,11 +368,15 @@ def recorded_config(callback: SensitivityCallback, args, state, model) -> tuple[
     if not isinstance(max_length, int) or max_length <= 0:
         unknown.append("data.max_length")
         max_length = DataConfig().max_length
-    n_val = len(callback.val_features)
-    if not n_val:
+    n_held_out = len(callback.analysis_features)
+    n_eval = _length(callback.trainer.eval_dataset)
+    if not n_eval:
         unknown.append("data.eval_samples")
+    if not n_held_out:
+        unknown.append("data.analysis_samples")
     unknown += ["data.dataset", "data.data_dir", "data.prompt_template"]
-    data_cfg = DataConfig(dataset=UNKNOWN, max_length=max_length, eval_samples=n_val or DataConfig().eval_samples)
+    data_cfg = DataConfig(dataset=UNKNOWN, max_length=max_length, eval_samples=n_eval or DataConfig().eval_samples,
+                          analysis_samples=n_held_out or None)
 
     scheduler = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     if scheduler not in _choices("training", "lr_scheduler"):
@@ -406,12 +409,12 @@ def recorded_config(callback: SensitivityCallback, args, state, model) -> tuple[
                                           phase1_end=phases.phase1_end, phase2_end=phases.phase2_end,
                                           reset_optimizer_on_switch=phases.reset_optimizer)
     tracking = callback.tracking
-    if not n_val and tracking.ablation:
+    if not n_held_out and tracking.ablation:
         tracking = dataclasses.replace(tracking, ablation=False)  # no data to ablate on: config.json says so
     cfg = ExperimentConfig(
         model=model_cfg, lora=lora_cfg, data=data_cfg, training=training_cfg, schedule=schedule_cfg,
         tracking=tracking,
-        evaluation=EvaluationConfig(evaluate=False, eval_batch_size=callback.eval_batch_size),
+        evaluation=EvaluationConfig(evaluate=False),
         output=OutputConfig(output_dir=str(callback.run_dir.parent), experiment_name=callback.run_dir.name),
     )
     return cfg, unknown
@@ -429,6 +432,9 @@ def _choices(section: str, name: str) -> tuple:
 
 
 def _length(data) -> int | None:
+    """Examples in a dataset; None when unknown (None, an IterableDataset, several named eval datasets)."""
+    if isinstance(data, dict):
+        return None
     try:
         return len(data)
     except TypeError:  # an IterableDataset
