@@ -212,6 +212,11 @@ class SensitivityCallback(TrainerCallback):
         if self.tracker is not None:
             self.tracker.on_save(args, state, control, **kwargs)
 
+    def flush(self) -> None:
+        """Write the buffered CSV rows now (lorasens train calls it when training stops on an exception)."""
+        if self.tracker is not None:
+            self.tracker.flush()
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
         try:
             if self.tracker is not None:
