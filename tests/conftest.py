@@ -54,3 +54,14 @@ def run_ddp(settings: dict, nproc: int = 2, timeout: int = 600) -> subprocess.Co
                str(DDP_WORKER), json.dumps(settings)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO / "src")}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# Fixtures that train a run first (seconds each, once per module or session): every test using one is `slow`, so
+# `make test-fast` (-m "not slow") stays under a minute. `make test` runs them all.
+TRAINED_RUN_FIXTURES = {"run_dir", "schedule_run", "accumulation_runs", "finished_run", "run_copy", "tiny_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINED_RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -54,6 +54,7 @@ def reference_sums(model, features, sets):
     return sums
 
 
+@pytest.mark.slow
 def test_cached_deltas_equal_whole_decoder_passes_on_tiny_llama():
     model, module_map, lora = with_trained_lora(build_tiny_random_llama(seed=0).model)
     tokenizer = byte_level_tokenizer()
@@ -75,6 +76,7 @@ def test_cached_deltas_equal_whole_decoder_passes_on_tiny_llama():
     assert deltas[0] == 0.0 and min(abs(d) for d in deltas[1:]) > 1e-4
 
 
+@pytest.mark.slow
 def test_per_example_results_match_one_example_forwards_and_aggregate_to_the_rows():
     model, module_map, lora = with_trained_lora(build_tiny_random_llama(seed=1).model, seed=1)
     tokenizer = byte_level_tokenizer()
@@ -88,6 +90,7 @@ def test_per_example_results_match_one_example_forwards_and_aggregate_to_the_row
     assert result.rows()[0].delta_loss == 0.0 and result.wall_time_s > 0
 
 
+@pytest.mark.slow
 def test_cached_deltas_equal_whole_decoder_passes_on_stories260k(stories260k):
     base = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(stories260k)
@@ -115,6 +118,7 @@ def tiny_gemma2(softcap: float | None):
     return Gemma2ForCausalLM(config)
 
 
+@pytest.mark.slow
 def test_gemma2_softcapped_logits_give_the_loss_of_a_whole_forward():
     # A small cap changes the loss a lot (tanh saturates), so a head without the softcap cannot pass this test.
     model, module_map, lora = with_trained_lora(tiny_gemma2(softcap=0.5))
@@ -145,6 +149,7 @@ def test_gpt2_layers_replay_with_their_absolute_positions():
     assert torch.allclose(result.loss_sums, reference_sums(model, feats, result.sets), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_unknown_logit_transform_falls_back_to_whole_model_passes(caplog):
     from transformers import LlamaForCausalLM
 
@@ -169,6 +174,7 @@ def test_an_unknown_logit_transform_falls_back_to_whole_model_passes(caplog):
         run_ablation(model, lora, validation_batches(feats, 2, tokenizer.pad_token_id, "cpu"), [], method="cached")
 
 
+@pytest.mark.slow
 def test_packed_batches_give_the_per_example_losses_of_padded_ones():
     model, module_map, lora = with_trained_lora(build_tiny_random_llama(seed=0).model)
     tokenizer = byte_level_tokenizer()

@@ -121,6 +121,7 @@ def plain_runs(tmp_path_factory):
     return reference, script_dir
 
 
+@pytest.mark.slow
 def test_plain_trainer_writes_the_csvs_of_lorasens_train(plain_runs):
     reference, script_dir = plain_runs
     assert_same_csvs(reference, script_dir)
@@ -133,6 +134,7 @@ def test_plain_trainer_writes_the_csvs_of_lorasens_train(plain_runs):
         assert a["phase"] == b["phase"] == "both"
 
 
+@pytest.mark.slow
 def test_script_run_has_sensitivity_recommendation_report_and_honest_config(plain_runs):
     reference, run = plain_runs
     n_val = json.loads((reference / files.SUMMARY_FILE).read_text())["validation_data"]["examples"]  # 9 of 12 fit
@@ -176,6 +178,7 @@ def test_report_and_analyze_work_on_the_script_folder(plain_runs, capsys):
     assert "held-out data is the script's" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_reads_the_script_folder_beside_a_lorasens_run(plain_runs, tmp_path):
     reference, run = plain_runs
     assert cli_main(["compare", str(reference), str(run), "--out", str(tmp_path / "cmp")]) == 0
@@ -223,6 +226,7 @@ def sft_runs(tmp_path_factory):
     return reference, script_dir, snapshots, trainer
 
 
+@pytest.mark.slow
 def test_sft_trainer_with_phases_writes_the_csvs_of_lorasens_train(sft_runs):
     reference, script_dir, _, _ = sft_runs
     assert_same_csvs(reference, script_dir)
@@ -235,6 +239,7 @@ def test_sft_trainer_with_phases_writes_the_csvs_of_lorasens_train(sft_runs):
     assert (script_dir / files.SENSITIVITY).exists() and (script_dir / files.SUMMARY_FILE).exists()
 
 
+@pytest.mark.slow
 def test_phase_callback_freezes_bitwise_under_sft_trainer(sft_runs):
     _, _, snapshots, _ = sft_runs
     w = snapshots.weights

@@ -191,6 +191,7 @@ def test_no_validation_example_fits_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "v").exists()
 
 
+@pytest.mark.slow
 def test_missing_wordnet_fails_before_training_without_java(tmp_path, monkeypatch, capsys):
     # Without Java, METEOR falls back to nltk's (meteor_nltk), which needs WordNet.
     from lorasens.evaluation import coco

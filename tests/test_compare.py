@@ -41,6 +41,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_two_seeds_give_the_hand_computed_mean_and_std(tmp_path):
     a = make_run(tmp_path, "both_seed1", 1, bleu=10.0, rouge=0.20, losses=(3.0, 2.5, 2.0))
     b = make_run(tmp_path, "both_seed2", 2, bleu=13.0, rouge=0.35, losses=(3.0, 2.6, 2.3))
@@ -67,6 +68,7 @@ def test_two_seeds_give_the_hand_computed_mean_and_std(tmp_path):
     assert "11.5 ± 2.1 (n=2)" in html and 'src="http' not in html and "<script" not in html
 
 
+@pytest.mark.slow
 def test_configurations_are_kept_apart_and_a_single_run_has_no_std(tmp_path):
     runs = [make_run(tmp_path, "both_s1", 1, 10.0, 0.2), make_run(tmp_path, "both_s2", 2, 12.0, 0.3),
             make_run(tmp_path, "attn_s1", 1, 7.0, 0.1, target="attn")]
@@ -85,6 +87,7 @@ def test_different_datasets_are_marked(tmp_path):
     assert "Different datasets" in (tmp_path / "cmp" / "comparison.html").read_text()
 
 
+@pytest.mark.slow
 def test_missing_files_and_non_runs_are_named(tmp_path, capsys):
     good = make_run(tmp_path, "good", 1, 10.0, 0.2)
     partial = make_run(tmp_path, "partial", 2, 11.0, 0.2)
@@ -106,6 +109,7 @@ def test_missing_files_and_non_runs_are_named(tmp_path, capsys):
     assert "nothing to compare" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_command_default_out(tmp_path, capsys):
     runs = [make_run(tmp_path / "runs", f"r{s}", s, 10.0 + s, 0.2) for s in (1, 2)]
     assert main(["compare", *map(str, runs)]) == 0
@@ -118,6 +122,7 @@ def test_mean_std_uses_the_sample_std():
     assert mean_std([5.0]) == (5.0, None)
 
 
+@pytest.mark.slow
 def test_seed_stability_of_measures_and_recommendations(tmp_path):
     from lorasens.analysis.stats import random_jaccard
 

@@ -57,6 +57,7 @@ def test_each_file_format_with_default_fields(tmp_path, suffix):
     assert isinstance(train[3].target, str)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_each_file_format_with_explicit_fields_and_split_names(tmp_path, suffix):
     rows = [{"question": r["prompt"], "answer": r["completion"]} for r in ROWS]
@@ -267,6 +268,7 @@ def _bad(tmp_path: Path, name: str, text: str) -> Path:
      "the last message must be a non-empty assistant turn"),
     ("train.txt", "a\n", [], "has no train{.jsonl,.json,.csv,.parquet} (found: train.txt)"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, name, text, flags, message):
     data = tmp_path / "data"
     data.mkdir()

@@ -65,6 +65,7 @@ def test_wikisql_fixture_splits():
     assert ex.meta["table"].rows is not None and len(ex.meta["table"].rows) == 4
 
 
+@pytest.mark.slow
 def test_wikisql_dev_only_is_split_by_table(tmp_path):
     # The real dev file when ../shared is there (8,421 questions), else the committed fixture.
     source = SHARED_DATA / "wikisql" if (SHARED_DATA / "wikisql" / "dev.jsonl").exists() else FIXTURES / "wikisql"
@@ -83,6 +84,7 @@ def test_wikisql_dev_only_is_split_by_table(tmp_path):
     assert sum(len(v) for v in parts.values()) == total
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_wikisql_real_dev_parts():
     folder = shared_path("data", "wikisql")

@@ -102,6 +102,7 @@ def _cfg(dataset: str, data_dir=None, **evaluation) -> ExperimentConfig:
     return cfg
 
 
+@pytest.mark.slow
 def test_evaluate_after_training_writes_files_and_baseline(tmp_path, lora_model):
     from lorasens.evaluation.runner import evaluate_after_training
     from lorasens.models import load_model
@@ -194,6 +195,7 @@ def test_eval_command_on_a_run_directory(tmp_path, capsys, lora_model):
     assert main(["eval", str(run_dir), "--split", "train"]) == 2  # never evaluate on the training split
 
 
+@pytest.mark.slow
 def test_python_api_on_a_run_and_on_a_base_model(tmp_path, lora_model):
     from lorasens.evaluation import evaluate_e2e, evaluate_wikisql
 
@@ -233,6 +235,7 @@ def test_score_unknown_dataset_lists_choices(tmp_path, capsys):
     assert "valid: custom, e2e, mnli, samsum, synthetic, wikisql" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_score_e2e_groups_rows_by_mr(tmp_path, capsys):
     rows = [{"id": i, "prompt": mr, "prediction": hyp, "references": [ref]} for i, (mr, hyp, ref) in enumerate([
         ("MR1", "the cat sat on the mat", "the cat sat on the mat"), ("MR1", "the cat sat on the mat", "a cat is on a mat"),
@@ -245,6 +248,7 @@ def test_score_e2e_groups_rows_by_mr(tmp_path, capsys):
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["bleu"] == bleu
 
 
+@pytest.mark.slow
 def test_score_samsum_and_mnli_files(tmp_path, capsys):
     from rouge_score import rouge_scorer
 

@@ -88,6 +88,7 @@ def schedule_run(tmp_path_factory):
     return run, snapshot
 
 
+@pytest.mark.slow
 def test_module_norm_equals_vector_norm_of_the_gradient(schedule_run):
     run, snapshot = schedule_run
     recorded = rows(run / files.MODULE_NORMS)
@@ -104,6 +105,7 @@ def test_module_norm_equals_vector_norm_of_the_gradient(schedule_run):
     assert any(value(r["grad_norm"]) > 0 for r in recorded if r["matrix"] == "A")
 
 
+@pytest.mark.slow
 def test_frozen_modules_are_empty_never_zero(schedule_run):
     run, snapshot = schedule_run
     trains = {1: {"attn", "mlp"}, 2: {"attn", "mlp"}, 3: {"mlp"}, 4: {"mlp"}, 5: {"attn"}, 6: {"attn"}}
@@ -213,6 +215,7 @@ def accumulation_runs(tmp_path_factory):
     return (train(out, "accum", batch_size=2, grad_accum=2, **clip), train(out, "batch4", batch_size=4, **clip))
 
 
+@pytest.mark.slow
 def test_recorded_total_is_the_trainers_preclip_grad_norm(accumulation_runs):
     for run in accumulation_runs:
         logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
@@ -223,6 +226,7 @@ def test_recorded_total_is_the_trainers_preclip_grad_norm(accumulation_runs):
             assert totals[entry["step"]] == pytest.approx(entry["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_larger_batch(accumulation_runs):
     accumulated, single = ([value(r["grad_norm"]) for r in rows(run / files.MODULE_NORMS)] for run in accumulation_runs)
     assert len(accumulated) == len(single) == 3 * 28 * 2
@@ -230,6 +234,7 @@ def test_gradient_accumulation_matches_the_larger_batch(accumulation_runs):
     assert max(accumulated) > 0.01
 
 
+@pytest.mark.slow
 def test_resume_continues_every_csv_without_gaps_or_duplicates(tmp_path):
     names = (files.GROUP_NORMS, files.LAYER_NORMS, files.MODULE_NORMS, files.IMPORTANCE, files.UPDATE_MAGNITUDE)
     run = train(tmp_path, "resume", max_steps=6, save_steps=2)

@@ -17,6 +17,7 @@ ROWS = [{"id": f"r{i}", "prompt": mr, "prediction": hyp, "references": [ref]}
                                            + [("MR2", "a dog runs fast", r) for r in MR2_REFS])]
 
 
+@pytest.mark.slow
 def test_e2e_grouping_bleu_matches_hand_computation(monkeypatch):
     from lorasens.evaluation import coco
 
@@ -84,6 +85,7 @@ def test_nist_by_hand_with_mteval_information_weights():
     assert M.nist(["", ""], [["a b"], ["c"]]) == 0.0
 
 
+@pytest.mark.slow
 def test_meteor_nltk_equals_nltk_and_uses_wordnet():
     from nltk.translate.meteor_score import meteor_score
 
@@ -209,6 +211,7 @@ def test_cider_13a_equals_a_pycocoevalcap_value():
     assert approximate_scores(shouted, refs)["cider_13a"] == pytest.approx(4.932146847537337, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_e2e_metrics_without_java_use_other_names_and_say_so(monkeypatch):
     from lorasens.evaluation import coco
 

@@ -85,6 +85,7 @@ def test_bleu_nist_equal_official_on_devset_file(case):
     _check({"bleu": M.bleu(preds, refs), "nist": M.nist(preds, refs)}, OFFICIAL[f"dev40_{case}"], ("bleu", "nist"))
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @requires_java
 @pytest.mark.parametrize("case", CASES)

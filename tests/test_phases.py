@@ -157,6 +157,7 @@ STRATEGIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, ends, expected", STRATEGIES, ids=[s[0] for s in STRATEGIES])
 def test_switching_freezes_exactly_and_bitwise(monkeypatch, tmp_path, strategy, ends, expected):
     run_dir, rec = train(monkeypatch, tmp_path, "run", phase_strategy=strategy, phase_ends=ends, max_steps=6)
@@ -194,6 +195,7 @@ def test_switching_freezes_exactly_and_bitwise(monkeypatch, tmp_path, strategy, 
     ]
 
 
+@pytest.mark.slow
 def test_attn_mlp_both_trains_mlp_in_phase_2(monkeypatch, tmp_path):
     """The old tool's bug: MLP frozen at optimizer creation never trained. Here it is in the optimizer from step 0."""
     run_dir, rec = train(monkeypatch, tmp_path, "run", phase_strategy="attn->mlp->both", phase_ends="2,4", max_steps=6)
@@ -209,6 +211,7 @@ def test_attn_mlp_both_trains_mlp_in_phase_2(monkeypatch, tmp_path):
         assert float((a4 - a2).norm()) > 0 and float(b4.norm()) > 0
 
 
+@pytest.mark.slow
 def test_early_late_with_gradient_checkpointing(monkeypatch, tmp_path):
     """Layers after a frozen prefix get gradients, and backward stops at the first trainable layer."""
     run_dir, rec = train(
@@ -240,6 +243,7 @@ def test_early_late_with_gradient_checkpointing(monkeypatch, tmp_path):
         assert [rec.layer_runs[step].count(k) for k in range(4)] == [2, 2, 2, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reset", [False, True])
 def test_reset_optimizer_on_switch(monkeypatch, tmp_path, reset):
     """both->mlp->both: attention trains, is frozen, trains again. Its AdamW state is kept, or reset with the flag."""
@@ -263,6 +267,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     [(7, 6, False), (9, 8, True)],
     ids=["mid-phase", "at-boundary-with-reset"],
 )
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(monkeypatch, tmp_path, crash_at, resumed_from, reset):
     settings = dict(phase_strategy="both->mlp->attn", phase_ends="4,8", max_steps=12, save_steps=2,
                     reset_optimizer_on_switch=reset)
@@ -314,6 +319,7 @@ def test_cli_black_box_checkpoints(tmp_path):
     assert all(not torch.equal(ckpt[8][k], ckpt[12][k]) for k in attn)
 
 
+@pytest.mark.slow
 def test_lisa_switches_whole_layers_every_interval(monkeypatch, tmp_path):
     from lorasens.module_map import build_module_map
     from lorasens.models import build_tiny_random_llama

@@ -20,6 +20,7 @@ def run_dir(tmp_path_factory):
     return tiny_run_dir(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_every_plot_is_drawn_from_the_run_files(run_dir, tmp_path):
     # Redraw into a copy without the model: the plots need nothing but the files.
     copy = copy_run(run_dir, tmp_path / "copy")
@@ -34,6 +35,7 @@ def test_every_plot_is_drawn_from_the_run_files(run_dir, tmp_path):
         assert (copy / name).stat().st_size > 5_000  # a drawn figure, not an empty canvas
 
 
+@pytest.mark.slow
 def test_the_run_itself_wrote_every_plot(run_dir):
     for name in EXPECTED:
         assert png_size(run_dir / name)[0] >= 400
@@ -59,6 +61,7 @@ def test_frozen_spans_and_step_edges_on_known_input():
     assert step_edges([7]) == [6.5, 7.5]
 
 
+@pytest.mark.slow
 def test_missing_files_are_named_and_the_rest_is_drawn(run_dir, tmp_path):
     copy = copy_run(run_dir, tmp_path / "partial")
     for name in ("gradient_analysis.layer_norms.csv", "sensitivity.json", *EXPECTED):
@@ -71,6 +74,7 @@ def test_missing_files_are_named_and_the_rest_is_drawn(run_dir, tmp_path):
         assert outcome[name] == copy / name and png_size(copy / name)[0] >= 400
 
 
+@pytest.mark.slow
 def test_sensitivity_heatmap_draws_a_measure_with_unmeasured_modules(run_dir, tmp_path):
     copy = copy_run(run_dir, tmp_path / "sens")
     data = json.loads((copy / "sensitivity.json").read_text())

@@ -188,6 +188,7 @@ def test_non_finite_numbers_are_bad_input(flag, value, capsys):
     assert last_line(capsys) == f"error: {flag[2:]} must be a finite number, got {value!r}"
 
 
+@pytest.mark.slow
 def test_diverged_training_stops_with_exit_3_and_keeps_the_good_files(tmp_path, capsys):
     code = train(tmp_path, "nan", "--lr", "1e30", "--max_grad_norm", "0", "--max_steps", "6", "--eval_steps", "1",
                  "--save_steps", "1", "--eval_samples", "8")
@@ -442,6 +443,7 @@ def run_copy(finished_run, tmp_path):
     ("adapter missing", "final_model: missing adapter_model.safetensors"),
     ("adapter truncated", "final_model: adapter_model.safetensors is truncated or unreadable"),
 ])
+@pytest.mark.slow
 def test_damaged_run_files_are_one_line(run_copy, capsys, command, damage, message):
     if damage == "config":
         text = (run_copy / "config.json").read_text()
@@ -460,6 +462,7 @@ def test_damaged_run_files_are_one_line(run_copy, capsys, command, damage, messa
     assert not (run_copy / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_non_numeric_gradient_cell_and_no_gradient_csvs(run_copy, capsys):
     path = run_copy / "gradient_analysis.module_norms.csv"
     rows = path.read_text().splitlines()
@@ -473,6 +476,7 @@ def test_non_numeric_gradient_cell_and_no_gradient_csvs(run_copy, capsys):
     assert "has no gradient CSVs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_corrupt_summary_is_called_corrupt_by_compare_and_report(run_copy, tmp_path):
     from lorasens.compare import load_run_record
     from lorasens.report import write_report
@@ -612,6 +616,7 @@ def test_bad_config_files(tmp_path, capsys, text, suffix, message):
         assert line.endswith("must be a mapping of settings (e.g. training: {...}), got 5")
 
 
+@pytest.mark.slow
 def test_comparison_md_escapes_html_from_configs(run_copy, tmp_path):
     from lorasens.compare import compare_runs
 

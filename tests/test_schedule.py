@@ -186,6 +186,7 @@ def _flags(kwargs: dict) -> list[str]:
     return [item for key, value in kwargs.items() for item in (f"--{key}", str(value))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, kwargs, message", INVALID + INVALID_WITH_MODEL)
 def test_cli_invalid_schedule_exits_2_with_one_line(tmp_path, capsys, strategy, kwargs, message):
     from lorasens.cli import main

@@ -195,6 +195,7 @@ def test_budget_in_modules_fractions_and_parameters():
 # End to end: analysis after training, and `lorasens analyze RUN_DIR` on the finished run
 
 
+@pytest.mark.slow
 def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypatch):
     from lorasens.cli import main
     from lorasens.config import build_config

@@ -126,6 +126,7 @@ def test_placement_config_creates_exactly_the_stated_ranks_in_peft(tiny_llama, t
     assert trainable == spec.params(sizes)
 
 
+@pytest.mark.slow
 def test_test_prompts_are_disjoint_from_train_and_validation(e2e_dir):
     cfg = build_config(cli_overrides={"model": "tiny-random-llama", "dataset": "e2e", "data_dir": str(e2e_dir),
                                       "train_samples": 300, "eval_samples": 40})

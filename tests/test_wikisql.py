@@ -112,6 +112,7 @@ def test_round_trip_on_committed_fixtures():
             assert parse_sql(ex.target, ex.meta["table"].header).key() == logical_form(ex.meta["sql"]).key(), ex.target
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_round_trip_on_the_real_dev_file():
     folder = shared_path("data", "wikisql")

@@ -489,7 +489,8 @@ def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Se
             # Progress in layer-passes: a set that starts at layer L costs N - L of them (cached), N (otherwise).
             cost = [num_layers - (s.first_layer or num_layers) if chosen == "cached" else num_layers for s in sets]
             cost[0] = num_layers
-            with tqdm(total=sum(cost) * len(batches), desc="ablation", unit="layer", disable=None, leave=False) as bar:
+            with tqdm(total=sum(cost) * len(batches), desc="ablation", unit="layer", disable=False, leave=False,
+                      mininterval=2.0) as bar:  # shown in logs too (a scheduler job has no TTY)
                 for batch in batches:
                     _, _, example = _scored(batch)
                     cache = None
