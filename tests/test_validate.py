@@ -231,7 +231,7 @@ def test_validate_writes_the_three_files_and_the_report_section(tiny_run, tmp_pa
     rec_params = int(rows[0]["lora_params"])
     recommended = json.loads((run / "recommended_lora_config.json").read_text())
     budget = json.loads((run / "sensitivity.json").read_text())["budget"]
-    assert rec_params == budget["params_selected"] and recommended["r"] == 8
+    assert rec_params == budget["params_used"] and recommended["r"] == 8
     for row in rows:
         assert float(row["test_loss"]) > 0 and int(row["test_tokens"]) > 0
         assert int(row["num_modules"]) == len(row["modules"].split())
