@@ -20,18 +20,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 from lorasens.errors import UserError
 from lorasens.compare import compare_runs
 from lorasens.config import build_config, fields_with
-from lorasens.rundir.files import CONFIG_FILE, SUMMARY_FILE
+from lorasens.rundir import RunStatus, run_status
 from lorasens.safeio import write_json
 
 logger = logging.getLogger(__name__)
 
 STATIC = "static"  # the strategy word for "no phase schedule": LoRA on --target for the whole run
-Status = Literal["complete", "incomplete", "new"]
+Status = RunStatus
 # Flags the sweep sets itself for every run; giving them too would be ambiguous.
 SWEEP_OWNED = {"experiment_name": "the sweep names its runs (use --sweep_name)",
                "overwrite": "the sweep reruns incomplete runs with --overwrite itself",
@@ -51,11 +50,7 @@ class SweepRun:
     seed: int | None
 
     def status(self) -> Status:
-        if (self.run_dir / SUMMARY_FILE).exists():
-            return "complete"
-        if (self.run_dir / CONFIG_FILE).exists():
-            return "incomplete"
-        return "new"
+        return run_status(self.run_dir)
 
 
 @dataclass

@@ -51,8 +51,7 @@ from lorasens.models import load_model
 from lorasens.module_map import ModuleMap, build_module_map
 from lorasens.plots.validation_plots import plot_placement_validation
 from lorasens.report import write_report
-from lorasens.rundir import files
-from lorasens.rundir.files import CONFIG_FILE, SUMMARY_FILE
+from lorasens.rundir import files, run_status
 from lorasens.rundir.load import load_run, read_run_config
 from lorasens.run import run_experiment
 
@@ -323,11 +322,8 @@ class SubRun:
     def status(self) -> str:
         if (self.run_dir / TEST_SCORES).exists():
             return "complete"
-        if (self.run_dir / SUMMARY_FILE).exists():
-            return "trained"
-        if (self.run_dir / CONFIG_FILE).exists():
-            return "incomplete"
-        return "new"
+        status = run_status(self.run_dir)  # a finished training still needs its test scores
+        return "trained" if status == "complete" else status
 
 
 @dataclass

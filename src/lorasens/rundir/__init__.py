@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from lorasens.errors import UserError
-from lorasens.rundir.files import CONFIG_FILE, LOCK_FILE
+from lorasens.rundir.files import CONFIG_FILE, LOCK_FILE, SUMMARY_FILE
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -36,3 +37,15 @@ def replace_run_dir(run_dir: Path) -> None:
         if path.name == LOCK_FILE:
             continue  # the lock this process holds for the run
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+RunStatus = Literal["complete", "incomplete", "new"]
+
+
+def run_status(run_dir: Path) -> RunStatus:
+    """complete: summary.json (written last) is there; incomplete: config.json but no summary; new: neither."""
+    if (run_dir / SUMMARY_FILE).exists():
+        return "complete"
+    if (run_dir / CONFIG_FILE).exists():
+        return "incomplete"
+    return "new"
