@@ -16,7 +16,7 @@ from pathlib import Path
 from lorasens.data.files import stable_bucket
 from lorasens.data.hub import load_hub_split
 from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, read_csv_rows, register
-from lorasens.evaluation.predictions import score_e2e_rows
+from lorasens.evaluation.predictions import score_e2e_rows, segment_e2e_rows
 from lorasens.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,6 @@ def _load_hub(split: str) -> list[tuple[str, str]]:
 
 
 # Scored the way the E2E challenge scores: one prediction per distinct MR against all of its references.
-EVALUATION = EvaluationSpec(score_e2e_rows, needs_meteor=True)
+EVALUATION = EvaluationSpec(score_e2e_rows, needs_meteor=True, segment_rows=segment_e2e_rows)
 SPEC = register(DatasetSpec("e2e", "E2E NLG: restaurant MR -> description (BLEU/NIST/METEOR/ROUGE-L/CIDEr)", load,
                             EVALUATION, max_new_tokens=64))
