@@ -317,42 +317,64 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
         raise UserError(f"{len(examples) - len(features)} test prompt(s) do not fit --max_length {cfg.data.max_length}; "
                         "validate the run after training it with a larger --max_length")
     outcome: dict[str, str] = {}
+    chosen: dict[str, float] = {}
+    sweep: list[Job] = []
+    tests: list[Job] = []
+    finished = Finished(out, arms, budget, test_info, settings, chosen, sweep, cfg, run_dir, started)
+    # The arms with extra seeds (the main comparison) go first, sweep and seeds, so that a long validation has a
+    # complete core comparison early; then the rest.
+    core = {"recommended", *settings.extra_seed_arms}
+    for stage in ([a for a in arms if a.arm in core], [a for a in arms if a.arm not in core]):
+        if not stage:
+            continue
+        stage_sweep = _sweep_jobs(stage, settings, sweep_steps, out)
+        sweep.extend(stage_sweep)
+        for index, job in enumerate(stage_sweep, 1):
+            _run_job(cfg, job, out, outcome, f"sweep {index}/{len(stage_sweep)}")
+        chosen.update({_lr_key(a): min(settings.lr_grid, key=lambda lr, a=a: _sweep_loss(out, a, lr))
+                       for a in stage if a.arm != "random" or a.name == "random_1"})
+        stage = _calibrate_adalora(stage, sizes, budget["lora_params"], chosen, out)
+        finished.arms = [next((s for s in stage if s.name == a.name), a) for a in finished.arms]
+        stage_tests = _test_jobs(stage, settings, chosen, max_steps, out)
+        tests.extend(stage_tests)
+        write_outputs(finished, tests)
+        for index, job in enumerate(stage_tests, 1):
+            if job.status() != "complete":
+                _run_job(cfg, job, out, outcome, f"training {index}/{len(stage_tests)}")
+                _score(job, features, examples, cfg, settings, tokenizer)
+                outcome[job.run_dir.name] = "trained"
+            else:
+                outcome[job.run_dir.name] = "skipped (complete)"
+            if job is stage_tests[-1] or stage_tests[index].seed != job.seed:
+                write_outputs(finished, tests)
+    summary = write_outputs(finished, tests)
+    _update_report(run_dir, out)
+    return ValidationResult(out, summary, outcome)
 
-    # 2. the learning-rate sweep (random: its first set stands for all)
-    sweep_arms = [a for a in arms if a.arm != "random" or a.name == "random_1"]
-    sweep = [Job(a, settings.seeds[0], lr, sweep_steps, out / "sweep" / f"{a.name}_lr{lr:g}", "sweep")
-             for a in sweep_arms for lr in settings.lr_grid]
-    for index, job in enumerate(sweep, 1):
-        _run_job(cfg, job, out, outcome, f"sweep {index}/{len(sweep)}")
-    chosen = {a.arm if a.arm == "random" else a.name: min(settings.lr_grid, key=lambda lr: _sweep_loss(out, a, lr))
-              for a in sweep_arms}
-    arms = _calibrate_adalora(arms, sizes, budget["lora_params"], chosen, out)
 
-    # 3. the seeded trainings, seed by seed (random set i trains at the i-th of its seeds, cycling)
-    tests = []
-    for seed_index, seed in enumerate((*settings.seeds, *settings.extra_seeds)):
+def _lr_key(arm: A.Arm) -> str:
+    """The sweep's unit: an arm, except that random sets share the rate chosen on the first set."""
+    return "random" if arm.arm == "random" else arm.name
+
+
+def _sweep_jobs(arms: list[A.Arm], settings: ValidateSettings, steps: int, out: Path) -> list[Job]:
+    swept = [a for a in arms if a.arm != "random" or a.name == "random_1"]
+    return [Job(a, settings.seeds[0], lr, steps, out / "sweep" / f"{a.name}_lr{lr:g}", "sweep")
+            for a in swept for lr in settings.lr_grid]
+
+
+def _test_jobs(arms: list[A.Arm], settings: ValidateSettings, chosen: dict, steps: int, out: Path) -> list[Job]:
+    """Seed by seed; random set i trains at the i-th of its seeds (cycling), so each set x seed is one unit."""
+    jobs = []
+    for seed in (*settings.seeds, *settings.extra_seeds):
         for a in arms:
             seeds = settings.seeds_of(a.arm)
             if seed not in seeds:
                 continue
             if a.arm == "random" and seeds[(int(a.name.split("_")[1]) - 1) % len(seeds)] != seed:
                 continue
-            lr = chosen[a.arm if a.arm == "random" else a.name]
-            tests.append(Job(a, seed, lr, max_steps, out / "runs" / f"{a.name}_seed{seed}", "test"))
-    finished = Finished(out, arms, budget, test_info, settings, chosen, sweep, cfg, run_dir, started)
-    write_outputs(finished, [j for j in tests if j.status() == "complete"])
-    for index, job in enumerate(tests, 1):
-        if job.status() != "complete":
-            _run_job(cfg, job, out, outcome, f"training {index}/{len(tests)}")
-            _score(job, features, examples, cfg, settings, tokenizer)
-            outcome[job.run_dir.name] = "trained"
-        else:
-            outcome[job.run_dir.name] = "skipped (complete)"
-        if job is tests[-1] or tests[index].seed != job.seed:
-            write_outputs(finished, [j for j in tests if j.status() == "complete"])
-    summary = write_outputs(finished, tests)
-    _update_report(run_dir, out)
-    return ValidationResult(out, summary, outcome)
+            jobs.append(Job(a, seed, chosen[_lr_key(a)], steps, out / "runs" / f"{a.name}_seed{seed}", "test"))
+    return jobs
 
 
 def _plan(cfg, run_dir: Path, settings: ValidateSettings, out: Path, plan_settings: dict, overwrite: bool):
@@ -366,7 +388,7 @@ def _plan(cfg, run_dir: Path, settings: ValidateSettings, out: Path, plan_settin
         saved = read_json(plan_path, "the validation plan")
         if overwrite:
             shutil.rmtree(out)
-        elif saved.get("settings") != _jsonable(plan_settings) or saved.get("run_dir") != str(run_dir.resolve()):
+        elif saved.get("settings") != _jsonable(plan_settings):
             raise UserError(f"{out} holds a validation with other settings; pass --overwrite to replace it, or --out DIR "
                             "to keep both")
         else:

@@ -71,8 +71,8 @@ def summarise(finished: Finished, scores: dict[str, list[dict]]) -> dict:
     for group, members in arms_by_group.items():
         done = scores.get(group, [])
         first = members[0]
-        entry = {"family": first.family, "description": A.ARMS[first.arm][1], "lr": finished.chosen_lr.get(
-            first.arm if first.arm == "random" else first.name), "units": len(done), "sets": len(members)}
+        entry = {"family": first.family, "description": A.ARMS[first.arm][1], "lr": finished.chosen_lr.get(group),
+                 "units": len(done), "sets": len(members), "note": first.note}
         if done:
             entry.update({
                 "lora_params": round(float(np.mean([s["lora_params"] for s in done]))),
