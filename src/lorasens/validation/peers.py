@@ -16,11 +16,12 @@ from peft import EvaConfig, LoraConfig
 from peft.helpers import KappaTuneSelector
 from peft.tuners.lora.eva import get_eva_state_dict
 
-from lorasens.analysis.budget import ModuleSize
+from lorasens.analysis.budget import ModuleSize, rank_allocation_config
 from lorasens.module_map import ModuleMap
 from lorasens.peft_methods import eva_batches
 from lorasens.training import padded_collator
-from lorasens.validation.arms import MATCH_TOLERANCE, AdaLoraPlan, Arm, allocated_ranks, filled_in_order, ranks_order
+from lorasens.validation.arms import (MATCH_TOLERANCE, AdaLoraPlan, Arm, allocated_ranks, filled_in_order,
+                                      ranks_order, spread_order)
 
 logger = logging.getLogger(__name__)
 
@@ -32,47 +33,59 @@ def _key_of_path(module_map: ModuleMap) -> dict[str, str]:
     return {m.name: f"L{m.layer}.{m.module_type}" for m in module_map.modules}
 
 
-def eva_ranks(model: torch.nn.Module, module_map: ModuleMap, batches: list[dict], r: int, rho: float) -> dict[str, int]:
-    """The ranks PEFT's EVA gives every module of the map at rank budget r (total rank r x modules, redistributed
-    by explained variance up to r x rho per module): its own SVD pass on the batches."""
-    config = LoraConfig(r=r, target_modules=[m.name for m in module_map.modules], init_lora_weights="eva",
-                        eva_config=EvaConfig(rho=rho))
-    keys = _key_of_path(module_map)
+def spread_ranks(keys: list[str], total_rank: int) -> dict[str, int]:
+    """`total_rank` over `keys` as evenly as integers allow: base rank everywhere, one more on an evenly spread subset
+    (EVA's rank budget is the sum of the modules' ranks, so this sets it to any integer, not a multiple of modules)."""
+    base, extra = divmod(total_rank, len(keys))
+    plus = set(spread_order(len(keys))[:extra])
+    return {k: base + (i in plus) for i, k in enumerate(keys)}
+
+
+def eva_ranks(model: torch.nn.Module, module_map: ModuleMap, batches: list[dict], ranks: dict[str, int],
+              rho: float) -> dict[str, int]:
+    """The ranks PEFT's EVA gives every module of the map when each starts at `ranks` (a rank budget of their sum,
+    redistributed by explained variance up to rank x rho per module): its own SVD pass on the batches."""
+    paths = {f"L{m.layer}.{m.module_type}": m.name for m in module_map.modules}
+    config = rank_allocation_config({"r": 1, "lora_alpha": 1.0, "target_modules": list(paths.values())},
+                                    {paths[k]: v for k, v in ranks.items()})
+    lora_config = LoraConfig(**config, init_lora_weights="eva", eva_config=EvaConfig(rho=rho))
+    keys = {path: key for key, path in paths.items()}
     model.eval()
     with torch.no_grad():
-        state = get_eva_state_dict(copy.deepcopy(model), batches, peft_config=config, show_progress_bar=False)
+        state = get_eva_state_dict(copy.deepcopy(model), batches, peft_config=lora_config, show_progress_bar=False)
     return {keys[name]: int(w.shape[0]) for name, w in state.items() if name in keys and w.shape[0] > 0}
 
 
 def eva_arm(model, module_map: ModuleMap, sizes: dict[str, ModuleSize], features: list[dict], tokenizer,
             batch_size: int, target: int) -> Arm:
     """EVA with redistribution whose *parameters* match the budget: EVA keeps the total rank, not the parameter
-    count, so the rank budget r is searched (secant steps on params(r), at most 6 SVD passes) into the tolerance."""
+    count, so the total rank is searched (secant steps on params(total rank), at most 6 SVD passes)."""
     started = time.time()
     batches = eva_batches(features, tokenizer, batch_size)
-    width = sum(s.in_features + s.out_features for s in sizes.values())
+    keys = list(sizes)
+    mean_width = sum(s.in_features + s.out_features for s in sizes.values()) / len(sizes)
     tried: dict[int, tuple[int, dict]] = {}
 
-    def params_at(r: int) -> int:
-        if r not in tried:
-            ranks = eva_ranks(model, module_map, batches, r, EVA_RHO)
-            tried[r] = (sum(sizes[k].params(v) for k, v in ranks.items()), ranks)
-        return tried[r][0]
+    def params_at(total: int) -> int:
+        if total not in tried:
+            ranks = eva_ranks(model, module_map, batches, spread_ranks(keys, total), EVA_RHO)
+            tried[total] = (sum(sizes[k].params(v) for k, v in ranks.items()), ranks)
+        return tried[total][0]
 
-    r = max(1, round(target / width))
+    total = max(1, round(target / mean_width))
     for _ in range(6):
-        p = params_at(r)
-        if abs(p - target) <= MATCH_TOLERANCE * target:
+        p = params_at(total)
+        if abs(p - target) <= MATCH_TOLERANCE * target / 2:
             break
-        guess = max(1, round(r * target / p))
-        if guess == r or guess in tried:
+        guess = max(1, round(total * target / p))
+        if guess in tried:
             break
-        r = guess
+        total = guess
     best = min(tried, key=lambda k: abs(tried[k][0] - target))
     params, ranks = tried[best]
-    return Arm("eva", "eva", {k: best for k in sizes}, init="eva", eva_rho=EVA_RHO,
-               note=f"rank budget r={best}: {params} parameters after redistribution",
-               extra={"planned_params": params, "eva_rank_budget": best, "eva_ranks": ranks,
+    return Arm("eva", "eva", spread_ranks(keys, best), init="eva", eva_rho=EVA_RHO,
+               note=f"total rank {best} before redistribution: {params} parameters after it",
+               extra={"planned_params": params, "eva_total_rank": best, "eva_ranks": ranks,
                       "search": {str(k): v[0] for k, v in tried.items()}, "plan_seconds": round(time.time() - started, 2)})
 
 
