@@ -63,6 +63,7 @@ class Placement:
     # AdaLoRA's final budget as a total rank over modules (its target_r is a per-module mean: too coarse to match a
     # parameter budget); None: target_r x modules, PEFT's own.
     adalora_target_total_rank: int | None = None
+    adalora_target_params: int | None = None  # None: AdaLoRA's budget stays a rank count
 
     @property
     def method(self) -> str:
@@ -114,9 +115,10 @@ def load_placement(path: str | Path, model: torch.nn.Module, module_map: ModuleM
     if not selected:
         raise UserError(f"--placement {str(path)!r} selects no module of this model")
     chosen = set(selected)
-    total_rank = extras.get("adalora_target_total_rank") if isinstance(extras, dict) else None
+    extras = extras if isinstance(extras, dict) else {}
+    total_rank, params = extras.get("adalora_target_total_rank"), extras.get("adalora_target_params")
     return Placement(tuple(m for m in module_map.modules if m.name in chosen), config,
-                     None if total_rank is None else int(total_rank))
+                     None if total_rank is None else int(total_rank), None if params is None else int(params))
 
 
 def _peft_config(path: str | Path, data: dict) -> LoraConfig | AdaLoraConfig:

@@ -68,12 +68,15 @@ def adalora_effective_params(model: PeftModel, adapter: str = "default") -> int:
 class AdaLoraAllocationCallback(TrainerCallback):
     """Calls AdaLoRA's `update_and_allocate` after every optimizer step (before gradients are zeroed), as PEFT's
     documentation asks of a custom loop; `target_total_rank` sets the final budget in ranks summed over modules
-    (AdaLoRA's own `target_r` is a per-module mean, too coarse to match a parameter budget). Records the kept
-    total rank at every step in `history`."""
+    (AdaLoRA's own `target_r` is a per-module mean, too coarse to match a parameter budget). With `target_params`
+    the budget is in parameters: after each reallocation the rank budget becomes target_params / (mean width of
+    the ranks kept), so the final adapter holds the parameters whichever modules keep their ranks (AdaLoRA's
+    importance scores still decide which). Records the kept total rank at every step in `history`."""
 
-    def __init__(self, model: PeftModel, target_total_rank: int | None = None):
+    def __init__(self, model: PeftModel, target_total_rank: int | None = None, target_params: int | None = None):
         self.model = model
         self.target_total_rank = target_total_rank
+        self.target_params = target_params
         self.history: list[tuple[int, int]] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -85,4 +88,8 @@ class AdaLoraAllocationCallback(TrainerCallback):
         # on_optimizer_step runs after optimizer.step() and before zero_grad: the gradients AdaLoRA's importance
         # score needs are still there. state.global_step is the step about to finish.
         self.model.base_model.update_and_allocate(state.global_step + 1)
-        self.history.append((state.global_step + 1, sum(kept_ranks(self.model).values())))
+        kept = sum(kept_ranks(self.model).values())
+        self.history.append((state.global_step + 1, kept))
+        if self.target_params is not None and kept:
+            mean_width = adalora_effective_params(self.model) / kept
+            self.model.base_model.rankallocator.target_bgt = max(1, round(self.target_params / mean_width))

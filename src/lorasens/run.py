@@ -174,7 +174,8 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
         trainer_callbacks.extend(tensorboard_callbacks(ctx, sensitivity))  # gradient norms as scalars (--report_to)
         allocation = None
         if placement is not None and placement.method == "adalora":
-            allocation = AdaLoraAllocationCallback(model, placement.adalora_target_total_rank)
+            allocation = AdaLoraAllocationCallback(model, placement.adalora_target_total_rank,
+                                                   placement.adalora_target_params)
             trainer_callbacks.append(allocation)
         trainer_callbacks.extend(callbacks)
         packing = decide_packing(model, loaded.tokenizer, train_features, cfg.training.packing, cfg.training.batch_size)

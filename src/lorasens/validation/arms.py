@@ -24,7 +24,7 @@ ARMS = {
     "value": ("lorasens", "first-order estimate per LoRA parameter as knapsack value (greedy fill)"),
     "eva_init": ("lorasens", "the recommendation's modules, EVA initialisation (no redistribution)"),
     "eva": ("peer", "PEFT EVA on every module, rank redistribution rho=2, rank budget searched to the parameters"),
-    "adalora": ("peer", "PEFT AdaLoRA on every module, total final rank calibrated to the parameters"),
+    "adalora": ("peer", "PEFT AdaLoRA on every module, its final budget held at the parameters"),
     "gora": ("peer", "GoRA-style ranks proportional to mean |W * dL/dW| of the base weights"),
     "kappa": ("peer", "PEFT KappaTune's module order (lowest condition number first) filled to the budget"),
     "qv": ("control", "PEFT's default q_proj,v_proj in every layer, rank fitted to the budget"),
@@ -41,7 +41,8 @@ PEER_ARMS = tuple(name for name, (family, _) in ARMS.items() if family == "peer"
 @dataclass(frozen=True)
 class AdaLoraPlan:
     init_r: int
-    target_total_rank: int
+    target_total_rank: int  # where AdaLoRA's budget starts
+    target_params: int | None = None  # the parameters the final adapter keeps (the budget)
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,8 @@ class Arm:
         return self.family != "ceiling"
 
     def params(self, sizes: dict[str, ModuleSize]) -> int:
-        if self.adalora is not None:  # the planned final count: target rank x mean width
-            width = sum(sizes[k].in_features + sizes[k].out_features + 1 for k in self.ranks) / len(self.ranks)
-            return round(self.adalora.target_total_rank * width)
+        if self.adalora is not None:  # the planned final count
+            return int(self.adalora.target_params)
         return sum(sizes[k].params(r) for k, r in self.ranks.items())
 
     def as_dict(self) -> dict:
@@ -209,7 +209,8 @@ def arm_config(arm: Arm, module_map: ModuleMap, r: int, alpha: float, max_steps:
         ada = arm.adalora
         return {"peft_type": "ADALORA", "init_r": ada.init_r, "lora_alpha": alpha / r * ada.init_r,
                 "target_modules": [paths[k] for k in arm.ranks], "target_r": max(1, ada.target_total_rank // len(arm.ranks)),
-                **adalora_schedule(max_steps), "lorasens": {"adalora_target_total_rank": ada.target_total_rank}}
+                **adalora_schedule(max_steps), "lorasens": {"adalora_target_total_rank": ada.target_total_rank,
+                                                            "adalora_target_params": ada.target_params}}
     base = {"r": r, "lora_alpha": alpha, "target_modules": [paths[k] for k in paths if k in arm.ranks]}
     config = rank_allocation_config(base, {paths[k]: v for k, v in arm.ranks.items()})
     if arm.init == "eva":

@@ -2,8 +2,7 @@
 
 1. Plan (plan.json, placements/NAME.json): every arm at the budget of the run's recommendation, checked to ±5%.
 2. Sweep (sweep/NAME_lrX/): each arm at each rate of `lr_grid` on the first seed, `sweep_steps` long; the rate with
-   the lowest *validation* loss is the arm's (the test split is never looked at). AdaLoRA's final rank is calibrated
-   on its sweep run at the chosen rate.
+   the lowest *validation* loss is the arm's (the test split is never looked at).
 3. Trainings (runs/NAME_seedS/): every arm and seed at its rate, `max_steps` long, last-step adapter, validation
    loss logged along the way; then scored on the test prompts: per-prompt loss and, with generation, the dataset's
    metrics per prompt (test_scores.json).
@@ -50,7 +49,6 @@ from lorasens.validation.outputs import Finished, write_outputs
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-CALIBRATION_FILE = "calibration.json"
 TEST_SCORES = "test_scores.json"
 TEST_SEED = 0  # the test subset is the same for every arm and seed
 
@@ -333,8 +331,6 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
             _run_job(cfg, job, out, outcome, f"sweep {index}/{len(stage_sweep)}")
         chosen.update({_lr_key(a): min(settings.lr_grid, key=lambda lr, a=a: _sweep_loss(out, a, lr))
                        for a in stage if a.arm != "random" or a.name == "random_1"})
-        stage = _calibrate_adalora(stage, sizes, budget["lora_params"], chosen, out)
-        finished.arms = [next((s for s in stage if s.name == a.name), a) for a in finished.arms]
         stage_tests = _test_jobs(stage, settings, chosen, max_steps, out)
         tests.extend(stage_tests)
         write_outputs(finished, tests)
@@ -479,25 +475,6 @@ def _sweep_loss(out: Path, arm: A.Arm, lr: float) -> float:
     summary = read_json(out / "sweep" / f"{arm.name}_lr{lr:g}" / files.SUMMARY_FILE, "a sweep run's summary")
     loss = summary.get("final_eval_loss")
     return float(loss) if loss is not None and math.isfinite(loss) else math.inf
-
-
-def _calibrate_adalora(arms: list[A.Arm], sizes, target: int, chosen: dict, out: Path) -> list[A.Arm]:
-    """AdaLoRA's total rank scaled so that its final parameters match the budget, from its sweep run at the chosen
-    rate (calibration.json keeps it, so a resumed validate trains the same arm)."""
-    path = out / CALIBRATION_FILE
-    result = []
-    for arm in arms:
-        if arm.adalora is None:
-            result.append(arm)
-            continue
-        if path.exists():
-            result.append(A.Arm.from_dict(read_json(path, "the AdaLoRA calibration")))
-            continue
-        summary = read_json(out / "sweep" / f"{arm.name}_lr{chosen[arm.name]:g}" / files.SUMMARY_FILE, "a sweep summary")
-        calibrated = peers.calibrated_adalora(arm, sizes, target, int(summary["adapter"]["effective_params"]))
-        write_json(path, calibrated.as_dict())
-        result.append(calibrated)
-    return result
 
 
 def _score(job: Job, features: list[dict], examples: list[Example], cfg: ExperimentConfig,

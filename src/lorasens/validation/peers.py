@@ -38,7 +38,8 @@ def spread_ranks(keys: list[str], total_rank: int) -> dict[str, int]:
     (EVA's rank budget is the sum of the modules' ranks, so this sets it to any integer, not a multiple of modules)."""
     base, extra = divmod(total_rank, len(keys))
     plus = set(spread_order(len(keys))[:extra])
-    return {k: base + (i in plus) for i, k in enumerate(keys)}
+    ranks = {k: base + (i in plus) for i, k in enumerate(keys)}
+    return {k: r for k, r in ranks.items() if r > 0}  # rank 0: no LoRA on that module
 
 
 def eva_ranks(model: torch.nn.Module, module_map: ModuleMap, batches: list[dict], ranks: dict[str, int],
@@ -46,7 +47,7 @@ def eva_ranks(model: torch.nn.Module, module_map: ModuleMap, batches: list[dict]
     """The ranks PEFT's EVA gives every module of the map when each starts at `ranks` (a rank budget of their sum,
     redistributed by explained variance up to rank x rho per module): its own SVD pass on the batches."""
     paths = {f"L{m.layer}.{m.module_type}": m.name for m in module_map.modules}
-    config = rank_allocation_config({"r": 1, "lora_alpha": 1.0, "target_modules": list(paths.values())},
+    config = rank_allocation_config({"r": 1, "lora_alpha": 1.0, "target_modules": [paths[k] for k in ranks]},
                                     {paths[k]: v for k, v in ranks.items()})
     lora_config = LoraConfig(**config, init_lora_weights="eva", eva_config=EvaConfig(rho=rho))
     keys = {path: key for key, path in paths.items()}
@@ -134,20 +135,13 @@ def kappa_arm(model, module_map, sizes, r: int, target: int) -> Arm:
                extra={"order": order, "plan_seconds": round(time.time() - started, 2)})
 
 
-def adalora_arm(sizes: dict[str, ModuleSize], target: int, total_rank: int | None = None) -> Arm:
-    """AdaLoRA on every module: the final total rank T holds the budget at the mean module width; each module starts
-    at init_r = ceil(1.5 T / modules) (AdaLoRA's paper starts 1.5x above the final budget)."""
+def adalora_arm(sizes: dict[str, ModuleSize], target: int) -> Arm:
+    """AdaLoRA on every module. Its budget is a total rank; lorasens' allocation callback re-aims it at the
+    parameter budget after every reallocation (target parameters / the kept ranks' mean width), so the final
+    adapter holds the budget's parameters whichever modules keep their ranks. It starts at init_r =
+    ceil(1.5 T / modules), T the total rank at the mean module width (AdaLoRA's paper starts 1.5x above)."""
     width = sum(s.in_features + s.out_features + 1 for s in sizes.values()) / len(sizes)
-    total = total_rank if total_rank is not None else max(1, round(target / width))
+    total = max(1, round(target / width))
     init_r = max(1, math.ceil(1.5 * total / len(sizes)))
-    return Arm("adalora", "adalora", {k: init_r for k in sizes}, adalora=AdaLoraPlan(init_r, total),
-               note=f"{total} ranks kept in all, starting from {init_r} per module")
-
-
-def calibrated_adalora(arm: Arm, sizes, target: int, final_params: int) -> Arm:
-    """After a trial run: AdaLoRA keeps ranks where they matter, so the parameters at a total rank depend on which
-    modules keep them; scale the total rank by target / measured."""
-    total = max(1, round(arm.adalora.target_total_rank * target / final_params))
-    calibrated = adalora_arm(sizes, target, total)
-    return Arm(**{**calibrated.__dict__, "extra": {**arm.extra, "calibrated_from": arm.adalora.target_total_rank,
-                                                  "trial_params": final_params}})
+    return Arm("adalora", "adalora", {k: init_r for k in sizes}, adalora=AdaLoraPlan(init_r, total, target),
+               note=f"{target} parameters kept in the end (about {total} ranks), starting from {init_r} per module")
