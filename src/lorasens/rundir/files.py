@@ -59,7 +59,9 @@ VALIDATION_DIR = "validation"
 VALIDATION_CSV = "placement_validation.csv"
 VALIDATION_JSON = "placement_validation.json"
 VALIDATION_PNG = "placement_validation.png"
-VALIDATION_SWEEP_CSV = "sweep.csv"  # validation loss per arm and learning rate
+VALIDATION_SWEEP_CSV = "sweep.csv"
+VALIDATION_PLAN = "plan.json"  # the arms and settings of a validation folder
+VALIDATION_TEST_SCORES = "test_scores.json"  # per-prompt test scores of one validation training  # validation loss per arm and learning rate
 
 GROUP_NORMS_COLUMNS = ("step", "phase", "attn", "mlp", "total")
 LAYER_NORMS_COLUMNS = ("step", "phase", "layer", "attn", "mlp")

@@ -48,8 +48,8 @@ from lorasens.validation.outputs import Finished, write_outputs
 
 logger = logging.getLogger(__name__)
 
-PLAN_FILE = "plan.json"
-TEST_SCORES = "test_scores.json"
+PLAN_FILE = files.VALIDATION_PLAN
+TEST_SCORES = files.VALIDATION_TEST_SCORES
 TEST_SEED = 0  # the test subset is the same for every arm and seed
 
 

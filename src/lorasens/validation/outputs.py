@@ -187,12 +187,10 @@ def _costs(finished: Finished, table: dict) -> dict:
 
 def write_outputs(finished: Finished, jobs: list) -> dict:
     """The JSON, the CSVs and the plot over `jobs` that have test scores; returns the summary."""
-    from lorasens.validation.driver import TEST_SCORES
-
     scores: dict[str, list[dict]] = {}
     rows = []
     for job in jobs:
-        path = job.run_dir / TEST_SCORES
+        path = job.run_dir / files.VALIDATION_TEST_SCORES
         if not path.exists():
             continue
         s = read_json(path, "test scores")
