@@ -203,6 +203,7 @@ def test_no_validation_example_fits_is_one_line(tmp_path, capsys):
     data.mkdir()
     (data / "trainset.csv").write_text("mr,ref\nname[A],A is nice.\nname[B],B is nice.\n")
     (data / "devset.csv").write_text("mr,ref\nname[C]," + "very long reference " * 20 + "\n")
+    (data / "testset_w_refs.csv").write_text("mr,ref\nname[D],D is nice.\n")  # with test references, dev validates
     # One training example goes to the analysis split (by default 200 are held out of train for the ablation).
     code = main(["train", *FAST, "--max_length", "64", "--dataset", "e2e", "--data_dir", str(data),
                  "--analysis_samples", "1", "--output_dir", str(tmp_path), "--experiment_name", "v"])
