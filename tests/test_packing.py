@@ -68,7 +68,8 @@ def test_the_kv_cache_makes_packed_examples_attend_to_each_other():
 
 def test_probe_falls_back_to_padding_when_attention_ignores_packed_positions(caplog):
     class PositionBlindLlama(LlamaForCausalLM):  # an architecture whose attention cannot separate packed examples
-        def forward(self, *args, position_ids=None, **kwargs):
+        def forward(self, *args, position_ids=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+                    max_length_k=None, **kwargs):
             return super().forward(*args, **kwargs)
 
     tiny = build_tiny_random_llama(seed=0).model
@@ -169,3 +170,44 @@ def test_group_by_length_gives_the_trainer_a_length_grouped_sampler(tmp_path):
         assert trainer.args.include_num_input_tokens_seen == "all"  # packing on: no padding to leave out
     assert isinstance(samplers[True], LengthGroupedSampler) and not isinstance(samplers[False], LengthGroupedSampler)
     assert samplers[True].lengths == [len(f["input_ids"]) for f in feats]
+
+
+def test_packed_samsum_batches_give_the_padded_loss_and_gradients_with_attention_per_example():
+    """SAMSum dialogues (long, very different lengths) in one packed row: the per-example SDPA (`lorasens.packing`)
+    gives the loss and LoRA gradients of the padded batch, as the block-diagonal mask over the whole row does."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorasens.data.features import build_features
+    from lorasens.data.registry import load_examples
+    from lorasens.packing import SEGMENT_ATTENTION
+    from lorasens.training import packed_collator
+
+    loaded = build_tiny_random_llama(seed=0)
+    fixtures = Path(__file__).parent / "fixtures" / "samsum"
+    examples = [ex for split in ("train", "validation", "test") for ex in load_examples("samsum", split, fixtures)]
+    feats, _ = build_features(examples, loaded.tokenizer, 768)
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert len(feats) >= 3 and max(lengths) > 1.5 * min(lengths)
+    torch.manual_seed(0)
+    model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    padded = loss_and_grads(padded_collator(loaded.tokenizer)(feats))
+    masked = loss_and_grads(packed_collator(model, segments=False)(feats))  # the whole-row mask
+    assert model.config._attn_implementation == "sdpa"
+    collate = packed_collator(model)
+    assert model.config._attn_implementation == SEGMENT_ATTENTION
+    batch = collate(feats)
+    assert batch["cu_seq_lens_q"].tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist()
+    segmented = loss_and_grads(batch)
+    for loss, grads in (masked, segmented):
+        assert loss == pytest.approx(padded[0], abs=1e-5)
+        for g, ref in zip(grads, padded[1]):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    # Padded batches still go through SDPA's mask after the switch: the same loss as before it.
+    assert loss_and_grads(padded_collator(loaded.tokenizer)(feats))[0] == pytest.approx(padded[0], abs=1e-6)
