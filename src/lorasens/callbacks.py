@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -64,6 +63,7 @@ from lorasens.plots import plot_training_loss
 from lorasens.rundir import replace_run_dir
 from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL, PHASES, RECORDED_BY, RUN_LOG, SUMMARY_FILE
 from lorasens.rundir.metrics import read_run_metrics
+from lorasens.safeio import write_json
 from lorasens.training import RunState, TrainLogCallback
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class SensitivityCallback(TrainerCallback):
             # phases.json beside the other files; written now if the phase callback already entered its first phase.
             self.phases.path = self.run_dir / PHASES
             if self.phases.transitions:
-                self.phases.path.write_text(json.dumps(self.phases.summary(), indent=2) + "\n")
+                write_json(self.phases.path, self.phases.summary())
         self.train_log = TrainLogCallback(self.run_dir, self.run_state)
         self.train_log.on_train_begin(args, state, control, **kwargs)
         t = self.tracking
@@ -252,7 +252,7 @@ class SensitivityCallback(TrainerCallback):
             replace_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {**self.cfg.to_dict(), RECORDED_BY: self.recorded_by()}
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_json(self.run_dir / CONFIG_FILE, config)
         self._log_handler = logging.FileHandler(self.run_dir / RUN_LOG)
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("lorasens").addHandler(self._log_handler)
@@ -310,7 +310,7 @@ class SensitivityCallback(TrainerCallback):
         for step in self.after_training:
             ctx.summary.update(step(ctx) or {})
         ctx.summary["wall_time_s"] = round(time.time() - self._started, 2)
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(ctx.summary, indent=2) + "\n")
+        write_json(self.run_dir / SUMMARY_FILE, ctx.summary)
         logger.info("%s: run directory %s written", WHO, self.run_dir)
 
 

@@ -35,10 +35,9 @@ from lorasens.rundir.files import (
     VALIDATION_JSON,
     VALIDATION_PNG,
     evaluation_files,
-    read_json,
-    read_jsonl,
     unknown_fields,
 )
+from lorasens.safeio import read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +105,8 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
     outcome = plot_run(run_dir, redraw=redraw)
     plots = {name: value for name, value in outcome.items() if isinstance(value, Path)}
     missing += [f"{name}: {value}" for name, value in outcome.items() if not isinstance(value, Path)]
-    config = read_json(run_dir / CONFIG_FILE)
-    summary = summary if summary is not None else read_json(run_dir / SUMMARY_FILE)
+    config = read_json(run_dir / CONFIG_FILE, tolerant=True)
+    summary = summary if summary is not None else read_json(run_dir / SUMMARY_FILE, tolerant=True)
     if config is None:
         state = "corrupt" if (run_dir / CONFIG_FILE).exists() else "missing"
         missing.insert(0, f"{CONFIG_FILE} is {state}: settings unknown")
@@ -228,7 +227,7 @@ def _config_section(config: dict | None, summary: dict | None, run_dir: Path) ->
         rows = [[key, summary[key]] for key in SUMMARY_KEYS if key in summary]
         columns.append("<div><h3>Run summary</h3>" + table(["quantity", "value"], rows) + "</div>")
     else:
-        train = read_jsonl(run_dir / TRAIN_LOG)
+        train = read_jsonl(run_dir / TRAIN_LOG, tolerant=True)
         missing.append(f"{SUMMARY_FILE} is corrupt" if (run_dir / SUMMARY_FILE).exists()
                        else f"{SUMMARY_FILE} is missing (run unfinished?)")
         if train:
@@ -239,7 +238,7 @@ def _config_section(config: dict | None, summary: dict | None, run_dir: Path) ->
 
 
 def _phases_section(run_dir: Path) -> tuple[str, list[str]]:
-    phases = read_json(run_dir / PHASES)
+    phases = read_json(run_dir / PHASES, tolerant=True)
     if phases is None:
         return ('<p class="note">Static run: one phase, all LoRA modules trainable throughout '
                 f"(no {PHASES}).</p>", [])
@@ -269,7 +268,7 @@ def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[s
         return missing_box([line]), [line]
     parts = []
     for path in files:
-        data = read_json(path)
+        data = read_json(path, tolerant=True)
         if data is None:
             return missing_box([f"{path.name} is unreadable"]), [f"{path.name} is unreadable"]
         metrics = data.get("metrics") or {}
@@ -293,7 +292,7 @@ def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[s
             parts.append('<p class="note">No baseline (run with --baseline true to score the base model too).</p>')
         if data.get("settings"):
             parts.append(f'<p class="note">Settings: {esc(json.dumps(data["settings"]))}</p>')
-        predictions = read_jsonl(run_dir / path.name.replace(EVALUATION_SUFFIX, PREDICTIONS_SUFFIX))[:3]
+        predictions = read_jsonl(run_dir / path.name.replace(EVALUATION_SUFFIX, PREDICTIONS_SUFFIX), tolerant=True)[:3]
         if predictions:
             parts.append("<details><summary>First predictions</summary>" + table(
                 ["prompt", "prediction", "first reference"],
@@ -303,7 +302,7 @@ def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[s
 
 
 def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
-    data = read_json(run_dir / SENSITIVITY)
+    data = read_json(run_dir / SENSITIVITY, tolerant=True)
     if data is None:
         line = f"{SENSITIVITY} is missing (analysis not run)"
         return missing_box([line]), [line]
@@ -373,7 +372,7 @@ def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
 
 
 def _recommendation_section(run_dir: Path) -> tuple[str, list[str]]:
-    data = read_json(run_dir / RECOMMENDED_CONFIG)
+    data = read_json(run_dir / RECOMMENDED_CONFIG, tolerant=True)
     if data is None:
         line = f"{RECOMMENDED_CONFIG} is missing (analysis not run)"
         return missing_box([line]), [line]
@@ -386,7 +385,7 @@ def _recommendation_section(run_dir: Path) -> tuple[str, list[str]]:
 def _validation_section(run_dir: Path) -> tuple[str, list[str]]:
     """`lorasens validate` results, when the run has been validated (not validating is no missing input)."""
     folder = run_dir / VALIDATION_DIR
-    data = read_json(folder / VALIDATION_JSON)
+    data = read_json(folder / VALIDATION_JSON, tolerant=True)
     if data is None:
         return (f'<p class="note">Not validated. <code>lorasens validate {esc(run_dir)}</code> trains the '
                 "recommendation against parameter-matched placements and writes this section.</p>"), []

@@ -54,9 +54,9 @@ from lorasens.errors import UserError
 from lorasens.lora import LoraParams
 from lorasens.module_map import ModuleMap
 from lorasens.rundir import files
-from lorasens.rundir.files import CONFIG_FILE, read_json, unknown_fields
+from lorasens.rundir.files import CONFIG_FILE, unknown_fields
 from lorasens.rundir.load import load_run, read_run_config, require_known
-from lorasens.safeio import write_json
+from lorasens.safeio import read_json, write_json
 from lorasens.training import decide_packing
 
 logger = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def analyze_run(run_dir: str | Path, overrides: dict | None = None, probe: str |
         if probe_cfg.model.model != cfg.model.model:
             raise UserError(f"--probe {probe_dir} trained {probe_cfg.model.model}, the run {cfg.model.model}: "
                             "a probe must use the same model")
-    if "data.dataset" in unknown_fields(read_json(run_dir / CONFIG_FILE)):
+    if "data.dataset" in unknown_fields(read_json(run_dir / CONFIG_FILE, tolerant=True)):
         # Recorded by SensitivityCallback in a training script: its held-out data is the script's, not a dataset
         # lorasens can load. Re-ranking from the recorded measures is still possible, if asked for explicitly.
         require_known(run_dir, {"data.dataset"} if cfg.tracking.ablation else set(),

@@ -69,8 +69,8 @@ def _markers(n: int) -> dict:
 def plot_training_loss(run_dir: Path) -> Path | None:
     """Train loss per logged step and validation loss per evaluation, with phase boundaries."""
     run_dir = Path(run_dir)
-    train = [r for r in read_jsonl(run_dir / TRAIN_LOG) if r.get("loss") is not None]
-    evals = [r for r in read_jsonl(run_dir / EVAL_LOG) if r.get("eval_loss") is not None]
+    train = [r for r in read_jsonl(run_dir / TRAIN_LOG, tolerant=True) if r.get("loss") is not None]
+    evals = [r for r in read_jsonl(run_dir / EVAL_LOG, tolerant=True) if r.get("eval_loss") is not None]
     if not train and not evals:
         return None
     fig, ax = new_figure(figsize=(9, 4.8))
@@ -293,7 +293,7 @@ def _measure_order(measures: dict) -> list[str]:
 def plot_sensitivity_heatmap(run_dir: Path) -> Path:
     """Layer x module type, one panel per sensitivity measure (from sensitivity.json); unmeasured cells hatched."""
     run_dir = Path(run_dir)
-    data = read_json(run_dir / SENSITIVITY)
+    data = read_json(run_dir / SENSITIVITY, tolerant=True)
     if data is None:
         raise MissingInput(f"{SENSITIVITY} is missing")
     modules, measures = data.get("modules") or [], data.get("measures") or {}

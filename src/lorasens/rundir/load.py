@@ -36,7 +36,7 @@ def read_run_config(run_dir: Path) -> ExperimentConfig:
 
 def require_known(run_dir: Path, names: set[str], purpose: str) -> None:
     """Refuse, naming what is missing, to rebuild from settings a run recorded in a user's script did not know."""
-    missing = sorted(names & unknown_fields(files.read_json(Path(run_dir) / CONFIG_FILE)))  # tolerant: None
+    missing = sorted(names & unknown_fields(read_json(Path(run_dir) / CONFIG_FILE, tolerant=True)))
     if missing:
         raise UserError(f"{run_dir} was recorded by SensitivityCallback in a training script that did not tell "
                         f"lorasens {', '.join(missing)}; {purpose}")

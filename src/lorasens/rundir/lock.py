@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lorasens.errors import UserError
 from lorasens.rundir.files import LOCK_FILE
+from lorasens.safeio import dumps
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _try_create(path: Path, record: dict) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(dumps(record) + "\n")
     return True
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorasens.rundir.files import EVAL_LOG, TRAIN_LOG, read_jsonl
+from lorasens.rundir.files import EVAL_LOG, TRAIN_LOG
+from lorasens.safeio import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,8 @@ class RunMetrics:
 
 def read_run_metrics(run_dir: str | Path) -> RunMetrics:
     run_dir = Path(run_dir)
-    train = read_jsonl(run_dir / TRAIN_LOG)
-    evals = read_jsonl(run_dir / EVAL_LOG)
+    train = read_jsonl(run_dir / TRAIN_LOG, tolerant=True)
+    evals = read_jsonl(run_dir / EVAL_LOG, tolerant=True)
     train_losses = [float(r["loss"]) for r in train if r.get("loss") is not None]
     eval_losses = [float(r["eval_loss"]) for r in evals if r.get("eval_loss") is not None]
     steps = [int(r["step"]) for r in train if r.get("step") is not None]
