@@ -194,7 +194,7 @@ def test_no_validation_example_fits_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_missing_wordnet_fails_before_training_without_java(tmp_path, monkeypatch, capsys):
     # Without Java, METEOR falls back to nltk's (meteor_nltk), which needs WordNet.
-    from lorasens.evaluation import coco
+    from lorasens.metrics import coco
 
     monkeypatch.setattr(coco, "java_available", lambda: False)
     monkeypatch.setenv("NLTK_DATA", str(tmp_path / "no_wordnet"))

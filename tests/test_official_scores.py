@@ -24,8 +24,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import shared_path
-from lorasens.evaluation import metrics as M
-from lorasens.evaluation.coco import NO_JAVA, java_available
+from lorasens import metrics as M
+from lorasens.metrics.coco import NO_JAVA, java_available
 from official_e2e_cases import CASES, HANDMADE, devset_case
 
 requires_java = pytest.mark.skipif(not java_available(), reason=NO_JAVA.split(":")[0] + ": METEOR 1.5 and the PTB "
@@ -117,7 +117,7 @@ def test_all_metrics_equal_official_on_the_whole_devset(case):
 @requires_java
 def test_meteor_process_is_shared_then_stopped():
     # Last in this file: it stops the shared METEOR process (the next scoring starts a new one).
-    from lorasens.evaluation import coco
+    from lorasens.metrics import coco
 
     first = coco.official_scores(["the pub is cheap"], [["the pub is cheap", "a cheap pub"]])
     process = coco._METEOR.meteor_p

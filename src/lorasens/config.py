@@ -28,7 +28,6 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from lorasens.analysis.budget import BudgetUnit
 from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import UserError, unknown_choice
 from lorasens.presets import get_preset
@@ -40,7 +39,8 @@ LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "c
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
 Allocate = Literal["modules", "ranks"]
-# Generation metrics of a custom dataset (--metrics); lorasens.evaluation.metrics.TEXT_METRIC_FUNCTIONS scores them.
+BudgetUnit = Literal["params", "modules"]  # what --budget counts (analysis.budget)
+# Generation metrics of a custom dataset (--metrics); lorasens.metrics.TEXT_METRIC_FUNCTIONS scores them.
 TextMetric = Literal["exact_match", "rouge_l", "bleu", "accuracy"]
 DEFAULT_TEXT_METRICS = ("exact_match", "rouge_l", "bleu")
 CUSTOM_DATASET, HUB_PREFIX = "custom", "hf:"

@@ -24,7 +24,7 @@ from lorasens.data.registry import get_dataset_spec, load_examples, training_spl
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import Interrupted, TrainingDiverged, UserError
 from lorasens.evaluation import runner
-from lorasens.evaluation.metrics import ensure_meteor_ready
+from lorasens.metrics import ensure_meteor_ready
 from lorasens.lora import Placement, apply_lora, load_placement, lora_parameters, set_trainable, targets_for
 from lorasens.models import load_model
 from lorasens.module_map import build_module_map

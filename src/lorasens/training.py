@@ -22,12 +22,12 @@ from transformers import (
 )
 from transformers.trainer_callback import ProgressCallback
 
-from lorasens.analysis.measures import foreach_norms
 from lorasens.config import ExperimentConfig
 from lorasens.data.features import IGNORE_INDEX
 from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, EVAL_LOG, TRAIN_LOG, TRAINER_STATE
 from lorasens.rundir.load import adapter_problem
 from lorasens.safeio import dumps, read_json, read_jsonl
+from lorasens.tensors import foreach_norms
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ Rows.
 Bad rows are refused, not skipped: an empty or non-string prompt or target, or a malformed `messages` list, stops
 the run with the count and the first offending row, so a model is never trained on a silently smaller set.
 
-Scoring: `--metrics` from exact_match, rouge_l, bleu, accuracy (`predictions.score_text_rows`).
+Scoring: `--metrics` from exact_match, rouge_l, bleu, accuracy (`score_text_rows` below).
 """
 
 from __future__ import annotations
@@ -43,9 +43,15 @@ from lorasens.config import (CUSTOM_DATASET, DEFAULT_HELD_OUT_FRACTION, DEFAULT_
 from lorasens.data.hub import load_hub_dataset
 from lorasens.data.registry import SPLITS, DatasetSpec, EvaluationSpec, Example, register
 from lorasens.errors import UserError, unknown_choice
-from lorasens.evaluation.predictions import score_text_rows
+from lorasens.metrics import prediction_columns
+from lorasens.metrics import text_metrics as score_text_metrics  # config.text_metrics parses the --metrics flag
 
 logger = logging.getLogger(__name__)
+
+
+def score_text_rows(rows: list[dict], metrics: tuple[str, ...]) -> dict:
+    """Your own data: the chosen `--metrics`, one prediction per row against its references."""
+    return score_text_metrics(*prediction_columns(rows), metrics)
 
 PROMPT_FIELD, TARGET_FIELD, MESSAGES_FIELD = "prompt", "completion", "messages"
 ROLES = ("system", "user", "assistant")

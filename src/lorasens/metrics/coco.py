@@ -29,7 +29,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from lorasens.evaluation.mteval import tokenize as mteval_tokenize
+from lorasens.metrics.mteval import tokenize as mteval_tokenize
 
 # Characters Java's line reader treats as line ends: inside one caption they would shift every later line of the
 # tokeniser's output onto the wrong caption, so they become spaces first.
