@@ -50,11 +50,14 @@ DEFAULT_HELD_OUT_FRACTION = 0.1  # custom data: --validation_fraction / --test_f
 CATEGORIES = ("resumable", "reanalysable", "schedule_only", "not_a_setting", "custom_data")
 
 
-def opt(default: Any, help: str, *, key: tuple[int, str] | None = None, **categories: bool) -> Any:
-    """A dataclass field with a help text (shown by `--help` and in docs/GUIDE.md) and its categories."""
+def opt(default: Any, help: str, *, key: tuple[int, str] | None = None, aliases: tuple[str, ...] = (),
+        **categories: bool) -> Any:
+    """A dataclass field with a help text (shown by `--help` and in docs/GUIDE.md) and its categories.
+
+    `aliases` are further flag spellings of the field (e.g. `--lora_r` for `--r`, which launchers misread)."""
     unknown = set(categories) - set(CATEGORIES)
     assert not unknown, f"unknown field categories {unknown}"
-    metadata = {"help": help, "key": key, **categories}
+    metadata = {"help": help, "key": key, "aliases": aliases, **categories}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -77,7 +80,10 @@ class ModelConfig:
 @dataclass
 class LoraSettings:
     target: Target = opt("both", "Module groups that get LoRA: attn, mlp or both (attention = attn).", key=(2, "LoRA target"))
-    r: int = opt(8, "LoRA rank.", key=(5, "rank r"))
+    # `--r` alone is an ambiguous prefix to torchrun's own parser (--rdzv-*, --role, --run_path, --redirects), which
+    # classifies every argument, the script's too: under launchers the rank is `--lora_r`.
+    r: int = opt(8, "LoRA rank (also --lora_r, the spelling that passes through torchrun).", key=(5, "rank r"),
+                 aliases=("--lora_r",))
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by lora_alpha / r.", key=(6, "lora_alpha"))
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input, in [0, 1).", key=(7, "lora_dropout"))
     placement: str | None = opt(
@@ -647,7 +653,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | N
                 kwargs.update(nargs="?", const="true", metavar="BOOL")
             elif get_origin(base) is Literal:
                 kwargs.update(metavar="{" + ",".join(get_args(base)) + "}")
-            group.add_argument(f"--{f.name}", **kwargs)
+            group.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), dest=f.name, **kwargs)
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
