@@ -39,6 +39,7 @@ TARGET_ALIASES = {"attention": "attn"}
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
+Quantize = Literal["none", "4bit"]
 Allocate = Literal["modules", "ranks"]
 # Generation metrics of a custom dataset (--metrics); lorasens.evaluation.metrics.TEXT_METRIC_FUNCTIONS scores them.
 TextMetric = Literal["exact_match", "rouge_l", "bleu", "accuracy"]
@@ -75,6 +76,10 @@ class ModelConfig:
     )
     mlp_modules: str | None = opt(None, "Comma list of MLP linear-module names, for unknown architectures.")
     precision: Precision = opt("auto", "auto = bf16 on a CUDA GPU that supports it, else fp32.")
+    quantize: Quantize = opt(
+        "none", "4bit = QLoRA: the base model's linear layers in NF4 (bitsandbytes, also on CPU), computing in the "
+        "--precision dtype; LoRA and the LM head stay in full precision."
+    )
 
 
 @dataclass

@@ -102,7 +102,7 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
     set_seed(cfg.training.seed)
 
     # Model, module map and schedule: everything that can still fail on user input, before touching run_dir.
-    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
+    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed, quantize=cfg.model.quantize)
     module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
     schedule: Schedule | None = None
     placement: Placement | None = None

@@ -342,7 +342,7 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
     out = Path(out_dir) if out_dir is not None else run_dir / OUT_DIR
     started = time.time()
 
-    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
+    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed, quantize=cfg.model.quantize)
     module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
     sizes = module_sizes(loaded.model, module_map)
     r, alpha = cfg.lora.r, cfg.lora.lora_alpha
