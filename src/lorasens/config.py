@@ -40,6 +40,7 @@ LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "c
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
 Quantize = Literal["none", "4bit"]
+Fsdp = Literal["none", "full_shard", "shard_grad_op", "hybrid_shard"]
 Allocate = Literal["modules", "ranks"]
 # Generation metrics of a custom dataset (--metrics); lorasens.evaluation.metrics.TEXT_METRIC_FUNCTIONS scores them.
 TextMetric = Literal["exact_match", "rouge_l", "bleu", "accuracy"]
@@ -190,6 +191,15 @@ class TrainingConfig:
     logging_steps: int = opt(1, "Log loss/lr/grad_norm to train_log.jsonl every N steps.", resumable=True,
                              not_a_setting=True)
     gradient_checkpointing: bool = opt(False, "Non-reentrant activation checkpointing (less memory, more compute).")
+    fsdp: Fsdp = opt(
+        "none", "FSDP2 sharding under torchrun / accelerate launch on GPUs (full_shard = ZeRO-3-like, shard_grad_op = "
+        "ZeRO-2-like, hybrid_shard); decoder layers are the wrapping unit. Gradient measures stay exact.",
+        not_a_setting=True,
+    )
+    deepspeed: str | None = opt(
+        None, "DeepSpeed JSON config (e.g. examples/deepspeed_zero3.json), passed to the Trainer; GPUs only. "
+        "Gradient norms and importance are not recorded under DeepSpeed.", not_a_setting=True,
+    )
     report_to: ReportTo = opt("none", "Also report to this tracker (passed to the Trainer).", resumable=True,
                               not_a_setting=True)
     packing: bool = opt(

@@ -183,6 +183,23 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
                 f"training diverged at step {divergence.step}: {divergence.reason}; stopped there (no final_model, "
                 f"analysis or report). Logs up to that step and earlier checkpoints are kept in {run_dir}. Lower --lr "
                 "or keep --max_grad_norm > 0")
+        if ctx.trainer.is_fsdp_enabled:
+            # The LoRA factors are sharded: gather them on every rank (a collective), then rank 0 evaluates and
+            # analyses an unsharded copy of the base with the gathered adapter (the base itself never changed).
+            from lorasens.sharding import full
+
+            state = {k: full(v).detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            if best.best_state is not None:
+                best.best_state = {k: full(v) for k, v in best.best_state.items()}
+            if ctx.trainer.is_world_process_zero():
+                base = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed,
+                                  quantize=cfg.model.quantize)
+                model = apply_lora(base.model, lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout,
+                                   placement.rank_pattern if placement else None,
+                                   placement.alpha_pattern if placement else None)
+                set_peft_model_state_dict(model, state)
+                lora = lora_parameters(model, module_map)
+                ctx.model, ctx.lora = model, lora
         if not ctx.trainer.is_world_process_zero():
             return RunResult(run_dir, {})
 
