@@ -33,7 +33,7 @@ from transformers import Trainer, TrainerCallback
 from lorasens.rundir import files
 from lorasens.sharding import full as gathered, is_sharded, sharded_importance, sharded_norms
 from lorasens.analysis.csvlog import BufferedCsv, cell, read_rows
-from lorasens.analysis.measures import foreach_norms, taylor_importance, update_magnitudes
+from lorasens.analysis.measures import foreach_norms, taylor_importance_in, update_magnitudes
 from lorasens.config import TrackingConfig
 from lorasens.lora import LoraParams
 from lorasens.module_map import GROUPS
@@ -102,7 +102,7 @@ class GradientTrackingCallback(TrainerCallback):
         self.ema = np.zeros(len(self.lora))
         self.updates = np.zeros(len(self.lora), dtype=int)
         self._pending: _Pending | None = None
-        self._buffers: dict[int, torch.Tensor] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}  # importance products: 1/8 of the LoRA parameters' size
         self._active = False
         self._follower = False  # a rank other than 0 under sharding: measures (collectives) but writes nothing
         self._accelerator = None
@@ -230,8 +230,7 @@ class GradientTrackingCallback(TrainerCallback):
             if self.tracking.track_importance and sharded:
                 importance = sharded_importance(params, grads)
             elif self.tracking.track_importance:
-                buffers = [self._buffer(i) for i in active]
-                importance = taylor_importance(params, grads, buffers)
+                importance = taylor_importance_in(params, grads, self._scratch)
             else:
                 importance = None
         self._pending = _Pending(step, self.run_state.phase, np.array(active, dtype=int), norms, importance)
@@ -249,14 +248,6 @@ class GradientTrackingCallback(TrainerCallback):
             lora.append(LoraParams(lp.module, found["A"], found["B"], lp.scaling))
         self.lora = lora
         self.params = [p for lp in self.lora for p in (lp.A, lp.B)]
-
-    def _buffer(self, index: int) -> torch.Tensor:
-        """A scratch tensor shaped like parameter `index`, kept for the next steps (importance products)."""
-        buffer = self._buffers.get(index)
-        param = self.params[index]
-        if buffer is None or buffer.shape != param.shape or buffer.device != param.device or buffer.dtype != param.dtype:
-            buffer = self._buffers[index] = torch.empty_like(param, requires_grad=False)
-        return buffer
 
     # -- Rows ----------------------------------------------------------------------------------------------------
 
