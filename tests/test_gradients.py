@@ -379,10 +379,10 @@ DDP_SETTINGS = dict(model="tiny-random-llama", dataset="synthetic", r=4, batch_s
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path):
+def test_ddp_two_processes_match_one_process(tmp_path, accumulation_runs):
     result = run_ddp({**DDP_SETTINGS, "output_dir": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
-    single = train(tmp_path, "single", batch_size=4, max_steps=3, max_grad_norm=0.05)
+    single = accumulation_runs[1]  # one process, batch 4, 3 steps, max_grad_norm 0.05: the DDP run's global batch
     ddp_rows = rows(tmp_path / "ddp" / files.MODULE_NORMS)
     single_rows = rows(single / files.MODULE_NORMS)
     assert [r["step"] for r in ddp_rows] == [r["step"] for r in single_rows] and len(ddp_rows) == 3 * 56

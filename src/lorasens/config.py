@@ -36,6 +36,7 @@ from lorasens.safeio import read_text, write_json
 
 Target = Literal["attn", "mlp", "both"]
 TARGET_ALIASES = {"attention": "attn"}
+FinalAdapter = Literal["best", "last"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -93,9 +94,10 @@ class LoraSettings:
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by lora_alpha / r.", key=(6, "lora_alpha"))
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input, in [0, 1).", key=(7, "lora_dropout"))
     placement: str | None = opt(
-        None, "A JSON file of peft.LoraConfig arguments (e.g. a run's recommended_lora_config.json): LoRA goes on "
-        "exactly the modules it selects, at its ranks (rank_pattern), instead of on --target. Its r and lora_alpha "
-        "must equal --r and --lora_alpha."
+        None, "A JSON file of peft.LoraConfig arguments (e.g. a run's recommended_lora_config.json; also "
+        "init_lora_weights gaussian or eva, or peft_type ADALORA): LoRA goes on exactly the modules it selects, at "
+        "its ranks (rank_pattern), instead of on --target. Its r (AdaLoRA: init_r) and lora_alpha must equal --r and "
+        "--lora_alpha."
     )
 
     def __post_init__(self):
@@ -207,6 +209,10 @@ class TrainingConfig:
         "when a start-up probe finds one batch's loss the same packed and padded, else padding (logged).",
         # Same examples per batch, same numbers (to float rounding): it changes the cost, not what is learnt.
         resumable=True, not_a_setting=True,
+    )
+    final_adapter: FinalAdapter = opt(
+        "best", "Which adapter final_model holds: best (lowest validation loss, when --eval_steps > 0) or last (the "
+        "last step's)."
     )
     group_by_length: bool = opt(
         False, "Batch training examples of similar length (less padding; changes which examples share a batch)."
@@ -422,7 +428,9 @@ def _check_placement(cfg: ExperimentConfig) -> None:
     from lorasens.lora import read_placement_file  # imports torch/peft: not at start-up (see cli.py)
 
     data = read_placement_file(cfg.lora.placement)
-    r, alpha = data.get("r", 8), float(data.get("lora_alpha", 8))  # peft.LoraConfig's defaults
+    adalora = str(data.get("peft_type", "LORA")).upper() == "ADALORA"
+    r = data.get("init_r", 12) if adalora else data.get("r", 8)  # peft's defaults; AdaLoRA starts at init_r
+    alpha = float(data.get("lora_alpha", 8))
     if r != cfg.lora.r or alpha != cfg.lora.lora_alpha:
         raise UserError(f"--placement {cfg.lora.placement} has r={r}, lora_alpha={alpha}; pass the same --r {r} "
                         f"--lora_alpha {alpha} (config.json records them)")
