@@ -50,6 +50,14 @@ DEV_ONLY_PARTS = {"train": range(0, 80), "validation": range(80, 90), "test": ra
 PROMPT = "Table columns: {columns}\nQuestion: {question}\nSQL:"
 
 
+def segment_wikisql_rows(rows: list[dict]) -> dict:
+    """Per-question logical-form accuracy, for a bootstrap over test questions (validate)."""
+    from lorasens.metrics.segments import accuracy_segments
+
+    correct = [score_wikisql_rows([row])["logical_form_accuracy"] == 1.0 for row in rows]
+    return {"logical_form_accuracy": accuracy_segments(correct)}
+
+
 def make_example(example_id: str, question: str, sql: dict, table: Table) -> Example:
     columns = " | ".join(table.header)
     target = to_sql(sql, table.header)
@@ -137,4 +145,5 @@ def _row_fields(example: Example) -> dict:
 
 
 SPEC = register(DatasetSpec("wikisql", "WikiSQL: question + table header -> SQL (logical-form, execution, exact string match)",
-                            load, EvaluationSpec(score_wikisql_rows, row_fields=_row_fields), max_new_tokens=64))
+                            load, EvaluationSpec(score_wikisql_rows, row_fields=_row_fields,
+                                                  segment_rows=segment_wikisql_rows), max_new_tokens=64))
