@@ -122,6 +122,11 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
     ]
     missing += [line for _, lines in body for line in lines]
     status = "complete" if summary is not None else "incomplete (no summary.json: the run did not finish)"
+    diverged = (summary or {}).get("diverged")
+    if isinstance(diverged, dict):
+        status = f"DIVERGED at step {diverged.get('step')}"
+        missing.insert(0, f"training diverged at step {diverged.get('step')} ({diverged.get('reason')}): the "
+                          "measures are not finite, so no sensitivity analysis or recommendation was made")
     page = render_page(
         title=f"lorasens report — {run_dir.name}",
         subtitle=f"{run_dir.resolve()} · {status} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}",

@@ -327,6 +327,9 @@ class TrainLogCallback(TrainerCallback):
                     "tokens_seen": state.num_input_tokens_seen if counted else None,
                     "step_time_s": round(self._step_time, 6),
                     "time_since_last_log_s": round(self._time_since_log, 6),
+                    # NaN/inf are written null; this names which of them were not finite (a diverged step)
+                    **({"non_finite": bad} if (bad := [k for k in ("loss", "grad_norm") if isinstance(logs.get(k), float)
+                                                       and not math.isfinite(logs[k])]) else {}),
                 }
             )
             self._time_since_log = 0.0
