@@ -1,0 +1,94 @@
+"""Bad input and faults that used to finish with exit 0 and something wrong, or with a traceback or a message that
+points the wrong way: each case reproduced as a user meets it, with the fixed behaviour asserted (exit code, the
+one line on stderr, the files on disk)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorasens.cli import main
+
+TINY = ["--model", "tiny-random-llama", "--r", "4", "--batch_size", "4", "--max_length", "128", "--evaluate", "false",
+        "--ablation", "false"]
+
+
+def last_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def write_jsonl(path: Path, n: int, start: int = 0) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"question {i}?", "completion": f"answer {i}"}) + "\n"
+                            for i in range(start, start + n)))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- data files
+
+
+def test_data_files_with_the_training_split_twice_is_refused_before_a_run_exists(tmp_path, capsys):
+    a, b = write_jsonl(tmp_path / "A.jsonl", 40), write_jsonl(tmp_path / "B.jsonl", 40, start=40)
+    code = main(["train", *TINY, "--dataset", "custom", "--data_files", f"train={a},train={b}",
+                 "--output_dir", str(tmp_path / "runs"), "--experiment_name", "two", "--max_steps", "1"])
+    assert code == 2
+    assert "names train= twice" in last_line(capsys)
+    assert not (tmp_path / "runs" / "two" / "config.json").exists()  # no config.json listing files never read
+
+
+def test_config_file_bool_for_an_int_is_refused_like_the_flag(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("lora:\n  r: true\n")
+    args = ["--dataset", "synthetic", "--output_dir", str(tmp_path), "--experiment_name", "b", "--max_steps", "1"]
+    assert main(["train", "--config", str(config), *args]) == 2
+    assert last_line(capsys) == "error: r must be of type int, got True"
+    assert main(["train", "--r", "true", *args]) == 2
+    assert "r must be of type int" in last_line(capsys)
+    assert not (tmp_path / "b").exists()
+
+
+def read(path: Path):
+    from lorasens.data.custom import read_table
+    return read_table(path)
+
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffprompt,completion\nwhat is 2+2?,4\nNA,yes\n".encode("utf-8"))
+    assert read(path) == [{"prompt": "what is 2+2?", "completion": "4"}, {"prompt": "NA", "completion": "yes"}]
+
+
+def test_header_only_csv_says_the_file_has_no_rows(tmp_path):
+    from lorasens.errors import UserError
+    path = tmp_path / "empty.csv"
+    path.write_text("prompt,completion\n")
+    with pytest.raises(UserError, match=r"empty\.csv: file has no rows"):
+        read(path)
+
+
+def test_malformed_jsonl_line_is_named_by_its_line_number(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", 30)
+    with path.open("a") as fh:
+        fh.write('{"prompt": "x", "completion": oops}\n')
+    code = main(["train", *TINY, "--dataset", "custom", "--data_files", str(path), "--output_dir", str(tmp_path),
+                 "--experiment_name", "bad", "--max_steps", "1"])
+    assert code == 2
+    line = last_line(capsys)
+    assert "line 31 is not valid JSON" in line and "position" not in line
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_resume_applies_a_changed_eval_interval(tmp_path):
+    """Saved with --eval_steps 5, resumed with --eval_steps 3: evaluation runs every 3 steps, as config.json says."""
+    common = [*TINY, "--dataset", "synthetic", "--train_samples", "48", "--eval_samples", "8", "--save_steps", "2",
+              "--output_dir", str(tmp_path), "--experiment_name", "r"]
+    assert main(["train", *common, "--max_steps", "2", "--eval_steps", "5"]) == 0
+    assert main(["train", *common, "--max_steps", "7", "--eval_steps", "3", "--resume"]) == 0
+    run = tmp_path / "r"
+    steps = [json.loads(line)["step"] for line in (run / "eval_log.jsonl").read_text().splitlines()]
+    assert 3 in steps and 6 in steps and 5 not in steps  # every 3, not every 5 as the checkpoint had
+    assert json.loads((run / "config.json").read_text())["training"]["eval_steps"] == 3
