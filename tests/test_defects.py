@@ -92,3 +92,71 @@ def test_resume_applies_a_changed_eval_interval(tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "eval_log.jsonl").read_text().splitlines()]
     assert 3 in steps and 6 in steps and 5 not in steps  # every 3, not every 5 as the checkpoint had
     assert json.loads((run / "config.json").read_text())["training"]["eval_steps"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+def spawn(*args: str):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return subprocess.Popen([sys.executable, "-m", "lorasens", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def wait_for(predicate, timeout: float) -> None:
+    import time
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+SWEEP = [*TINY, "--dataset", "synthetic", "--train_samples", "48", "--eval_samples", "8", "--eval_steps", "0",
+         "--sweep_name", "sw"]
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_sweep_stops_its_child_and_a_rerun_appends_to_the_log(tmp_path):
+    import signal
+    args = ["sweep", *SWEEP, "--max_steps", "400", "--seeds", "1", "--output_dir", str(tmp_path)]
+    sweep = spawn(*args)
+    lock = tmp_path / "sw_seed1" / ".lorasens.lock"
+    wait_for(lambda: (tmp_path / "sw_seed1" / "train_log.jsonl").exists() and lock.exists(), timeout=300)
+    child = json.loads(lock.read_text())["pid"]
+    sweep.send_signal(signal.SIGKILL)
+    sweep.communicate(timeout=60)
+    wait_for(lambda: not alive(child), timeout=60)  # the child died with the sweep (it used to train on)
+    rerun = spawn(*[a if a != "400" else "3" for a in args])  # at once; fewer steps keep the test short
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-2000:]
+    log = (tmp_path / "sw_sweep_logs" / "sw_seed1.log").read_bytes()
+    assert b"\x00" not in log
+    assert log.count(b"$ ") == 2  # the first run's output kept, the rerun's appended after it
+    assert json.loads((tmp_path / "sw_sweep.json").read_text())["runs"][0]["outcome"] == "done"
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_sweep_starts_nothing_more_and_says_how_to_continue(tmp_path):
+    import signal
+    sweep = spawn("sweep", *SWEEP, "--max_steps", "400", "--seeds", "1,2,3,4", "--output_dir", str(tmp_path))
+    wait_for(lambda: (tmp_path / "sw_seed1" / "train_log.jsonl").exists(), timeout=300)
+    sweep.send_signal(signal.SIGTERM)
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 143
+    starts = [line for line in err.splitlines() if "sweep: start" in line]
+    assert len(starts) == 1 and "sw_seed1" in starts[0]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted (SIGTERM)") and "continue with: the same command (lorasens sweep" in last
+    assert not (tmp_path / "sw_seed2").exists()
