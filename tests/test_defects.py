@@ -5,6 +5,7 @@ one line on stderr, the files on disk)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,58 @@ def test_sigterm_of_a_sweep_starts_nothing_more_and_says_how_to_continue(tmp_pat
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted (SIGTERM)") and "continue with: the same command (lorasens sweep" in last
     assert not (tmp_path / "sw_seed2").exists()
+
+
+# ---------------------------------------------------------------------------------------------- small data
+
+
+def test_default_analysis_split_scales_with_a_small_dataset(tmp_path, caplog):
+    from lorasens.data.registry import training_splits
+    from lorasens.config import DataConfig
+    write_jsonl(tmp_path / "train.jsonl", 200)
+    options = DataConfig(dataset="custom", data_dir=str(tmp_path))
+    with caplog.at_level("INFO", logger="lorasens"):
+        train, analysis = training_splits("custom", str(tmp_path), 0, None, None, options=options)
+    assert len(analysis) == 20 and len(train) + len(analysis) <= 200 and train
+    assert not {ex.prompt for ex in train} & {ex.prompt for ex in analysis}
+    assert "analysis split: 20 of the" in caplog.text
+
+
+def test_identical_rows_name_the_cause_not_the_flag(tmp_path, capsys):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "same?", "completion": "same"}) + "\n" * 1 * 1
+                                          + "".join(json.dumps({"prompt": "same?", "completion": "same"}) + "\n"
+                                                    for _ in range(49)))
+    code = main(["train", *TINY, "--dataset", "custom", "--data_dir", str(tmp_path), "--analysis_samples", "1",
+                 "--output_dir", str(tmp_path / "runs"), "--experiment_name", "same", "--max_steps", "1"])
+    assert code == 2
+    line = last_line(capsys)
+    assert "same prompt (one distinct row)" in line and "lower" not in line
+
+
+def wikisql_200(tmp_path: Path) -> Path:
+    """A WikiSQL folder in the official schema with a 200-question training file: rows of ../shared's dev set
+    (CI=true fails rather than skips without it)."""
+    from conftest import shared_path
+    source = shared_path("data", "wikisql")
+    rows = (source / "dev.jsonl").read_text().splitlines()
+    folder = tmp_path / "wikisql"
+    folder.mkdir()
+    for name, part in (("train", rows[:200]), ("dev", rows[200:230]), ("test", rows[230:246])):
+        (folder / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+        shutil.copy(source / "dev.tables.jsonl", folder / f"{name}.tables.jsonl")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_wikisql_with_200_training_questions_runs_with_default_analysis_settings(tmp_path, capsys):
+    folder = wikisql_200(tmp_path)
+    code = main(["train", "--model", "tiny-random-llama", "--r", "4", "--batch_size", "4", "--dataset", "wikisql",
+                 "--data_dir", str(folder), "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(tmp_path),
+                 "--experiment_name", "w"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert summary["train_data"]["examples"] == 180 and summary["steps"] == 2  # 20 of 200 held out for analysis
+    assert "analysis split: 20 of the 200 training examples" in err
+    assert (tmp_path / "w" / "recommended_lora_config.json").is_file()
