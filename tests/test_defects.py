@@ -216,3 +216,78 @@ def test_wikisql_with_200_training_questions_runs_with_default_analysis_settings
     assert summary["train_data"]["examples"] == 180 and summary["steps"] == 2  # 20 of 200 held out for analysis
     assert "analysis split: 20 of the 200 training examples" in err
     assert (tmp_path / "w" / "recommended_lora_config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- messages, writes
+
+
+def read_only(monkeypatch, target: Path) -> None:
+    """Writes under `target` fail as on a read-only disk (the tests run as root, where chmod does not stop writes)."""
+    import errno
+    original = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if str(self).startswith(str(target.parent)) and target.name in str(self):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_read_only_score_output_names_the_scores_own_flag(tmp_path, capsys, monkeypatch):
+    rows = [{"id": "1", "prompt": "p", "prediction": "yes", "references": ["yes"]}]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    out = tmp_path / "ro" / "metrics.json"
+    out.parent.mkdir()
+    read_only(monkeypatch, out)
+    assert main(["score", "custom", str(path), "--metrics", "exact_match", "--output", str(out)]) == 2
+    line = last_line(capsys)
+    assert line.startswith("error: Read-only file system writing ") and "--output file" in line
+    assert "--output_dir" not in line and "--resume" not in line
+    assert not out.exists() and not any(out.parent.iterdir())  # no partial file, no temporary left behind
+
+
+def make_analysed_run(tmp_path: Path) -> Path:
+    """A run folder as `lorasens analyze` leaves it, small enough to build by hand."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"model": "tiny-random-llama"}}) + "\n")
+    (run / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    (run / "sensitivity.json").write_text('{"modules": ["L0.q_proj"], "measures": {"comb')  # killed mid-write
+    return run
+
+
+def test_corrupt_sensitivity_json_is_reported_corrupt_not_missing(tmp_path, capsys):
+    run = make_analysed_run(tmp_path)
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "sensitivity.json is corrupt" in page
+    assert "sensitivity.json is missing (analysis not run)" not in page
+
+
+def test_validate_budget_on_a_truncated_sensitivity_json_is_one_line(tmp_path, capsys):
+    from lorasens.validate import budget_ranks
+    from lorasens.errors import UserError
+    run = make_analysed_run(tmp_path)
+    with pytest.raises(UserError, match=r"sensitivity\.json is corrupt"):
+        budget_ranks(run, {}, 0.5, 4)
+
+
+def test_report_html_is_written_atomically(tmp_path, monkeypatch):
+    """A full disk while report.html is written leaves no 0-byte report.html (and no temporary file)."""
+    import errno
+    from lorasens import safeio
+    run = make_analysed_run(tmp_path)
+    original = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.endswith("report.html.tmp"):
+            original(self, "")  # what a full disk leaves: the file created, nothing in it
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert main(["report", str(run)]) == 2
+    assert not (run / "report.html").exists() and not (run / ".report.html.tmp").exists()
+    assert safeio.write_text_atomic is not None

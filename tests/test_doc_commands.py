@@ -31,7 +31,7 @@ DOCS = (REPO / "README.md", REPO / "docs" / "GUIDE.md")
 SHELL_FENCES = ("bash", "sh", "shell", "console")
 OPERATORS = set("();<>|&")
 # The cheap form of a training command: appended (argparse keeps the last value of a flag).
-CHEAP = ["--model", "tiny-random-llama", "--r", "4", "--batch_size", "2", "--max_length", "64", "--max_steps", "4",
+CHEAP = ["--model", "tiny-random-llama", "--r", "4", "--batch_size", "2", "--max_length", "192", "--max_steps", "4",
          "--eval_steps", "0", "--save_steps", "0", "--train_samples", "16", "--eval_samples", "4",
          "--analysis_samples", "4", "--evaluate", "false", "--ablation", "false", "--max_new_tokens", "4"]
 LOCAL_DATA = {"e2e": "../shared/data/e2e", "wikisql": "../shared/data/wikisql"}
@@ -146,7 +146,7 @@ def project(tmp_path_factory) -> Path:
     (root / "shared").symlink_to(SHARED.resolve()) if SHARED.exists() else None
     work = root / "project"
     work.mkdir()
-    assert run(work, ["train", "--preset", "quickstart"]).returncode == 0
+    assert run(work, ["train", "--preset", "quickstart", "--experiment_name", "quickstart"]).returncode == 0  # make demo
     for name in ("a", "b", "a_seed1", "a_seed2", "b_seed1", "probe", "wikisql_both"):
         shutil.copytree(work / "runs" / "quickstart", work / "runs" / name)
     return work

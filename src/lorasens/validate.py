@@ -37,6 +37,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from scipy import stats
 
+from lorasens.safeio import read_json as safe_read_json
 from lorasens.analysis.ablation import per_example_losses, validation_batches
 from lorasens.analysis.budget import ModuleSize, rank_allocation_config, select_within_budget
 from lorasens.analysis.sensitivity import COMBINED, key_of
@@ -154,7 +155,7 @@ def budget_ranks(run_dir: Path, sizes: dict[str, ModuleSize], budget: float, r: 
     path = run_dir / files.SENSITIVITY
     if not path.exists():
         raise UserError(f"--budget needs {path} (run `lorasens analyze {run_dir}` first)")
-    scores = (json.loads(path.read_text()).get("measures") or {}).get(COMBINED)
+    scores = (safe_read_json(path, files.SENSITIVITY).get("measures") or {}).get(COMBINED)  # corrupt: one line
     if not scores:
         raise UserError(f"{path} has no {COMBINED!r} measure to rank modules by")
     scores = {k: (math.nan if v is None else v) for k, v in scores.items()}
@@ -572,7 +573,7 @@ def measure_agreement(rows: list[dict], run_dir: Path, placements: list[Placemen
     path = run_dir / files.SENSITIVITY
     if not path.exists():
         return {}
-    measures = json.loads(path.read_text()).get("measures") or {}
+    measures = safe_read_json(path, files.SENSITIVITY).get("measures") or {}
     same_size = [p for p in placements if p.kind in ("recommended", MATCHED)]
     if len(same_size) < 3:
         return {}
