@@ -6,6 +6,7 @@ import argparse
 import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -20,9 +21,20 @@ COMMAND_MODULES = (train, listing, analyze, evaluate, score, report, compare, sw
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but errors are a single line naming the problem and the valid choices."""
+    """argparse, but errors are a single line naming the problem and the valid choices; no abbreviations
+    (`--max_step` is an error, not silently `--max_steps`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            valid = re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{self.prog}: unknown command {choice.group(1)!r}{hint}; valid: {', '.join(valid)}")
         raise UserError(f"{self.prog}: {message}")
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
@@ -34,14 +46,17 @@ class OneLineParser(argparse.ArgumentParser):
 
 def unknown_flag_error(root: argparse.ArgumentParser, flag: str, parser: argparse.ArgumentParser) -> UserError:
     valid = sorted({opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")})
-    close = difflib.get_close_matches(flag.split("=")[0], valid, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    close = difflib.get_close_matches(flag.split("=")[0], valid, n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     kind = "flag" if flag.startswith("-") else "argument"
-    return UserError(f"unknown {kind} {flag}{hint}; valid flags: {' '.join(valid)}")
+    return UserError(f"unknown {kind} {flag}{hint}; `{parser.prog} --help` lists the valid flags")
 
 
 def build_parser() -> OneLineParser:
+    from lorasens import __version__
+
     parser = OneLineParser(prog="lorasens", description="LoRA module sensitivity analysis")
+    parser.add_argument("--version", action="version", version=f"lorasens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for module in COMMAND_MODULES:
         module.add_parser(sub)
@@ -66,6 +81,14 @@ def setup_logging(verbose: bool = False) -> None:
     datasets.disable_progress_bars()
 
 
+def check_names(args) -> None:
+    """Names that need no heavy import are checked before any: a typo'd preset fails at once, not after seconds."""
+    if getattr(args, "preset", None):
+        from lorasens.presets import get_preset
+
+        get_preset(args.preset)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -74,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return EXIT_USAGE
+        check_names(args)
         setup_logging()
         with signals.sigterm_as_interrupt():
             return int(args.func(args) or 0)

@@ -46,4 +46,5 @@ def get_preset(name: str) -> dict[str, Any]:
 
 
 def describe_presets() -> list[tuple[str, str]]:
-    return [(name, desc) for name, (desc, _) in PRESETS.items()]
+    """Every preset, the one that runs offline here (quickstart) first."""
+    return sorted(((name, desc) for name, (desc, _) in PRESETS.items()), key=lambda item: item[0] != "quickstart")
