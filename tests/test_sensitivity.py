@@ -167,10 +167,10 @@ def test_recommended_config_loads_into_peft_and_trains():
         config = recommended_lora_config(selected, module_map, 4, 8.0, 0.0)
     assert isinstance(config["target_modules"], str)
     _trains(config, {m.name for m in selected})
-    # A product selection (o_proj and down_proj of layers 1 and 3): target_modules + layers_to_transform.
-    product = [m for m in module_map.modules if m.layer in (1, 3) and m.module_type in ("o_proj", "down_proj")]
+    # Whole module types (o_proj and down_proj of every layer): the list of types.
+    product = [m for m in module_map.modules if m.module_type in ("o_proj", "down_proj")]
     config = recommended_lora_config(product, module_map, 4, 8.0, 0.0)
-    assert config["target_modules"] == ["o_proj", "down_proj"] and config["layers_to_transform"] == [1, 3]
+    assert config["target_modules"] == ["o_proj", "down_proj"] and "layers_to_transform" not in config
     _trains(config, {m.name for m in product})
 
 

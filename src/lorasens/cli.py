@@ -11,13 +11,24 @@ import sys
 from collections.abc import Sequence
 
 from lorasens import signals
-from lorasens.commands import analyze, compare, evaluate, listing, report, score, sweep, train, validate
+from lorasens.commands import (
+    analyze,
+    compare,
+    evaluate,
+    export,
+    listing,
+    report,
+    score,
+    sweep,
+    train,
+    validate,
+)
 from lorasens.errors import TrainingDiverged, UserError, is_disk_error
 
 EXIT_USAGE = 2
 
 # Each command module defines `add_parser(subparsers)` (which sets `func`), in the order `--help` lists them.
-COMMAND_MODULES = (train, listing, analyze, evaluate, score, report, compare, sweep, validate)
+COMMAND_MODULES = (train, listing, analyze, evaluate, score, report, export, compare, sweep, validate)
 
 
 class OneLineParser(argparse.ArgumentParser):
