@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from lorasens.config import add_config_flags, build_config, config_overrides
@@ -31,21 +30,30 @@ def run(args) -> int:
 
 
 def print_summary(run_dir, summary: dict, wall: float) -> None:
-    def fmt(value):
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+    from lorasens.answer import build_answer
 
+    losses = [f"{label} {summary[key]:.4g}" for key, label in (
+        ("final_train_loss", "final train loss"), ("final_eval_loss", "final validation loss"))
+        if isinstance(summary.get(key), (int, float))]
     lines = [
         "",
         "=" * 72,
         f"Run finished in {wall:.1f} s: {run_dir}",
-        f"  steps {summary['steps']}, final train loss {fmt(summary['final_train_loss'])}, "
-        f"final validation loss {fmt(summary['final_eval_loss'])}",
+        f"  steps {summary['steps']}" + "".join(f", {x}" for x in losses),
         f"  adapter ({summary['final_model_from']}): {run_dir / FINAL_MODEL}",
     ]
-    for key in ("evaluation", "recommendation"):
-        if key in summary:
-            lines.append(f"  {key}: {json.dumps(summary[key])[:200]}")
-    outputs = sorted(p.name for p in run_dir.iterdir())
-    lines.append(f"  files: {', '.join(outputs)}")
+    if isinstance(summary.get("evaluation"), dict):
+        lines.append("  evaluation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in summary["evaluation"].items()))
+    recommendation = summary.get("recommendation")
+    if isinstance(recommendation, dict):
+        lines.append(f"  recommendation ({recommendation.get('file', 'recommended_lora_config.json')}): "
+                     f"{recommendation.get('num_selected')} of {recommendation.get('num_modules')} modules: "
+                     f"{', '.join(recommendation.get('modules') or [])}")
+    answer = build_answer(run_dir).lines()
+    if answer:
+        lines.append("  answer:")
+        lines += [f"    {line}" for line in answer]
+    lines.append(f"  report: {run_dir / 'report.html'}")
     lines.append("=" * 72)
     print("\n".join(lines))
