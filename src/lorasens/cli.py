@@ -74,6 +74,19 @@ def build_parser() -> OneLineParser:
     return parser
 
 
+# Library noise a user cannot act on: deprecation notices of the libraries' own internals, and bitsandbytes'
+# note that an optional CPU kernel package is absent (4-bit works without it).
+LIBRARY_MODULES = r"(transformers|torch|peft|datasets|accelerate|trl|bitsandbytes|huggingface_hub)(\.|$)"
+
+
+def quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=LIBRARY_MODULES)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(deprecated|will be removed).*")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def setup_logging(verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[lorasens] %(message)s"))
@@ -82,6 +95,7 @@ def setup_logging(verbose: bool = False) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     # Imported when the command runs, not at start-up: transformers and datasets cost seconds (measured:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
     import datasets

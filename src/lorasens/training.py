@@ -114,7 +114,7 @@ def decide_packing(model: torch.nn.Module, tokenizer, features: list[dict], requ
                   "not separate packed examples; padding instead")
         logger.warning("packing off: %s", reason)
         return PackingDecision(False, reason)
-    logger.info("packing on: one batch gives loss %.6f padded and %.6f flattened", padded, packed)
+    logger.debug("packing on: one batch gives loss %.6f padded and %.6f flattened", padded, packed)
     return PackingDecision(True, f"exact: probe batch loss {padded:.6f} padded, {packed:.6f} flattened")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -489,8 +490,8 @@ def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Se
             # Progress in layer-passes: a set that starts at layer L costs N - L of them (cached), N (otherwise).
             cost = [num_layers - (s.first_layer or num_layers) if chosen == "cached" else num_layers for s in sets]
             cost[0] = num_layers
-            with tqdm(total=sum(cost) * len(batches), desc="ablation", unit="layer", disable=False, leave=False,
-                      mininterval=2.0) as bar:  # shown in logs too (a scheduler job has no TTY)
+            with tqdm(total=sum(cost) * len(batches), desc="ablation", unit="layer", leave=False, mininterval=2.0,
+                      disable=not sys.stderr.isatty()) as bar:  # a bar on a terminal; logs get the lines above
                 for batch in batches:
                     _, _, example = _scored(batch)
                     cache = None
