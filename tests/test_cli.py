@@ -231,3 +231,24 @@ def test_cli_names_checked_before_heavy_imports(capsys):
     assert run("--version").stdout.strip() == f"lorasens {__version__}"
     assert main(["presets"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("quickstart")
+
+
+def test_train_without_model_or_data_runs_the_offline_quickstart(monkeypatch, capsys):
+    import lorasens.run
+
+    seen = {}
+
+    class Result:
+        summary = None
+
+    def fake_run(cfg):
+        seen["cfg"] = cfg
+        return Result()
+
+    monkeypatch.setattr(lorasens.run, "run_experiment", fake_run)
+    assert main(["train", "--max_steps", "3"]) == 0
+    assert (seen["cfg"].model.model, seen["cfg"].data.dataset, seen["cfg"].training.max_steps) == (
+        "smollm2-135m", "synthetic", 3)
+    assert "offline quickstart" in capsys.readouterr().out
+    assert main(["train", "--model", "tiny-random-llama", "--max_steps", "3"]) == 0
+    assert seen["cfg"].model.model == "tiny-random-llama"  # a named model keeps the usual defaults

@@ -19,7 +19,13 @@ def run(args) -> int:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
     from lorasens.run import device_summary, run_experiment
 
-    cfg = build_config(args.preset, args.config, config_overrides(args))
+    overrides = config_overrides(args)
+    preset = args.preset
+    if preset is None and args.config is None and not {"model", "dataset", "data_dir", "data_files"} & set(overrides):
+        # No model and no data named: the offline quickstart, not a Hub model and dataset that need a network.
+        preset = "quickstart"
+        print("lorasens: no --preset, --model or --dataset given: running the offline quickstart preset")
+    cfg = build_config(preset, args.config, overrides)
     print(f"lorasens: {cfg.experiment_name} | model {cfg.model.model} | dataset {cfg.data.dataset} | "
           f"target {cfg.lora.target} | strategy {cfg.schedule.phase_strategy or 'static'} | {device_summary()}")
     started = time.time()
