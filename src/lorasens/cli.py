@@ -102,6 +102,8 @@ def setup_logging(verbose: bool = False) -> None:
     import transformers
 
     transformers.logging.set_verbosity_warning()
+    if not sys.stderr.isatty():  # no redrawn bars ("Loading weights ...") in a log file or pipe
+        transformers.utils.logging.disable_progress_bar()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
