@@ -17,6 +17,7 @@ BENCHMARKS = [
     "bench_generation.py",  # batched vs one-at-a-time generation (evaluation)
     "bench_packing.py",  # padding-free vs padded batches, useful tokens/s (performance)
     "bench_ablation.py",  # cached + packed ablation vs whole-decoder passes (performance)
+    "bench_first_order.py",  # first-order estimate: head at labelled positions vs every position, vs a step
 ]
 
 

@@ -58,7 +58,8 @@ def run_ddp(settings: dict, nproc: int = 2, timeout: int = 600) -> subprocess.Co
 
 # Fixtures that train a run first (seconds each, once per module or session): every test using one is `slow`, so
 # `make test-fast` (-m "not slow") stays under a minute. `make test` runs them all.
-TRAINED_RUN_FIXTURES = {"run_dir", "schedule_run", "accumulation_runs", "finished_run", "run_copy", "tiny_run"}
+TRAINED_RUN_FIXTURES = {"run_dir", "schedule_run", "accumulation_runs", "finished_run", "run_copy", "tiny_run",
+                        "trained_cli_run"}
 
 
 def pytest_collection_modifyitems(config, items):

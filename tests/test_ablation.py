@@ -204,3 +204,34 @@ def test_token_budget_groups_examples():
     assert all(b.num_tokens <= 100 or b.labels.shape[0] == 1 for b in batches)
     assert sorted(int(e) for b in batches for e in b.example.unique() if e >= 0) == list(range(7))
     assert len(batches) < 7  # several examples per batch where they fit
+
+
+@pytest.mark.slow
+def test_sets_sharing_a_prefix_share_its_layers_and_keep_the_plain_deltas():
+    """Every single module as well as the groups, layers and types: sets that switch off the same modules in layers
+    0..L compute those layers once (112 layer runs instead of 120 for the per-set replay, 172 for whole passes),
+    and every delta equals the whole-decoder one to 1e-5."""
+    from lorasens.analysis.ablation import ablation_sets, count_layer_runs, layer_plan
+
+    model, module_map, lora = with_trained_lora(build_tiny_random_llama(seed=0).model)
+    tokenizer = byte_level_tokenizer()
+    batches = validation_batches(text_features(tokenizer), 4, tokenizer.pad_token_id, "cpu")
+    singles = [lp.module for lp in lora]
+    sets = ablation_sets(lora, singles)
+    per_set_replay = sum(4 - s.first_layer for s in sets if s.modules)
+    assert (len(sets), per_set_replay, count_layer_runs(layer_plan(sets, 4))) == (43, 120, 112)
+    layers = model.get_base_model().get_submodule(module_map.layers_path)
+    calls = []
+    handles = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in layers]
+    try:
+        cached = run_ablation(model, lora, batches, singles, layers_path=module_map.layers_path)
+    finally:
+        for h in handles:
+            h.remove()
+    probe = 4 + 4 + 4  # the exactness probe: capture, replay and a plain forward on two rows of the first batch
+    assert cached.method == "cached" and len(calls) == probe + len(batches) * (4 + 112)
+    full = run_ablation(model, lora, batches, singles, method="decoder")
+    for a, b in zip(cached.rows(), full.rows()):
+        assert a.name == b.name and a.delta_loss == pytest.approx(b.delta_loss, abs=1e-5)
+    assert torch.allclose(cached.loss_sums, full.loss_sums, rtol=1e-6, atol=1e-6)
+    assert min(abs(r.delta_loss) for r in cached.rows()[1:]) > 1e-5  # every set changes the loss

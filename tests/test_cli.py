@@ -25,13 +25,25 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=600, env=env)
 
 
+def run_entry_point_in_process(*args: str, monkeypatch) -> int:
+    """`python run_experiment.py ARGS`, run in this process (a new interpreter costs seconds of imports)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(REPO / "run_experiment.py"), *args])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO / "run_experiment.py"), run_name="__main__")
+    return exited.value.code
+
+
 @pytest.mark.slow
-def test_acceptance_command_on_real_e2e_writes_every_file(e2e_dir, tmp_path):
-    """The issue's command, verbatim (plus the output folder): files written and the adapter loads."""
-    result = run_cli("--dataset", "e2e", "--data_dir", str(e2e_dir), "--model", "tiny-random-llama", "--target",
-                     "both", "--r", "4", "--batch_size", "4", "--max_steps", "10", "--output_dir", str(tmp_path),
-                     "--experiment_name", "a")
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_acceptance_command_on_real_e2e_writes_every_file(e2e_dir, tmp_path, monkeypatch):
+    """The issue's command (plus the output folder, and 24 examples instead of 200 for validation, evaluation and
+    the analysis: this test checks the files, not the scores): files written and the adapter loads."""
+    code = run_entry_point_in_process(
+        "--dataset", "e2e", "--data_dir", str(e2e_dir), "--model", "tiny-random-llama", "--target", "both", "--r",
+        "4", "--batch_size", "4", "--max_steps", "10", "--output_dir", str(tmp_path), "--experiment_name", "a",
+        "--eval_samples", "24", "--analysis_samples", "24", monkeypatch=monkeypatch)
+    assert code == 0
     run = tmp_path / "a"
     for name in ("config.json", "train_log.jsonl", "training_loss.png", "final_model/adapter_model.safetensors",
                  "final_model/adapter_config.json", "summary.json"):
@@ -76,9 +88,15 @@ def test_same_seed_gives_identical_losses_and_adapter(tmp_path):
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
 
 
+@pytest.fixture(scope="module")
+def trained_cli_run(tmp_path_factory) -> Path:
+    """One `_train` run with the default seed, shared by the tests that only read it (or copy it)."""
+    return _train(tmp_path_factory.mktemp("cli"), "x")
+
+
 @pytest.mark.slow
-def test_best_adapter_by_validation_loss_is_the_final_model(tmp_path):
-    run = _train(tmp_path, "best")
+def test_best_adapter_by_validation_loss_is_the_final_model(trained_cli_run):
+    run = trained_cli_run
     summary = json.loads((run / "summary.json").read_text())
     evals = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
     best = min(evals, key=lambda r: r["eval_loss"])
@@ -87,8 +105,11 @@ def test_best_adapter_by_validation_loss_is_the_final_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_existing_run_is_refused_then_overwritten_only_when_asked(tmp_path, capsys):
-    run = _train(tmp_path, "x")
+def test_existing_run_is_refused_then_overwritten_only_when_asked(trained_cli_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "x"
+    shutil.copytree(trained_cli_run, run)
     marker = (run / "summary.json").read_text()
     capsys.readouterr()
     code = main(["train", *FAST, "--dataset", "synthetic", "--max_steps", "2", "--output_dir", str(tmp_path),
@@ -182,6 +203,7 @@ def test_no_validation_example_fits_is_one_line(tmp_path, capsys):
     data.mkdir()
     (data / "trainset.csv").write_text("mr,ref\nname[A],A is nice.\nname[B],B is nice.\n")
     (data / "devset.csv").write_text("mr,ref\nname[C]," + "very long reference " * 20 + "\n")
+    (data / "testset_w_refs.csv").write_text("mr,ref\nname[D],D is nice.\n")  # with test references, dev validates
     # One training example goes to the analysis split (by default 200 are held out of train for the ablation).
     code = main(["train", *FAST, "--max_length", "64", "--dataset", "e2e", "--data_dir", str(data),
                  "--analysis_samples", "1", "--output_dir", str(tmp_path), "--experiment_name", "v"])

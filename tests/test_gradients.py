@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from lorasens.rundir import files
 from lorasens.analysis.callbacks import GradientTrackingCallback
 from lorasens.analysis.csvlog import BufferedCsv, cell
-from lorasens.analysis.measures import foreach_norms, taylor_importance
+from lorasens.analysis.measures import foreach_norms, taylor_importance, taylor_importance_in
 from lorasens.config import build_config
 from lorasens.report import report_after_training
 from lorasens.run import DEFAULT_STEPS, run_experiment
@@ -296,6 +296,21 @@ def test_foreach_norms_match_per_tensor_norms_across_dtypes():
     assert taylor_importance(params, grads, buffers).tolist() == pytest.approx(expected, rel=1e-6)
 
 
+def test_importance_scratch_is_a_fraction_of_the_gradients():
+    torch.manual_seed(0)
+    shapes = [(8, 64), (64, 8), (8, 32), (96, 8), (8, 16), (16, 8)] * 4
+    params = [torch.randn(*s) for s in shapes]
+    grads = [torch.randn(*s) for s in shapes]
+    expected = [(p * g).abs().sum().item() for p, g in zip(params, grads)]
+    scratch = {}
+    assert taylor_importance_in(params, grads, scratch).tolist() == pytest.approx(expected, rel=1e-6)
+    total = sum(p.numel() for p in params)
+    held = sum(t.numel() for t in scratch.values())
+    assert held == -(-total // 8)  # 1/8 of the gradients (each matrix is smaller than that here), no full copy
+    scratch[next(iter(scratch))].fill_(7.0)  # reused across steps: its old content must not matter
+    assert taylor_importance_in(params, grads, scratch).tolist() == pytest.approx(expected, rel=1e-6)
+
+
 def test_csv_cells_and_truncation_on_resume(tmp_path):
     import numpy as np
 
@@ -364,10 +379,10 @@ DDP_SETTINGS = dict(model="tiny-random-llama", dataset="synthetic", r=4, batch_s
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path):
+def test_ddp_two_processes_match_one_process(tmp_path, accumulation_runs):
     result = run_ddp({**DDP_SETTINGS, "output_dir": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
-    single = train(tmp_path, "single", batch_size=4, max_steps=3, max_grad_norm=0.05)
+    single = accumulation_runs[1]  # one process, batch 4, 3 steps, max_grad_norm 0.05: the DDP run's global batch
     ddp_rows = rows(tmp_path / "ddp" / files.MODULE_NORMS)
     single_rows = rows(single / files.MODULE_NORMS)
     assert [r["step"] for r in ddp_rows] == [r["step"] for r in single_rows] and len(ddp_rows) == 3 * 56

@@ -214,3 +214,22 @@ def test_config_of_an_older_run_with_budget_modules_still_loads():
     data["tracking"].update(budget_modules=20.0, budget_unit="modules")
     cfg = config_from_dict(data)
     assert cfg.tracking.budget == 20.0 and cfg.tracking.budget_unit == "modules"
+
+
+def test_first_order_head_at_labelled_positions_equals_the_full_head(monkeypatch):
+    """The estimate applies the LM head only where a label is; the plain forward (every position) gives the same."""
+    from lorasens.analysis import first_order
+
+    model, _, lora, tokenizer = tiny_lora()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for lp in lora:
+            lp.B.normal_(0, 0.05)
+    for packing in (False, True):
+        batches = validation_batches(features(tokenizer), 3, tokenizer.pad_token_id, "cpu", packing=packing)
+        fast = first_order_estimates(model, lora, batches)
+        with monkeypatch.context() as m:
+            m.setattr(first_order, "_final_norm", lambda base: None)  # no final norm found: the plain forward
+            full = first_order_estimates(model, lora, batches)
+        assert fast == pytest.approx(full, rel=1e-5, abs=1e-9)
+        assert max(abs(v) for v in fast) > 0

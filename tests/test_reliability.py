@@ -361,7 +361,7 @@ def test_malformed_e2e_csv_names_file_and_line(tmp_path, case):
     data, message = E2E_BAD[case]
     (tmp_path / "devset.csv").write_bytes(data)
     with pytest.raises(UserError, match=None) as info:
-        load("validation", tmp_path, 0)
+        load("test", tmp_path, 0)  # without testset_w_refs.csv, devset.csv is the test split
     assert message in str(info.value)
 
 
@@ -371,7 +371,7 @@ def test_e2e_bom_long_fields_and_empty_rows(tmp_path, caplog):
     long_ref = "x" * 200_000  # over the csv module's default 131,072-character field limit
     text = f"\ufeffmr,ref\nname[a],first\nname[b],{long_ref}\n,no mr\nname[c],\nname[d],last\n"
     (tmp_path / "devset.csv").write_text(text, encoding="utf-8")
-    examples = load("validation", tmp_path, 0)
+    examples = load("test", tmp_path, 0)
     assert [e.meta["mr"] for e in examples] == ["name[a]", "name[b]", "name[d]"]
     assert examples[1].target == long_ref
     assert "dropped 2 of 5 row(s) with an empty mr or ref" in caplog.text

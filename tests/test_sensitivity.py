@@ -219,6 +219,7 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     run = tmp_path / "run"
     assert summary["recommendation"]["num_selected"] == 4 and len(summary["sensitivity_top"]) == 5
     assert summary["ablation_method"] == "cached" and summary["ablation_sets"] == 21 and summary["ablation_time_s"] > 0
+    assert summary["first_order_time_s"] > 0 and summary["first_order_train_steps"] > 0  # its cost, in training steps
     with (run / files.ABLATION).open() as fh:
         ablation = list(csv.DictReader(fh))
     assert [r["kind"] for r in ablation].count("module") == 6 and len(ablation) == 2 + 2 + 4 + 7 + 6

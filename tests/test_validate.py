@@ -1,20 +1,21 @@
-"""`lorasens validate`: placements matched in LoRA parameters, the test split, the files, resuming, bad input."""
+"""`lorasens validate`: arms matched in LoRA parameters, PEFT's peers on the training path, the statistics, the test
+split, the files, resuming, bad input."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from lorasens.analysis.budget import ModuleSize
 from lorasens.analysis.sensitivity import key_of
@@ -22,125 +23,185 @@ from lorasens.cli import main
 from lorasens.config import build_config
 from lorasens.errors import UserError
 from lorasens.module_map import build_module_map
-from lorasens.validate import (
-    MATCH_TOLERANCE,
-    PlacementSpec,
-    ValidateSettings,
-    example_losses,
-    fit_ranks,
-    matched_random,
-    module_sizes,
-    parse_seeds,
-    placement_config,
-    plan_placements,
-    spread_order,
-    held_out_examples,
-)
+from lorasens.validation import arms as A
+from lorasens.validation import stats
+from lorasens.validation.driver import ValidateSettings, example_losses, module_sizes, parse_seeds
 
-# One optimizer step of the tiny model: the validation machinery is what is tested, not the training.
-TINY = ["--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps", "1", "--max_length", "160",
-        "--batch_size", "2", "--train_samples", "4", "--eval_samples", "4", "--eval_steps", "0",
+# The probe: a few optimizer steps of the tiny model; the validation machinery is what is tested, not the training.
+TINY = ["--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps", "4", "--max_length", "160",
+        "--batch_size", "2", "--train_samples", "16", "--eval_samples", "4", "--eval_steps", "0",
         "--evaluate", "false", "--ablation", "false", "--budget", "0.25", "--budget_unit", "params"]
-VALIDATE = ["--seeds", "1,2", "--random_sets", "1", "--test_samples", "6"]
+ARMS = "eva,adalora,gora,kappa,eva_init,ranks,qv,random"
+VALIDATE = ["--arms", ARMS, "--seeds", "1,2", "--random_sets", "2", "--lr_grid", "1e-3,3e-3", "--max_steps", "10",
+            "--sweep_steps", "5", "--test_samples", "6"]
+
+WIDTHS = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+          "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}  # SmolLM2-135M
 
 
-def sizes_of(module_map, model) -> dict[str, ModuleSize]:
-    return module_sizes(model, module_map)
+def smollm_sizes(layers: int = 30) -> dict[str, ModuleSize]:
+    return {f"L{i}.{t}": ModuleSize(f"L{i}.{t}", *w) for i in range(layers) for t, w in WIDTHS.items()}
 
 
-def test_matched_random_sets_lie_within_five_percent_of_the_target():
+def test_matched_random_sets_lie_within_five_percent_of_the_target_and_centred():
     rng = random.Random(0)
-    # Llama-like widths: attention 576x576 / 576x192, MLP 576x1536 (SmolLM2-135M), 30 layers.
-    widths = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
-              "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
-    sizes = {f"L{i}.{t}": ModuleSize(f"L{i}.{t}", *w) for i in range(30) for t, w in widths.items()}
+    sizes = smollm_sizes()
     keys = list(sizes)
     total = sum(s.params(8) for s in sizes.values())
     deviations = []
     for fraction in (0.1, 0.25, 0.5):
         target = round(fraction * total)
-        for draw in range(5):
-            chosen = matched_random(keys, sizes, 8, target, rng)
+        for _ in range(5):
+            chosen = A.matched_random(keys, sizes, 8, target, rng)
             params = sum(sizes[k].params(r) for k, r in chosen.items())
-            assert abs(params - target) <= MATCH_TOLERANCE * target, (fraction, draw, params, target)
-            assert set(chosen.values()) == {8}
+            assert abs(params - target) <= A.MATCH_TOLERANCE * target
             deviations.append(params - target)
-    # Centred on the target, not filled up to +5%: within half the smallest module (k_proj: 8 * 768 = 6144).
-    assert max(abs(d) for d in deviations) <= 6144 // 2
-    assert min(deviations) < 0 < max(deviations)  # above and below, not one-sided
-    with pytest.raises(UserError, match="within 5%"):  # one module is 4x the target: no set can match
-        matched_random(["a"], {"a": ModuleSize("a", 10, 10)}, 8, 40, rng)
+    assert max(abs(d) for d in deviations) <= 6144 // 2  # within half the smallest module (k_proj at rank 8)
+    assert min(deviations) < 0 < max(deviations)
+    with pytest.raises(UserError, match="within 5%"):
+        A.matched_random(["a"], {"a": ModuleSize("a", 10, 10)}, 8, 40, rng)
 
 
 def test_fit_ranks_spreads_one_extra_rank_to_hit_the_target():
-    sizes = {f"m{i}": ModuleSize(f"m{i}", 10, 10) for i in range(8)}  # 20 parameters per rank each
-    ranks = fit_ranks(list(sizes), sizes, target=20 * (8 * 2 + 3))  # rank 2 everywhere + 3 modules at rank 3
+    sizes = {f"m{i}": ModuleSize(f"m{i}", 10, 10) for i in range(8)}
+    ranks = A.fit_ranks(list(sizes), sizes, target=20 * (8 * 2 + 3))
     assert sorted(ranks.values()) == [2] * 5 + [3] * 3
-    assert {k for k, r in ranks.items() if r == 3} == {"m0", "m4", "m2"}  # spread, not the first three
-    assert sorted(spread_order(8)) == list(range(8)) and spread_order(8)[:4] == [0, 4, 2, 6]
-    assert fit_ranks(list(sizes), sizes, target=45) == {"m0": 1, "m4": 1}  # below rank 1 everywhere: a subset
+    assert {k for k, r in ranks.items() if r == 3} == {"m0", "m4", "m2"}
+    assert A.spread_order(8)[:4] == [0, 4, 2, 6]
 
 
-def test_plan_holds_every_placement_at_the_recommendations_size(tiny_llama):
+def test_controls_keep_what_they_control_for(tiny_llama):
     module_map = build_module_map(tiny_llama.model)
-    sizes = sizes_of(module_map, tiny_llama.model)
+    sizes = module_sizes(tiny_llama.model, module_map)
     keys = [key_of(m) for m in module_map.modules]
-    rec = {k: 8 for k in keys[:5]}
-    target = sum(sizes[k].params(8) for k in rec)
-    plan = plan_placements(rec, sizes, module_map, 8, random_sets=3)
-    names = [p.name for p in plan]
-    assert names == ["recommended", "random_1", "random_2", "random_3", "qv", "mlp", "uniform", "all", "complement"]
-    by = {p.name: p for p in plan}
-    for name in ("random_1", "random_2", "random_3"):
-        assert abs(by[name].params(sizes) - target) <= 0.05 * target
-    assert {k.split(".")[1] for k in by["qv"].ranks} == {"q_proj", "v_proj"}
-    assert {m.group for m in module_map.modules if key_of(m) in by["mlp"].ranks} == {"mlp"}
-    assert set(by["uniform"].ranks) == set(keys) or by["uniform"].params(sizes) <= 1.05 * target
-    for name in ("qv", "mlp", "uniform"):  # heuristics fitted by rank: as close as one module's rank step
-        step = max(sizes[k].in_features + sizes[k].out_features for k in by[name].ranks)
-        assert abs(by[name].params(sizes) - target) <= step
-    assert by["all"].params(sizes) == sum(s.params(8) for s in sizes.values())
-    assert set(by["complement"].ranks) == set(keys) - set(rec)
-    # The same random sets for every call: the seeds vary training, not the placements compared.
-    again = plan_placements(rec, sizes, module_map, 8, random_sets=3)
-    assert [p.ranks for p in again] == [p.ranks for p in plan]
+    rec = {keys[0]: 8, keys[1]: 8, keys[7]: 4, keys[9]: 8}
+    typed = A.random_typed(rec, module_map, random.Random(3))
+    kind = lambda ranks: sorted((k.split(".")[1], r) for k, r in ranks.items())  # noqa: E731
+    assert kind(typed) == kind(rec) and typed != rec  # same types at the same ranks, other layers
+    profile = {k: (i % 3) * 4 for i, k in enumerate(keys)}
+    shuffled = A.shuffled_ranks(profile, module_map, random.Random(1))
+    params = lambda ranks: sum(sizes[k].params(r) for k, r in ranks.items())  # noqa: E731
+    assert params(shuffled) == params(profile) and shuffled != {k: r for k, r in profile.items() if r}
+    for module_type in {k.split(".")[1] for k in keys}:
+        same = lambda ranks: sorted(r for k, r in ranks.items() if k.endswith("." + module_type) and r)  # noqa: E731
+        assert same(shuffled) == same(profile)
 
 
-def test_placement_config_creates_exactly_the_stated_ranks_in_peft(tiny_llama, tmp_path):
+def test_value_arm_fills_the_budget_by_predicted_loss_reduction_per_parameter():
+    sizes = {"a": ModuleSize("a", 10, 10), "b": ModuleSize("b", 20, 20), "c": ModuleSize("c", 10, 10)}
+    # per parameter: c > b > a; the budget holds c and b (2 * 20 * 8 + ... at rank 8: c 160, b 320, a 160)
+    ranks = A.value_ranks(sizes, {"a": 0.001, "b": 0.002, "c": 0.01, "d": None}, 8, target=480)
+    assert ranks == {"c": 8, "b": 8}
+    with pytest.raises(UserError, match="first_order"):
+        A.value_ranks(sizes, {}, 8, 480)
+
+
+def test_adalora_schedule_follows_the_training_length():
+    assert A.adalora_schedule(150) == {"total_step": 150, "tinit": 15, "tfinal": 30, "deltaT": 8}
+    assert A.adalora_schedule(10) == {"total_step": 10, "tinit": 1, "tfinal": 2, "deltaT": 1}
+    with pytest.raises(UserError, match="more steps"):
+        A.adalora_schedule(2)
+
+
+def test_arm_configs_build_exactly_their_ranks_and_method_in_peft(tiny_llama, tmp_path):
+    from lorasens.lora import apply_placement, load_placement, lora_parameters
+
     module_map = build_module_map(tiny_llama.model)
-    sizes = sizes_of(module_map, tiny_llama.model)
+    sizes = module_sizes(tiny_llama.model, module_map)
     keys = [key_of(m) for m in module_map.modules]
-    spec = PlacementSpec("x", "heuristic", {keys[0]: 2, keys[1]: 4, keys[9]: 4, keys[-1]: 16}, "test")
-    config = placement_config(spec, module_map, r=8, alpha=16.0, dropout=0.0)
-    json.dumps(config)  # a JSON file
-    model = get_peft_model(tiny_llama.model, LoraConfig(**config))
-    paths = {key_of(m): m.name for m in module_map.modules}
-    created = {}
-    for key, path in paths.items():
-        layer = model.get_submodule("base_model.model." + path)
-        if hasattr(layer, "lora_A") and "default" in layer.lora_A:
-            created[key] = layer.lora_A["default"].weight.shape[0]
-            assert layer.scaling["default"] == pytest.approx(16.0 / 8)  # alpha / r kept for every rank
-    assert created == spec.ranks
-    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    assert trainable == spec.params(sizes)
+    arm = A.Arm("x", "ranks", {keys[0]: 2, keys[1]: 4, keys[9]: 4, keys[-1]: 16})
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(A.arm_config(arm, module_map, r=8, alpha=16.0, max_steps=20)))
+    placement = load_placement(path, tiny_llama.model, module_map)
+    model = apply_placement(tiny_llama.model, placement, dropout=0.0)
+    lora = lora_parameters(model, module_map)
+    assert {key_of(lp.module): lp.A.shape[0] for lp in lora} == arm.ranks
+    assert all(lp.scaling == pytest.approx(2.0) for lp in lora)  # alpha / r of the run at every rank
+    assert sum(lp.numel() for lp in lora) == arm.params(sizes)
+
+    ada = A.Arm("adalora", "adalora", {k: 3 for k in keys}, adalora=A.AdaLoraPlan(3, 20, 900))
+    path.write_text(json.dumps(A.arm_config(ada, module_map, r=8, alpha=16.0, max_steps=20)))
+    placement = load_placement(path, tiny_llama.model, module_map)
+    assert placement.method == "adalora" and placement.adalora_target_total_rank == 20
+    assert (placement.config.total_step, placement.config.tinit, placement.config.tfinal) == (20, 2, 4)
+    assert placement.config.lora_alpha == pytest.approx(6.0)  # alpha / r * init_r
 
 
-@pytest.mark.slow
-def test_test_prompts_are_disjoint_from_train_and_validation(e2e_dir):
-    cfg = build_config(cli_overrides={"model": "tiny-random-llama", "dataset": "e2e", "data_dir": str(e2e_dir),
-                                      "train_samples": 300, "eval_samples": 40})
-    from lorasens.data.registry import load_examples
+def test_placement_files_refuse_methods_that_rewrite_the_base(tiny_llama, tmp_path):
+    from lorasens.lora import load_placement
 
-    examples, info = held_out_examples(cfg, (1, 2), 50)
-    assert len(examples) == 50 and len({ex.prompt for ex in examples}) == 50
-    # E2E here has no testset_w_refs.csv: the test prompts come from devset.csv, which validation also reads.
-    assert info["prompts_excluded_as_seen"] > 0
-    seen = {ex.prompt for ex in load_examples("e2e", "train", str(e2e_dir), 0)}  # the whole train split
-    for seed in (1, 2, cfg.training.seed):
-        seen |= {ex.prompt for ex in load_examples("e2e", "validation", str(e2e_dir), seed, 40)}
-    assert not seen & {ex.prompt for ex in examples}
-    assert all(len(ex.references) >= 1 and ex.target == ex.references[0] for ex in examples)
+    module_map = build_module_map(tiny_llama.model)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"r": 4, "target_modules": ["q_proj"], "init_lora_weights": "pissa"}))
+    with pytest.raises(UserError, match="init_lora_weights 'pissa'"):
+        load_placement(path, tiny_llama.model, module_map)
+    path.write_text(json.dumps({"peft_type": "PREFIX_TUNING", "target_modules": ["q_proj"]}))
+    with pytest.raises(UserError, match="valid: LORA, ADALORA"):
+        load_placement(path, tiny_llama.model, module_map)
+
+
+def test_eva_initialisation_differs_from_the_default_and_follows_the_inputs(tiny_llama, tmp_path):
+    from lorasens.data.features import IGNORE_INDEX
+    from lorasens.lora import apply_placement, load_placement, lora_parameters
+    from lorasens.peft_methods import initialize_eva
+
+    module_map = build_module_map(tiny_llama.model)
+    path = tmp_path / "eva.json"
+    path.write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "init_lora_weights": "eva",
+                                "eva_config": {"rho": 1.0}}))
+    placement = load_placement(path, tiny_llama.model, module_map)
+    assert placement.eva
+    torch.manual_seed(0)
+    features = [{"input_ids": ids, "attention_mask": [1] * 12, "labels": [IGNORE_INDEX] * 2 + ids[2:]}
+                for ids in torch.randint(3, 200, (24, 12)).tolist()]
+    model = apply_placement(tiny_llama.model, placement, 0.0)
+    initialize_eva(model, features, tiny_llama.tokenizer, batch_size=4)
+    lora = lora_parameters(model, module_map)
+    assert lora and all(lp.A.device.type == "cpu" and torch.isfinite(lp.A).all() for lp in lora)
+    for lp in lora:
+        rows = lp.A.detach()
+        # EVA's A rows are orthonormal right-singular vectors of the module's inputs (the default is Kaiming).
+        assert torch.allclose(rows @ rows.T, torch.eye(rows.shape[0]), atol=1e-4)
+        assert torch.count_nonzero(lp.B) == 0
+
+
+def test_holm_and_verdicts():
+    adjusted = stats.holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adjusted == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert stats.verdict(-0.1, 0.01, lower_is_better=True) == "wins"
+    assert stats.verdict(-0.1, 0.2, lower_is_better=True) == "ties"
+    assert stats.verdict(+2.0, 0.001, lower_is_better=False) == "wins"
+    assert stats.verdict(-2.0, 0.001, lower_is_better=False) == "loses"
+
+
+def test_bootstrap_difference_is_the_token_weighted_loss_difference():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 20, 40).astype(float)
+
+    def unit(offset: float) -> stats.UnitScores:
+        nll = (2.0 + offset + rng.normal(0, 0.05, 40)) * tokens
+        return stats.UnitScores(np.stack([nll, tokens], axis=1))
+
+    better, worse = [unit(0.0) for _ in range(3)], [unit(0.3) for _ in range(3)]
+    c = stats.compare(better, worse, stats.loss_value, np.random.default_rng(1), draws=400)
+    expected = np.mean([stats.loss_value(u.stats.sum(0)) for u in better]) - np.mean(
+        [stats.loss_value(u.stats.sum(0)) for u in worse])
+    assert c["difference"] == pytest.approx(expected) and c["ci_low"] < expected < c["ci_high"] < 0
+    assert c["p_value"] < 0.01 and c["units"] == [3, 3] and c["prompts"] == 40
+    same = stats.compare(better, better, stats.loss_value, np.random.default_rng(1), draws=400)
+    assert same["ci_low"] <= 0 <= same["ci_high"] and same["p_value"] > 0.5
+
+
+def test_bleu_segments_sum_to_the_official_corpus_bleu():
+    from lorasens.evaluation.metrics import bleu
+    from lorasens.evaluation.segments import bleu_segments
+
+    predictions = ["The Eagle is a cheap pub.", "Blue Spice serves French food.", "Zizzi is a coffee shop"]
+    references = [["The Eagle is a cheap pub near the river.", "Cheap pub The Eagle."],
+                  ["Blue Spice is a French restaurant."], ["Zizzi is a coffee shop in the city centre.", "Zizzi."]]
+    seg = bleu_segments(predictions, references)
+    assert seg.stats.shape[0] == 3
+    assert seg.value(seg.stats.sum(0)) == pytest.approx(bleu(predictions, references), abs=1e-6)
 
 
 def test_example_losses_are_the_token_weighted_loss(tiny_llama):
@@ -148,133 +209,153 @@ def test_example_losses_are_the_token_weighted_loss(tiny_llama):
 
     torch.manual_seed(0)
     features = []
-    for length, prompt in ((9, 4), (14, 6), (6, 2)):  # different lengths: padding and re-ordering are exercised
+    for length, prompt in ((9, 4), (14, 6), (6, 2)):
         ids = torch.randint(3, 200, (length,)).tolist()
-        features.append({"input_ids": ids, "attention_mask": [1] * length,
-                         "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+        features.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
     model = tiny_llama.model.eval()
-    losses = example_losses(model, features, batch_size=2, pad_token_id=0)
-    for (nll, tokens), f in zip(losses, features):
-        ids = torch.tensor([f["input_ids"]])
-        expected = model(input_ids=ids, labels=torch.tensor([f["labels"]])).loss.item()  # mean over its label tokens
+    for (nll, tokens), f in zip(example_losses(model, features, batch_size=2, pad_token_id=0), features):
+        expected = model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss.item()
         assert tokens == sum(label != IGNORE_INDEX for label in f["labels"][1:])
         assert nll / tokens == pytest.approx(expected, rel=1e-5)
 
 
-def test_same_size_placements_are_spread_sideways_in_the_plot():
-    from lorasens.plots.validation_plots import dodged_positions
-
-    xs = dodged_positions({"recommended": 1000, "random_1": 1010, "qv": 990, "all": 4000})
-    assert xs["all"] == 4000  # alone in its column: drawn at its count
-    column = [xs["recommended"], xs["random_1"], xs["qv"]]
-    assert column == sorted(column) and len(set(column)) == 3  # in order, none on top of another
-    assert xs["random_1"] == pytest.approx(1000) and column[0] * column[2] == pytest.approx(1000**2)  # centred
-
-
-def test_seeds_and_settings_are_checked():
+def test_settings_and_bad_input_are_one_line_and_exit_2(tmp_path, capsys):
     assert parse_seeds("1, 2,3") == (1, 2, 3)
-    for bad in ("", "1,x", "a"):
+    for bad in ("", "1,x"):
         with pytest.raises(UserError, match="--seeds"):
             parse_seeds(bad)
-    with pytest.raises(UserError, match="repeated seed"):
-        ValidateSettings(seeds=(1, 1)).check()
-    with pytest.raises(UserError, match="--random_sets"):
-        ValidateSettings(random_sets=0).check()
-
-
-def test_placement_flag_must_agree_with_r_and_not_with_a_schedule(tmp_path):
-    path = tmp_path / "p.json"
-    path.write_text(json.dumps({"r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj"]}))
-    with pytest.raises(UserError, match="--r 4 --lora_alpha 8.0"):
-        build_config(cli_overrides={"model": "tiny-random-llama", "placement": str(path)})
-    cfg = build_config(cli_overrides={"model": "tiny-random-llama", "placement": str(path), "r": 4, "lora_alpha": 8})
-    assert cfg.lora.placement == str(path)
-    with pytest.raises(UserError, match="exclude each other"):
-        build_config(cli_overrides={"model": "tiny-random-llama", "placement": str(path), "r": 4, "lora_alpha": 8,
-                                    "phase_strategy": "both->mlp->attn"})
-    with pytest.raises(UserError, match="does not exist"):
-        build_config(cli_overrides={"model": "tiny-random-llama", "placement": str(tmp_path / "none.json")})
-
-
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(UserError, match="repeat a seed"):
+        ValidateSettings(seeds=(1, 2), extra_seeds=(2,)).check()
+    with pytest.raises(UserError, match="unknown arm"):
+        ValidateSettings(arms=("eva", "lora_ga")).check()
+    with pytest.raises(UserError, match="--lr_grid"):
+        ValidateSettings(lr_grid=(0.0,)).check()
     assert main(["validate", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "not a lorasens run directory" in err and "\n" not in err
-    assert main(["validate", str(tmp_path), "--seeds", "1,two"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--seeds" in err and "\n" not in err
+    assert main(["validate", str(tmp_path), "--extra_seeds", "4,5"]) == 2
+    assert "SEEDS:ARMS" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_e2e_test_split_is_the_whole_devset_and_disjoint_from_every_other_split(e2e_dir):
+    from lorasens.data.registry import load_examples, training_splits
+    from lorasens.validation.driver import held_out_examples
+
+    test = load_examples("e2e", "test", str(e2e_dir), 0)
+    assert len(test) == 4672 and len({ex.prompt for ex in test}) == 547
+    cfg = build_config(cli_overrides={"model": "tiny-random-llama", "dataset": "e2e", "data_dir": str(e2e_dir)})
+    examples, info = held_out_examples(cfg, (1, 2, 3), None)
+    assert info["prompts_used"] == 547 and info["prompts_excluded_as_seen"] == 0 and info["references"] == 4672
+    train, analysis = training_splits("e2e", str(e2e_dir), 1, None, None)
+    validation = load_examples("e2e", "validation", str(e2e_dir), 1)
+    seen = {ex.prompt for ex in train} | {ex.prompt for ex in analysis} | {ex.prompt for ex in validation}
+    assert not seen & {ex.prompt for ex in examples}
+    assert not {ex.prompt for ex in validation} & ({ex.prompt for ex in train} | {ex.prompt for ex in analysis})
+
+
+@pytest.mark.slow
+def test_adalora_placement_prunes_ranks_while_it_trains(tmp_path):
+    place = tmp_path / "ada.json"
+    place.write_text(json.dumps({"peft_type": "ADALORA", "init_r": 6, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                 "target_r": 2, "total_step": 10, "tinit": 1, "tfinal": 2, "deltaT": 1,
+                                 "lorasens": {"adalora_target_total_rank": 5}}))
+    args = [a for a in TINY if a not in ()]
+    args[args.index("--max_steps") + 1] = "10"
+    assert main(["train", *args, "--placement", str(place), "--r", "6", "--lora_alpha", "8", "--track_gradients", "false",
+                 "--track_importance", "false", "--track_update_magnitude", "false", "--final_adapter", "last",
+                 "--output_dir", str(tmp_path), "--experiment_name", "ada"]) == 0
+    adapter = json.loads((tmp_path / "ada" / "summary.json").read_text())["adapter"]
+    history = [total for _, total in adapter["total_rank_by_step"]]
+    assert adapter["method"] == "adalora" and history[0] > history[-1] == adapter["kept_total_rank"] == 5
+    assert history == sorted(history, reverse=True) and 6 * 8 in (history[0], max(history))
+    assert main(["train", *args, "--placement", str(place), "--r", "6", "--lora_alpha", "8",
+                 "--output_dir", str(tmp_path), "--experiment_name", "refused"]) == 2
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def validated(tmp_path_factory) -> Path:
+    """One probe on stories260K (a tiny pretrained Llama) and one validation with every peer arm."""
+    from conftest import shared_path
+
+    model = shared_path("models", "stories260K")
     out = tmp_path_factory.mktemp("runs")
-    assert main(["train", *TINY, "--output_dir", str(out), "--experiment_name", "probe"]) == 0
+    args = [a if a != "tiny-random-llama" else str(model) for a in TINY]
+    assert main(["train", *args, "--output_dir", str(out), "--experiment_name", "probe"]) == 0
+    assert main(["validate", str(out / "probe"), *VALIDATE]) == 0
     return out / "probe"
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+@pytest.mark.slow
+def test_validate_trains_every_arm_at_the_budget_with_its_own_learning_rate(validated):
+    import csv
+
+    out = validated / "validation"
+    summary = json.loads((out / "placement_validation.json").read_text())
+    budget = summary["budget"]["lora_params"]
+    with (out / "placement_validation.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    groups = {"random" if r["arm"].startswith("random_") else r["arm"] for r in rows}
+    assert groups == {"recommended", *ARMS.split(",")}
+    for row in rows:  # trained parameters (AdaLoRA: the ranks it kept) within 5% of the budget
+        assert abs(int(row["lora_params"]) - budget) <= 0.05 * budget, row
+        assert float(row["lr"]) in (1e-3, 3e-3) and float(row["test_loss"]) > 0
+    ada = [r for r in rows if r["arm"] == "adalora"]
+    assert all(int(r["initial_lora_params"]) > int(r["lora_params"]) for r in ada)  # AdaLoRA starts above, prunes
+    for group, entry in summary["arms"].items():
+        sweep = {(r["arm"], float(r["lr"])): float(r["validation_loss"])
+                 for r in csv.DictReader((out / "sweep.csv").open(newline=""))}
+        arm = "random_1" if group == "random" else group
+        assert entry["lr"] == min((1e-3, 3e-3), key=lambda lr: sweep[(arm, lr)])  # chosen by validation loss
+    assert summary["primary"] in {"eva", "adalora", "gora", "kappa"}
+    comparisons = summary["comparisons"]
+    assert set(comparisons) == groups - {"recommended"}
+    others = [g for g in comparisons if g != summary["primary"]]
+    raw = {g: comparisons[g]["test_loss"]["p_value"] for g in others}
+    assert {g: comparisons[g]["test_loss"]["p_adjusted"] for g in others} == pytest.approx(stats.holm(raw))
+    assert all(c["test_loss"]["verdict"] in ("wins", "ties", "loses") for c in comparisons.values())
+    assert summary["verdict"].startswith("test loss: recommended ") and "[primary]" in summary["verdict"]
+    assert summary["costs"]["eva_plan_fraction_of_training"] > 0 and summary["complete"] is True
+    # Each training ran through `lorasens train`'s path with its placement file.
+    config = json.loads((out / "runs" / "eva_seed2" / "config.json").read_text())
+    assert "placements/eva_10steps.json" in config["lora"]["placement"] and config["training"]["seed"] == 2
+    report = (validated / "report.html").read_text()
+    assert 'id="validation"' in report and "recommended vs it (loss)" in report and "[primary]" in report
 
 
 @pytest.mark.slow
-def test_validate_writes_the_three_files_and_the_report_section(tiny_run, tmp_path):
-    import shutil
+def test_test_prompts_are_disjoint_from_every_training_validation_and_analysis_row(validated):
+    from lorasens.data.registry import load_examples, training_splits
+    from lorasens.evaluation.predictions import read_rows
 
-    run = tmp_path / "probe"
-    shutil.copytree(tiny_run, run)
-    assert main(["validate", str(run), *VALIDATE]) == 0
-    out = run / "validation"
-    rows = _read_csv(out / "placement_validation.csv")
-    names = ["recommended", "random_1", "qv", "mlp", "uniform", "all", "complement"]
-    assert [(r["placement"], r["seed"]) for r in rows] == [(n, s) for s in ("1", "2") for n in names]
-    rec_params = int(rows[0]["lora_params"])
-    recommended = json.loads((run / "recommended_lora_config.json").read_text())
-    budget = json.loads((run / "sensitivity.json").read_text())["budget"]
-    assert rec_params == budget["params_used"] and recommended["r"] == 8
-    for row in rows:
-        assert float(row["test_loss"]) > 0 and int(row["test_tokens"]) > 0
-        assert int(row["num_modules"]) == len(row["modules"].split())
-        if row["placement"] == "random_1":
-            assert abs(int(row["lora_params"]) - rec_params) <= 0.05 * rec_params
-    summary = json.loads((out / "placement_validation.json").read_text())
-    rec = summary["placements"]["recommended"]["test_loss"]
-    losses = [float(r["test_loss"]) for r in rows if r["placement"] == "recommended"]
-    assert rec["mean"] == pytest.approx(sum(losses) / 2) and rec["ci_low"] < rec["mean"] < rec["ci_high"]
-    diff = summary["paired_difference"]["matched_random"]
-    by = {(r["placement"], r["seed"]): float(r["test_loss"]) for r in rows}
-    expected = [by[("recommended", s)] - by[("random_1", s)] for s in ("1", "2")]
-    assert diff["mean"] == pytest.approx(sum(expected) / 2)
-    assert summary["verdict"].startswith("recommended - matched-random test loss")
-    assert summary["complete"] is True and summary["seeds"] == summary["seeds_planned"] == [1, 2]
-    assert (out / "placement_validation.png").stat().st_size > 10_000
-    report = (run / "report.html").read_text()
-    assert 'id="validation"' in report and summary["verdict"].split(":")[0] in report
-    # Each training ran through `lorasens train`'s path with its placement: its config.json says so.
-    config = json.loads((out / "runs" / "qv_seed2" / "config.json").read_text())
-    assert config["lora"]["placement"].endswith("placements/qv.json") and config["training"]["seed"] == 2
+    cfg = json.loads((validated / "config.json").read_text())
+    rows = read_rows(validated / "validation" / "runs" / "recommended_seed1" / "synthetic_predictions.jsonl")
+    tested = {r["prompt"] for r in rows}
+    assert len(tested) == 6
+    for seed in (1, 2, cfg["training"]["seed"]):
+        train, analysis = training_splits("synthetic", None, seed, None, None)
+        validation = load_examples("synthetic", "validation", None, seed)
+        assert not tested & {ex.prompt for ex in train + analysis + validation}
 
 
 def _validate_command(run: Path) -> list[str]:
-    return [sys.executable, "-m", "lorasens", "validate", str(run), *VALIDATE]
+    return [sys.executable, "-m", "lorasens", "validate", str(run), VALIDATE[0], "eva,qv", *VALIDATE[2:]]
 
 
 @pytest.mark.slow
-def test_killed_validate_resumes_without_redoing_finished_trainings(tiny_run, tmp_path):
-    import shutil
-
+def test_killed_validate_resumes_without_redoing_finished_trainings(validated, tmp_path):
     run = tmp_path / "probe"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(validated, run, ignore=shutil.ignore_patterns("validation"))
     runs = run / "validation" / "runs"
-    first, second = runs / "recommended_seed1", runs / "recommended_seed2"  # kill once seed 1 is finished
+    first, second = runs / "recommended_seed1", runs / "eva_seed1"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_validate_command(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 600
-        while not (second / "config.json").exists():  # the second training has started: kill validate mid-run
+        while not (second / "config.json").exists():
             assert proc.poll() is None, f"validate exited early ({proc.returncode})"
             assert time.time() < deadline
-            time.sleep(0.1)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -282,21 +363,17 @@ def test_killed_validate_resumes_without_redoing_finished_trainings(tiny_run, tm
             proc.kill()
             proc.wait()
     assert (first / "test_scores.json").exists() and not (second / "test_scores.json").exists()
-    # Seed 1 is finished, so the files already cover it (and say that the validation is not complete).
-    assert len(_read_csv(run / "validation" / "placement_validation.csv")) == 7
     partial = json.loads((run / "validation" / "placement_validation.json").read_text())
-    assert partial["seeds"] == [1] and partial["seeds_planned"] == [1, 2] and partial["complete"] is False
+    # The recommendation's stage (sweep and both seeds) came first and is in the files; eva's trainings are not.
+    assert partial["complete"] is False and partial["arms"]["recommended"]["units"] == 2
+    assert partial["arms"]["eva"]["units"] == 0
     scores = (first / "test_scores.json").read_bytes()
     mtime = (first / "test_scores.json").stat().st_mtime_ns
-    adapter_mtime = (first / "final_model" / "adapter_model.safetensors").stat().st_mtime_ns
-
+    sweeps = {p: p.stat().st_mtime_ns for p in (run / "validation" / "sweep").glob("*/summary.json")}
     done = subprocess.run(_validate_command(run), capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (first / "test_scores.json").read_bytes() == scores
-    assert (first / "test_scores.json").stat().st_mtime_ns == mtime  # neither retrained nor rescored
-    assert (first / "final_model" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime
-    assert "recommended_seed1 (" not in done.stderr and "recommended_seed2 (incomplete)" in done.stderr
-    assert len(_read_csv(run / "validation" / "placement_validation.csv")) == 14
+    assert (first / "test_scores.json").read_bytes() == scores and (first / "test_scores.json").stat().st_mtime_ns == mtime
+    assert {p: p.stat().st_mtime_ns for p in sweeps} == sweeps  # no sweep training redone
     assert json.loads((run / "validation" / "placement_validation.json").read_text())["complete"] is True
     # Other settings on the same folder are refused rather than mixed in.
-    assert main(["validate", str(run), "--seeds", "1,2", "--random_sets", "2", "--test_samples", "6"]) == 2
+    assert main(["validate", str(run), "--seeds", "1", "--test_samples", "6"]) == 2

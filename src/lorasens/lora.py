@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from lorasens.errors import UserError
@@ -28,6 +29,13 @@ class LoraParams:
     A: torch.nn.Parameter
     B: torch.nn.Parameter
     scaling: float
+    extra: tuple[torch.nn.Parameter, ...] = ()  # AdaLoRA's singular values E (r x 1)
+
+    def tensors(self) -> tuple[torch.nn.Parameter, ...]:
+        return (self.A, self.B, *self.extra)
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors())
 
 
 def targets_for(module_map: ModuleMap, target: str) -> tuple[LoraModule, ...]:
@@ -35,18 +43,43 @@ def targets_for(module_map: ModuleMap, target: str) -> tuple[LoraModule, ...]:
     return module_map.select(groups=groups)
 
 
+# init_lora_weights values a placement may carry: these start from the unchanged base weights. PiSSA, OLoRA, LoftQ
+# and CorDA rewrite the base weights, so an adapter scored on the original base would be scored wrongly.
+PLACEMENT_INITS = (True, "gaussian", "eva")
+# A placement file may carry lorasens' own notes (e.g. how validate built it) under this key; PEFT never sees it.
+PLACEMENT_EXTRAS = "lorasens"
+
+
 @dataclass(frozen=True)
 class Placement:
-    """LoRA placed by a PEFT LoRA config file (`--placement`): exactly `modules`, with PEFT's per-module ranks.
+    """LoRA placed by a PEFT config file (`--placement`): exactly `modules`, with the file's ranks and initialisation.
 
-    `rank_pattern` / `alpha_pattern` are PEFT's (pattern -> rank / alpha for the modules that differ from r).
+    `config` is the parsed `peft.LoraConfig` (rank_pattern / alpha_pattern, init_lora_weights="eva" with its
+    eva_config) or `peft.AdaLoraConfig` (ranks then change during training).
     """
 
     modules: tuple[LoraModule, ...]
-    r: int
-    lora_alpha: float
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
+    config: LoraConfig | AdaLoraConfig
+    # AdaLoRA's final budget as a total rank over modules (its target_r is a per-module mean: too coarse to match a
+    # parameter budget); None: target_r x modules, PEFT's own.
+    adalora_target_total_rank: int | None = None
+    adalora_target_params: int | None = None  # None: AdaLoRA's budget stays a rank count
+
+    @property
+    def method(self) -> str:
+        return "adalora" if isinstance(self.config, AdaLoraConfig) else "lora"
+
+    @property
+    def eva(self) -> bool:
+        return self.method == "lora" and self.config.init_lora_weights == "eva"
+
+    @property
+    def r(self) -> int:
+        return int(self.config.init_r if self.method == "adalora" else self.config.r)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.config.lora_alpha)
 
 
 def read_placement_file(path: str | Path) -> dict:
@@ -70,10 +103,8 @@ def load_placement(path: str | Path, model: torch.nn.Module, module_map: ModuleM
     selects nothing, or something else (e.g. lm_head), is an error rather than a silently different placement.
     """
     data = read_placement_file(path)
-    try:
-        config = LoraConfig(**data)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"--placement {str(path)!r}: not a valid peft.LoraConfig ({exc})") from None
+    extras = data.pop(PLACEMENT_EXTRAS, None) or {}
+    config = _peft_config(path, data)
     known = module_map.by_name()
     selected, foreign = [], []
     for name, _ in model.named_modules():
@@ -84,8 +115,45 @@ def load_placement(path: str | Path, model: torch.nn.Module, module_map: ModuleM
     if not selected:
         raise UserError(f"--placement {str(path)!r} selects no module of this model")
     chosen = set(selected)
-    return Placement(tuple(m for m in module_map.modules if m.name in chosen), int(config.r), float(config.lora_alpha),
-                     dict(config.rank_pattern or {}), dict(config.alpha_pattern or {}))
+    extras = extras if isinstance(extras, dict) else {}
+    total_rank, params = extras.get("adalora_target_total_rank"), extras.get("adalora_target_params")
+    return Placement(tuple(m for m in module_map.modules if m.name in chosen), config,
+                     None if total_rank is None else int(total_rank), None if params is None else int(params))
+
+
+def _peft_config(path: str | Path, data: dict) -> LoraConfig | AdaLoraConfig:
+    """The PEFT config of a placement file: LoRA (the default peft_type) or AdaLoRA, nothing else."""
+    kind = str(data.pop("peft_type", "LORA")).upper()
+    data.pop("task_type", None)
+    if kind not in ("LORA", "ADALORA"):
+        raise UserError(f"--placement {str(path)!r}: peft_type {kind!r} is not supported; valid: LORA, ADALORA")
+    init = data.get("init_lora_weights", True)
+    if kind == "LORA" and init not in PLACEMENT_INITS:
+        raise UserError(f"--placement {str(path)!r}: init_lora_weights {init!r} rewrites the base weights or is "
+                        f"unknown; valid: {', '.join(map(str, PLACEMENT_INITS))}")
+    if kind == "LORA" and isinstance(data.get("eva_config"), dict):
+        from peft import EvaConfig
+
+        data["eva_config"] = EvaConfig(**data["eva_config"])
+    try:
+        return (LoraConfig if kind == "LORA" else AdaLoraConfig)(task_type="CAUSAL_LM", **data)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"--placement {str(path)!r}: not a valid peft {kind} config ({exc})") from None
+
+
+def apply_placement(model: torch.nn.Module, placement: Placement, dropout: float) -> PeftModel:
+    """Wrap `model` with PEFT on exactly the placement's modules, with the file's ranks, alpha and initialisation.
+
+    The placement's regexes are replaced by the resolved full paths (GPT-2's attn/mlp c_proj stay distinct); EVA's
+    weights are only allocated here (`low_cpu_mem_usage`): `peft_methods.initialize_eva` fills them from data.
+    """
+    config = copy.deepcopy(placement.config)
+    config.target_modules = [m.name for m in placement.modules]
+    config.layers_to_transform = None
+    config.layers_pattern = None
+    config.lora_dropout = dropout
+    config.fan_in_fan_out = getattr(getattr(model, "config", None), "model_type", "") == "gpt2"
+    return get_peft_model(model, config, low_cpu_mem_usage=placement.eva)
 
 
 def apply_lora(
@@ -122,9 +190,11 @@ def lora_parameters(peft_model: PeftModel, module_map: ModuleMap, adapter: str =
             continue
         if not hasattr(layer, "lora_A") or adapter not in layer.lora_A:
             continue
-        result.append(
-            LoraParams(m, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]))
-        )
+        A, B = layer.lora_A[adapter], layer.lora_B[adapter]
+        if isinstance(A, torch.nn.Parameter):  # AdaLoRA: A, B and E are parameters, not Linear layers
+            result.append(LoraParams(m, A, B, float(layer.scaling[adapter]), (layer.lora_E[adapter],)))
+        else:
+            result.append(LoraParams(m, A.weight, B.weight, float(layer.scaling[adapter])))
     return result
 
 
@@ -140,7 +210,7 @@ def set_trainable(peft_model: torch.nn.Module, lora: list[LoraParams], active: I
     lora_ids = set()
     for p in lora:
         on = p.module in active
-        for param in (p.A, p.B):
+        for param in p.tensors():
             lora_ids.add(id(param))
             param.requires_grad_(on)
             if not on:

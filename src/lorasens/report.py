@@ -407,35 +407,36 @@ def _validation_section(run_dir: Path) -> tuple[str, list[str]]:
     data = read_json(folder / VALIDATION_JSON)
     if data is None:
         return (f'<p class="note">Not validated. <code>lorasens validate {esc(run_dir)}</code> trains the '
-                "recommendation against parameter-matched placements and writes this section.</p>"), []
+                "recommendation against PEFT's EVA and AdaLoRA and parameter-matched placements and writes this "
+                "section.</p>"), []
+    metrics = sorted({m for e in data["arms"].values() for m in (e.get("metrics") or {})})[:2]
     rows = []
-    for name, entry in data["placements"].items():
-        loss = entry["test_loss"]
-        ci = f"[{fmt(loss['ci_low'])}, {fmt(loss['ci_high'])}]" if loss.get("ci_low") is not None else "–"
-        row = [name, entry["kind"], entry["lora_params"], loss["mean"], ci]
-        if "metric" in entry:
-            row.append(entry["metric"]["mean"])
-        rows.append(row)
-    headers = ["placement", "kind", "LoRA params", "test loss (mean)", "95% CI"]
-    if any("metric" in e for e in data["placements"].values()):
-        headers.append(next(e["metric"]["name"] for e in data["placements"].values() if "metric" in e))
-    diff = data["paired_difference"]["matched_random"]
-    partial = ""
-    if not data.get("complete", True):
-        partial = (f"<p><b>Partial:</b> seeds {esc(', '.join(map(str, data['seeds'])))} of "
-                   f"{esc(', '.join(map(str, data['seeds_planned'])))} are finished; rerun the same "
-                   "<code>lorasens validate</code> command to continue.</p>")
-    text = partial + (f"<p><b>{esc(data['verdict'])}</b></p><p class=\"note\">{len(data['seeds'])} seed(s), "
-            f"{data['max_steps']} steps each; budget {fmt(data['budget_lora_params'])} LoRA parameters of "
-            f"{fmt(data['all_modules_lora_params'])} (all modules); test: {fmt(data['test']['prompts_used'])} unseen "
-            f"prompts. The recommendation had the lower test loss in {diff['recommended_lower_than_random_set']} of "
-            f"{diff['comparisons']} (seed, random set) pairs.</p>" + table(headers, rows, numeric_from=2))
-    paired = [[name, d["mean"], f"[{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]" if d.get("ci_low") is not None else "–"]
-              for name, d in data["paired_difference"].items()]
-    text += "<h3>Recommended − other placement (paired by seed)</h3>" + table(["versus", "Δ test loss", "95% CI"], paired)
+    for name, e in data["arms"].items():
+        if e.get("test_loss") is None:
+            continue
+        verdict = data.get("verdicts", {}).get(name, {}).get("test_loss", "–" if name != "recommended" else "")
+        rows.append([name, e["family"], e["lora_params"], e.get("lr"), e["units"], e.get("validation_loss"),
+                     e["test_loss"], *[(e.get("metrics") or {}).get(m) for m in metrics], verdict])
+    headers = ["arm", "family", "LoRA params", "lr", "trainings", "validation loss", "test loss", *metrics,
+               "recommended vs it (loss)"]
+    partial = "" if data.get("complete", True) else (
+        "<p><b>Partial:</b> not every training is finished; rerun the same <code>lorasens validate</code> command "
+        "to continue.</p>")
+    settings = data["settings"]
+    text = partial + (f"<p><b>{esc(data['verdict'])}</b></p><p class=\"note\">{settings['max_steps']} steps at batch "
+                      f"{settings['batch_size']} per training; each arm at its best learning rate of "
+                      f"{esc(', '.join(f'{x:g}' for x in settings['lr_grid']))} by validation loss; budget "
+                      f"{fmt(data['budget']['lora_params'])} LoRA parameters (±5%); test: "
+                      f"{fmt(data['test']['prompts_used'])} unseen prompts. {esc(data['statistics'])}.</p>"
+                      + table(headers, rows, numeric_from=2))
+    comparisons = [[name, metric, c["difference"], f"[{fmt(c['ci_low'])}, {fmt(c['ci_high'])}]", c["p_adjusted"],
+                    c["verdict"]] for name, by in data.get("comparisons", {}).items() for metric, c in by.items()]
+    if comparisons:
+        text += ("<h3>Recommended − other arm</h3>" +
+                 table(["versus", "measure", "difference", "95% CI", "p (Holm)", "verdict"], comparisons))
     if (folder / VALIDATION_PNG).exists():
-        text += (f"<figure>{image_tag(folder / VALIDATION_PNG, VALIDATION_PNG)}<figcaption>Test loss against LoRA "
-                 "parameters: mean and 95% CI per placement, dots are single seeds.</figcaption></figure>")
+        text += (f"<figure>{image_tag(folder / VALIDATION_PNG, VALIDATION_PNG)}<figcaption>Test loss (and the first "
+                 "metric) per arm: large marker the mean, dots single trainings.</figcaption></figure>")
     return text, []
 
 

@@ -25,9 +25,11 @@ from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import Interrupted, TrainingDiverged, UserError
 from lorasens.evaluation import runner
 from lorasens.evaluation.metrics import ensure_meteor_ready
-from lorasens.lora import Placement, apply_lora, load_placement, lora_parameters, set_trainable, targets_for
+from lorasens.lora import (Placement, apply_lora, apply_placement, load_placement, lora_parameters, set_trainable,
+                           targets_for)
 from lorasens.models import load_model
 from lorasens.module_map import build_module_map
+from lorasens.peft_methods import AdaLoraAllocationCallback, adalora_effective_params, initialize_eva, kept_ranks
 from lorasens.phases import PhaseScheduleCallback
 from lorasens.plots import plot_training_loss
 from lorasens.rundir import check_run_dir, replace_run_dir
@@ -102,12 +104,13 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
     set_seed(cfg.training.seed)
 
     # Model, module map and schedule: everything that can still fail on user input, before touching run_dir.
-    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
+    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed, quantize=cfg.model.quantize)
     module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
     schedule: Schedule | None = None
     placement: Placement | None = None
     if cfg.lora.placement:
         placement = load_placement(cfg.lora.placement, loaded.model, module_map)
+        _check_placement_method(cfg, placement)
         lora_modules = placement.modules
     elif cfg.schedule.phase_strategy:
         schedule = parse_schedule_from_config(cfg, module_map=module_map)
@@ -144,8 +147,14 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
         save_config(cfg, run_dir / CONFIG_FILE)
     log_handler = _attach_file_log(run_dir) if main_process else logging.NullHandler()
     try:
-        model = apply_lora(loaded.model, lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout,
-                           placement.rank_pattern if placement else None, placement.alpha_pattern if placement else None)
+        if placement is not None:
+            model = apply_placement(loaded.model, placement, cfg.lora.lora_dropout)
+            if placement.eva:
+                # On the first training batches, before lora_parameters: PEFT replaces the LoRA layers (new ranks
+                # with rho > 1). A resumed run then loads its trained weights over these.
+                initialize_eva(model, train_features, loaded.tokenizer, cfg.training.batch_size)
+        else:
+            model = apply_lora(loaded.model, lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
         lora = lora_parameters(model, module_map)
         # All LoRA parameters of every phase require grad now, so the Trainer's optimizer holds all of them.
         set_trainable(model, lora, lora_modules)
@@ -153,7 +162,7 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
                          lora=lora, state=RunState(phase=cfg.lora.target), schedule=schedule,
                          val_features=val_features, analysis_features=analysis_features)
         best = BestAdapterCallback(lambda: get_peft_model_state_dict(model))
-        divergence = DivergenceCallback([p for lp in lora for p in (lp.A, lp.B)])
+        divergence = DivergenceCallback([p for lp in lora for p in lp.tensors()])
         # The public callbacks a user's own training script uses (lorasens.SensitivityCallback and
         # PhaseScheduleCallback): one implementation of logging, measuring and phase switching.
         sensitivity = SensitivityCallback.for_run(ctx)
@@ -163,6 +172,11 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
                                                            reset_optimizer_on_switch=cfg.schedule.reset_optimizer_on_switch,
                                                            run_state=ctx.state))
         trainer_callbacks.extend(tensorboard_callbacks(ctx, sensitivity))  # gradient norms as scalars (--report_to)
+        allocation = None
+        if placement is not None and placement.method == "adalora":
+            allocation = AdaLoraAllocationCallback(model, placement.adalora_target_total_rank,
+                                                   placement.adalora_target_params)
+            trainer_callbacks.append(allocation)
         trainer_callbacks.extend(callbacks)
         packing = decide_packing(model, loaded.tokenizer, train_features, cfg.training.packing, cfg.training.batch_size)
         ctx.trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features,
@@ -183,10 +197,27 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
                 f"training diverged at step {divergence.step}: {divergence.reason}; stopped there (no final_model, "
                 f"analysis or report). Logs up to that step and earlier checkpoints are kept in {run_dir}. Lower --lr "
                 "or keep --max_grad_norm > 0")
+        if ctx.trainer.is_fsdp_enabled:
+            # The LoRA factors are sharded: gather them on every rank (a collective), then rank 0 evaluates and
+            # analyses an unsharded copy of the base with the gathered adapter (the base itself never changed).
+            from lorasens.sharding import full
+
+            state = {k: full(v).detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            if best.best_state is not None:
+                best.best_state = {k: full(v) for k, v in best.best_state.items()}
+            if ctx.trainer.is_world_process_zero():
+                base = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed,
+                                  quantize=cfg.model.quantize)
+                model = apply_lora(base.model, lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout,
+                                   placement.rank_pattern if placement else None,
+                                   placement.alpha_pattern if placement else None)
+                set_peft_model_state_dict(model, state)
+                lora = lora_parameters(model, module_map)
+                ctx.model, ctx.lora = model, lora
         if not ctx.trainer.is_world_process_zero():
             return RunResult(run_dir, {})
 
-        if best.best_state is not None:
+        if best.best_state is not None and cfg.training.final_adapter == "best":
             set_peft_model_state_dict(model, best.best_state)
             final_source = f"best validation loss (step {best.best_step})"
         model.save_pretrained(run_dir / FINAL_MODEL)
@@ -200,7 +231,8 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
             "architecture": module_map.architecture,
             "num_layers": module_map.num_layers,
             "lora_modules": len(lora_modules),
-            "trainable_params": sum(p.A.numel() + p.B.numel() for p in lora),
+            "trainable_params": sum(lp.numel() for lp in lora),
+            "adapter": _adapter_summary(placement, model, allocation),
             "steps": ctx.trainer.state.global_step,
             "final_train_loss": metrics.final_train_loss,
             "final_eval_loss": metrics.final_eval_loss,
@@ -219,6 +251,35 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
     finally:
         logging.getLogger("lorasens").removeHandler(log_handler)
         log_handler.close()
+
+
+def _check_placement_method(cfg: ExperimentConfig, placement: Placement) -> None:
+    """AdaLoRA prunes ranks while it trains: the per-module measures assume fixed LoRA factors, and its schedule is
+    fixed by total_step, so both must agree with the run's settings."""
+    if placement.method != "adalora":
+        return
+    tracking = [f"--{name}" for name in ("track_gradients", "track_importance", "track_update_magnitude", "ablation")
+                if getattr(cfg.tracking, name)]
+    if tracking:
+        raise UserError(f"--placement {cfg.lora.placement} is an AdaLoRA config: its ranks change while it trains, so "
+                        f"{', '.join(tracking)} cannot measure it; set them to false")
+    if placement.config.total_step != cfg.training.max_steps:
+        raise UserError(f"--placement {cfg.lora.placement}: AdaLoRA's total_step {placement.config.total_step} must "
+                        f"equal --max_steps {cfg.training.max_steps}")
+    if cfg.training.eval_steps and cfg.training.final_adapter == "best":
+        raise UserError("an AdaLoRA placement needs --final_adapter last (an earlier adapter holds other ranks)")
+
+
+def _adapter_summary(placement: Placement | None, model, allocation) -> dict:
+    """What the adapter is: method, initialisation, and for AdaLoRA the ranks it kept."""
+    if placement is None:
+        return {"method": "lora", "init": "default"}
+    if placement.method == "lora":
+        return {"method": "lora", "init": "eva" if placement.eva else str(placement.config.init_lora_weights)}
+    ranks = kept_ranks(model)
+    return {"method": "adalora", "init_r": placement.r, "target_total_rank": allocation.target_total_rank,
+            "kept_total_rank": sum(ranks.values()), "effective_params": adalora_effective_params(model),
+            "kept_ranks": ranks, "total_rank_by_step": allocation.history}
 
 
 def _stop_callbacks(trainer) -> None:

@@ -47,6 +47,20 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Write `rows` as CSV with a header, atomically; a missing or non-finite number is an empty cell."""
+    import csv
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if json_ready(row.get(k)) is None else row.get(k) for k in columns})
+    os.replace(tmp, path)
+
+
 def decode_utf8(data: bytes, path: Path) -> str:
     """UTF-8 text of a file's bytes (a leading BOM, as Excel writes it, is dropped); bad bytes name the line."""
     try:

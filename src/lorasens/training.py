@@ -26,6 +26,7 @@ from transformers.trainer_callback import ProgressCallback
 from lorasens.analysis.measures import foreach_norms
 from lorasens.config import ExperimentConfig
 from lorasens.data.features import IGNORE_INDEX
+from lorasens.errors import UserError
 from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, EVAL_LOG, TRAIN_LOG, TRAINER_STATE
 from lorasens.rundir.load import adapter_problem
 from lorasens.safeio import dumps, read_json, read_jsonl
@@ -122,7 +123,19 @@ def training_arguments(cfg: ExperimentConfig, run_dir: Path, packing: bool = Fal
     tr = cfg.training
     use_cuda = torch.cuda.is_available()
     bf16 = use_cuda and cfg.model.precision != "fp32" and torch.cuda.is_bf16_supported()
+    if (tr.fsdp != "none" or tr.deepspeed) and not use_cuda:
+        # accelerate enables FSDP / DeepSpeed only on accelerators; on CPU the Trainer would silently run DDP.
+        raise UserError(f"--{'fsdp' if tr.fsdp != 'none' else 'deepspeed'} needs CUDA GPUs (accelerate runs plain DDP "
+                        "on CPU); leave it out to train with DDP")
+    sharding = {}
+    if tr.fsdp != "none":
+        # FSDP2 (what TRL and axolotl run); accelerate wraps each decoder layer (the model's _no_split_modules).
+        sharding = {"fsdp": tr.fsdp, "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                                      "state_dict_type": "SHARDED_STATE_DICT"}}
+    elif tr.deepspeed:
+        sharding = {"deepspeed": tr.deepspeed}
     return TrainingArguments(
+        **sharding,
         output_dir=str(run_dir / CHECKPOINTS),
         max_steps=tr.max_steps,
         per_device_train_batch_size=tr.batch_size,

@@ -424,6 +424,15 @@ class LayerCache:
         if self.last_output is None:
             raise RuntimeError("the model's forward did not reach its last decoder layer")
 
+    def input_of(self, index: int) -> torch.Tensor:
+        """The hidden states that entered layer `index` in the all-on pass."""
+        return self._hidden(self.args[index], self.kwargs[index])
+
+    def run_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer `index` on `hidden`, with the other arguments the model passed it in the all-on pass."""
+        args, kwargs = self._with_hidden(self.args[index], self.kwargs[index], hidden)
+        return self._output(self.layers[index](*args, **kwargs))
+
     def replay(self, start: int) -> torch.Tensor:
         """The last layer's output when layers start..N-1 run again (start = N: the cached all-on output)."""
         if start >= len(self.layers):
@@ -487,30 +496,29 @@ def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Se
             sums = torch.zeros((len(sets), num_examples), dtype=torch.float64)
             counts = torch.zeros(num_examples, dtype=torch.long)
             num_layers = len(layers) if layers is not None else 1
-            # Progress in layer-passes: a set that starts at layer L costs N - L of them (cached), N (otherwise).
-            cost = [num_layers - (s.first_layer or num_layers) if chosen == "cached" else num_layers for s in sets]
-            cost[0] = num_layers
-            with tqdm(total=sum(cost) * len(batches), desc="ablation", unit="layer", leave=False, mininterval=2.0,
+            # Progress in layer-passes: the capture pass costs N, then (cached) one per node of the prefix tree
+            # (`layer_plan`), or N per set (otherwise).
+            if chosen == "cached":
+                plan = layer_plan(sets, num_layers)
+                per_batch = num_layers + count_layer_runs(plan)
+            else:
+                per_batch = num_layers * len(sets)
+            with tqdm(total=per_batch * len(batches), desc="ablation", unit="layer", leave=False, mininterval=2.0,
                       disable=not sys.stderr.isatty()) as bar:  # a bar on a terminal; logs get the lines above
                 for batch in batches:
                     _, _, example = _scored(batch)
-                    cache = None
                     if chosen == "cached":
                         cache = LayerCache(layers)
                         cache.capture(lambda: base.get_decoder()(**batch.inputs, use_cache=False))
-                    for index, s in enumerate(sets):
-                        with lora_switched_off(model, s.modules):
-                            if chosen == "cached":
-                                nll = _cached_pass(base, cache, s.first_layer if s.modules else len(layers), batch)
-                            elif chosen == "decoder":
-                                nll = _decoder_pass(base, batch)
-                            else:
-                                nll = _model_pass(model, batch)
+                        bar.update(num_layers)
+                        results = _shared_prefix_passes(model, base, cache, sets, plan, batch, bar)
+                    else:
+                        results = _whole_passes(model, base, sets, batch, chosen, bar, num_layers)
+                    for index, nll in results:
                         batch_sums, batch_counts = _example_sums(nll, example, num_examples)
                         sums[index] += batch_sums
                         if index == 0:
                             counts += batch_counts
-                        bar.update(cost[index])
     finally:
         model.train(was_training)
     if int(counts.sum()) == 0:
@@ -518,10 +526,93 @@ def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Se
     return AblationResult(sets, sums, counts, chosen, reason, time.perf_counter() - started)
 
 
-def _cached_pass(base: torch.nn.Module, cache: LayerCache, start: int, batch: EvalBatch) -> torch.Tensor:
+def _whole_passes(model, base, sets: Sequence[AblationSet], batch: EvalBatch, chosen: str, bar, num_layers: int
+                  ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(set index, token losses) for every set, each through the whole decoder (or model)."""
+    for index, s in enumerate(sets):
+        with lora_switched_off(model, s.modules):
+            nll = _decoder_pass(base, batch) if chosen == "decoder" else _model_pass(model, batch)
+        bar.update(num_layers)
+        yield index, nll
+
+
+LayerKey = tuple  # the names of a set's modules in one layer, sorted: what that layer runs with switched off
+
+
+def layer_plan(sets: Sequence[AblationSet], num_layers: int) -> list[tuple[LayerKey, ...]]:
+    """Per set, what is switched off in each layer (a tuple of module names per layer, () where nothing is)."""
+    plan = []
+    for s in sets:
+        per_layer: list[list[str]] = [[] for _ in range(num_layers)]
+        for m in s.modules:
+            per_layer[m.layer].append(m.name)
+        plan.append(tuple(tuple(sorted(names)) for names in per_layer))
+    return plan
+
+
+def count_layer_runs(plan: Sequence[tuple[LayerKey, ...]]) -> int:
+    """Layer computations of the prefix tree: one per distinct (layer, switched-off prefix up to that layer) among
+    sets that switch something off at or before that layer (before it, a set's layers are the cached all-on ones)."""
+    nodes = set()
+    for keys in plan:
+        first = next((i for i, k in enumerate(keys) if k), None)
+        if first is None:
+            continue
+        for layer in range(first, len(keys)):
+            nodes.add(keys[: layer + 1])
+    return len(nodes)
+
+
+def _shared_prefix_passes(model, base, cache: LayerCache, sets: Sequence[AblationSet], plan, batch: EvalBatch, bar
+                          ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(set index, token losses) for every set, from the cached all-on pass.
+
+    Sets that switch off the same modules in layers 0..L share the computation of those layers: the sets form a
+    tree over the layers (root: the cached input of the first layer where a set switches something off), each
+    layer runs once per node with that node's modules switched off, and a set's losses come from its leaf. A set
+    that switches nothing off reads the cached output of the last layer. Depth first, so at most one hidden state
+    per layer is held besides the cache; every layer runs on exactly the inputs the per-set replay would give it
+    (same numbers), but e.g. `all_off` and `L0` share layer 0, and the module type `q_proj` shares it with `L0.q_proj`.
+    """
+    num_layers = len(cache.layers)
+    by_name = {m.name: m for s in sets for m in s.modules}
+    roots: dict[int, list[int]] = {}
+    for index, keys in enumerate(plan):
+        first = next((i for i, k in enumerate(keys) if k), None)
+        if first is None:
+            yield index, _head_nll(base, cache.last_output, batch)
+        else:
+            roots.setdefault(first, []).append(index)
+
+    def descend(layer: int, hidden: torch.Tensor, members: list[int]):
+        children: dict[LayerKey, list[int]] = {}
+        for index in members:
+            children.setdefault(plan[index][layer], []).append(index)
+        for key, group in children.items():
+            with lora_switched_off(model, [by_name[name] for name in key]):
+                out = cache.run_layer(layer, hidden)
+            bar.update(1)
+            if layer == num_layers - 1:
+                nll = _head_nll(base, out, batch)
+                for index in group:
+                    yield index, nll
+            else:
+                yield from descend(layer + 1, out, group)
+
+    for first, members in sorted(roots.items()):
+        yield from descend(first, cache.input_of(first), members)
+
+
+def _head_nll(base: torch.nn.Module, last_hidden: torch.Tensor, batch: EvalBatch) -> torch.Tensor:
+    """Token losses from the last layer's output: final norm, LM head at the labelled positions."""
     scored, targets, _ = _scored(batch)
-    hidden = _final_norm(base)(cache.replay(start))
+    hidden = _final_norm(base)(last_hidden)
     return _nll(_lm_logits(base, hidden[:, :-1][scored]), targets)
+
+
+def _cached_pass(base: torch.nn.Module, cache: LayerCache, start: int, batch: EvalBatch) -> torch.Tensor:
+    """Token losses when layers start..N-1 run again on their cached inputs (the exactness probe's path)."""
+    return _head_nll(base, cache.replay(start), batch)
 
 
 def _choose_method(model, base, layers, batches: Sequence[EvalBatch], method: Method) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lorasens.analysis.ablation import EvalBatch
+from lorasens.analysis.ablation import EvalBatch, _final_norm, _lm_logits, _scored
 from lorasens.data.features import IGNORE_INDEX
 from lorasens.lora import LoraParams
 
@@ -28,6 +28,8 @@ def first_order_estimates(model: torch.nn.Module, lora: Sequence[LoraParams],
 
     `batches` are the ablation's `EvalBatch`es (padded or packed). The model runs in eval
     mode (no dropout, as the ablation); `requires_grad` and the train/eval mode are restored afterwards.
+    The LM head (hidden x vocabulary: as costly as the decoder on a small model) runs only at the labelled
+    positions, as in the ablation; a model without a recognisable final norm gets the plain forward.
     """
     if not lora:
         return []
@@ -42,11 +44,18 @@ def first_order_estimates(model: torch.nn.Module, lora: Sequence[LoraParams],
     try:
         for b in bs:
             b.requires_grad_(True)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        shortcut = _final_norm(base) is not None
         for batch in batches:
-            logits = model(**batch.inputs).logits[:, :-1]
-            labels = batch.labels[:, 1:]
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                  ignore_index=IGNORE_INDEX, reduction="sum")
+            if shortcut:
+                scored, targets, _ = _scored(batch)
+                hidden = base.get_decoder()(**batch.inputs, use_cache=False).last_hidden_state
+                nll = F.cross_entropy(_lm_logits(base, hidden[:, :-1][scored]).float(), targets, reduction="sum")
+            else:
+                logits = model(**batch.inputs, use_cache=False).logits[:, :-1]  # a cache turns off the packed mask
+                labels = batch.labels[:, 1:]
+                nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                      ignore_index=IGNORE_INDEX, reduction="sum")
             for acc, g in zip(grads, torch.autograd.grad(nll / tokens, bs, allow_unused=True)):
                 if g is not None:
                     acc += g.double()

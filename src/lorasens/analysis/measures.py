@@ -83,6 +83,42 @@ def taylor_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
 
 
 @torch.no_grad()
+def taylor_importance_in(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                         scratch: dict[tuple, torch.Tensor], fraction: int = 8) -> torch.Tensor:
+    """`taylor_importance` with bounded scratch memory: the products `theta * grad` are formed in one flat buffer
+    per device/dtype (kept in `scratch` across steps) of max(largest matrix, 1/`fraction` of all) elements, the
+    matrices taken in batches that fit it, each batch through the foreach kernels. So measuring importance holds
+    no second copy of the LoRA gradients, only about 1/8 of them."""
+    if not params:
+        return torch.empty(0)
+    device = params[0].device
+    parts = []
+    for idx in _groups(params, lambda t: (t.device, t.dtype)).values():
+        first = params[idx[0]]
+        sizes = [params[i].numel() for i in idx]
+        size = max(max(sizes), -(-sum(sizes) // fraction))
+        key = (first.device, first.dtype)
+        flat = scratch.get(key)
+        if flat is None or flat.numel() < size:
+            flat = scratch[key] = torch.empty(size, device=first.device, dtype=first.dtype)
+        dtype = _accumulation_dtype(first.dtype)
+        start = 0
+        while start < len(idx):
+            batch, used = [], 0
+            while start < len(idx) and used + sizes[start] <= size:
+                batch.append(idx[start])
+                used += sizes[start]
+                start += 1
+            views, offset = [], 0
+            for i in batch:
+                views.append(flat[offset : offset + params[i].numel()].view_as(params[i]))
+                offset += params[i].numel()
+            torch._foreach_copy_(views, [params[i].detach() for i in batch])
+            torch._foreach_mul_(views, [grads[i] for i in batch])
+            parts.append((batch, torch.stack(torch._foreach_norm(views, 1, dtype=dtype)).float()))
+    return _in_input_order(parts, device)
+
+
 def update_magnitudes(lora: Sequence[LoraParams]) -> torch.Tensor:
     """||delta W||_F = scaling * ||B A||_F per module, without forming B A (out x in).
 

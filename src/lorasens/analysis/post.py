@@ -6,7 +6,10 @@ training (`analyze_after_training`) and any finished run (`lorasens analyze RUN_
 
 from __future__ import annotations
 
+import json
 import logging
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +115,7 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
     measured_under = _measured_under(cfg, probe)
 
     batches = None
+    first_order_info: dict = {}
     if analysis_features:
         device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -122,7 +126,9 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
                                      packing=packing.enabled)
         # The backward keeps every layer's activations: smaller batches than the no-grad ablation passes.
         grad_batches = validation_batches(analysis_features, None, pad, device, max_tokens=max(256, max_tokens // 8))
+        started = time.perf_counter()
         measures["first_order"] = dict(zip(keys, first_order_estimates(model, lora, grad_batches)))
+        first_order_info = _first_order_cost(time.perf_counter() - started, run_dir)
     else:
         logger.warning("first-order estimate and ablation skipped: no analysis examples")
 
@@ -193,8 +199,27 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
                               if "layers_to_transform" in lora_config else {})},
         "sensitivity_top": top,
         "sensitivity_agreement": sensitivity["agreement"],
+        **first_order_info,
         **ablation_info,
     }
+
+
+def _first_order_cost(seconds: float, run_dir: Path) -> dict:
+    """The first-order estimate's wall time, and as a multiple of the run's median training step (train_log.jsonl)."""
+    info = {"first_order_time_s": round(seconds, 3)}
+    steps = []
+    try:
+        for line in (run_dir / files.TRAIN_LOG).read_text().splitlines():
+            step_time = json.loads(line).get("step_time_s")
+            if isinstance(step_time, (int, float)) and step_time > 0:
+                steps.append(step_time)
+    except (OSError, ValueError):
+        pass
+    if steps:
+        info["first_order_train_steps"] = round(seconds / statistics.median(steps), 3)
+    logger.info("first-order estimate: %.2f s%s", seconds, f" ({info['first_order_train_steps']:.2f} training steps)"
+                if "first_order_train_steps" in info else "")
+    return info
 
 
 def describe_budget(budget: dict) -> str:

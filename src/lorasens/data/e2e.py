@@ -2,7 +2,10 @@
 
 Local files (official release): `trainset.csv`, `devset.csv`, `testset_w_refs.csv`, columns `mr,ref`; several rows
 share one MR (multi-reference). Hub: `tuetschek/e2e_nlg` (columns meaning_representation, human_reference).
-When the test file is absent, evaluation falls back to the dev split and logs that it did.
+When the test file is absent (the public release without test references), the test split is the whole
+`devset.csv` (547 MRs, every reference) and the validation split is cut from `trainset.csv` by MR (a stable hash of
+the MR picks 5% of them), so train, validation and test never share an MR. The analysis split is then carved out of
+what remains of train (see `registry.training_splits`).
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from lorasens.data.files import stable_bucket
 from lorasens.data.hub import load_hub_split
 from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, read_csv_rows, register
-from lorasens.evaluation.predictions import score_e2e_rows
+from lorasens.evaluation.predictions import score_e2e_rows, segment_e2e_rows
 from lorasens.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -20,6 +24,7 @@ logger = logging.getLogger(__name__)
 HUB_ID = "tuetschek/e2e_nlg"
 FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
 PROMPT = "Meaning representation: {mr}\nDescription:"
+VALIDATION_BUCKETS = range(0, 5)  # of 100, by MR: the validation part of trainset.csv when devset.csv is the test
 
 
 def make_examples(pairs: list[tuple[str, str]], split: str) -> list[Example]:
@@ -36,19 +41,29 @@ def make_examples(pairs: list[tuple[str, str]], split: str) -> list[Example]:
 def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
     if data_dir is None:
         return make_examples(_load_hub(split), split)
-    path = data_dir / FILES[split]
-    if split == "test" and not path.exists():
-        logger.warning("E2E: %s not found in %s; evaluating on the dev split (devset.csv) instead", FILES["test"], data_dir)
-        path = data_dir / FILES["validation"]
+    if (data_dir / FILES["test"]).exists():
+        return make_examples(_read_pairs(data_dir, FILES[split]), split)
+    if split == "test":
+        logger.info("E2E: no %s in %s; the test split is devset.csv and validation is 5%% of trainset.csv's MRs",
+                    FILES["test"], data_dir)
+        return make_examples(_read_pairs(data_dir, FILES["validation"]), split)
+    pairs = _read_pairs(data_dir, FILES["train"])
+    wanted = split == "validation"
+    return make_examples([(mr, ref) for mr, ref in pairs if (stable_bucket(mr) in VALIDATION_BUCKETS) == wanted], split)
+
+
+def _read_pairs(data_dir: Path, name: str) -> list[tuple[str, str]]:
+    path = data_dir / name
     if not path.exists():
-        raise UserError(f"--data_dir {str(data_dir)!r} lacks {FILES[split]} (E2E needs {', '.join(FILES.values())})")
+        raise UserError(f"--data_dir {str(data_dir)!r} lacks {name} (E2E needs {FILES['train']} and {FILES['validation']}, "
+                        f"and {FILES['test']} when it has test references)")
     pairs = [(r["mr"].strip(), r["ref"].strip()) for r in read_csv_rows(path, ("mr", "ref"))]
     kept = [(mr, ref) for mr, ref in pairs if mr and ref]
     if len(kept) < len(pairs):
         logger.warning("E2E %s: dropped %d of %d row(s) with an empty mr or ref", path, len(pairs) - len(kept), len(pairs))
     if not kept:
         raise UserError(f"{path}: every row has an empty mr or ref")
-    return make_examples(kept, split)
+    return kept
 
 
 def _load_hub(split: str) -> list[tuple[str, str]]:
@@ -58,6 +73,6 @@ def _load_hub(split: str) -> list[tuple[str, str]]:
 
 
 # Scored the way the E2E challenge scores: one prediction per distinct MR against all of its references.
-EVALUATION = EvaluationSpec(score_e2e_rows, needs_meteor=True)
+EVALUATION = EvaluationSpec(score_e2e_rows, needs_meteor=True, segment_rows=segment_e2e_rows)
 SPEC = register(DatasetSpec("e2e", "E2E NLG: restaurant MR -> description (BLEU/NIST/METEOR/ROUGE-L/CIDEr)", load,
                             EVALUATION, max_new_tokens=64))

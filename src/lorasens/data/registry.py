@@ -53,6 +53,9 @@ class EvaluationSpec:
     row_fields: Callable[[Example], dict] | None = None  # extra fields of a predictions row (WikiSQL: its table)
     label_choices: tuple[str, ...] = ()  # also scored by label log-likelihood (rows get `ll_prediction`, `subset`)
     eval_sets: EvalSetsHook | None = None  # default: one set, named after the split
+    # prediction rows -> {metric: per-prompt statistics} (evaluation.segments), for validate's bootstrap; None: the
+    # dataset's metrics are not resampled (validate compares loss only)
+    segment_rows: Callable[[list[dict]], dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from lorasens.data.files import read_records, stable_bucket
 from lorasens.data.hub import load_hub_split
 from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, register
 from lorasens.data.sql import AGGS, OPS, LogicalForm, Table, logical_form, parse_sql, to_sql  # noqa: F401 - re-exported
-from lorasens.evaluation.predictions import score_wikisql_rows
+from lorasens.evaluation.predictions import score_wikisql_rows, segment_wikisql_rows
 from lorasens.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -125,4 +125,5 @@ def _row_fields(example: Example) -> dict:
 
 
 SPEC = register(DatasetSpec("wikisql", "WikiSQL: question + table header -> SQL (logical-form, execution, exact string match)",
-                            load, EvaluationSpec(score_wikisql_rows, row_fields=_row_fields), max_new_tokens=64))
+                            load, EvaluationSpec(score_wikisql_rows, row_fields=_row_fields,
+                                                  segment_rows=segment_wikisql_rows), max_new_tokens=64))

@@ -121,6 +121,22 @@ def score_e2e_rows(rows: list[dict]) -> dict:
     return e2e_metrics(*_columns(group_e2e_rows(rows)))
 
 
+def segment_e2e_rows(rows: list[dict]) -> dict:
+    """Per-MR statistics of the official BLEU and ROUGE-L, for a bootstrap over test prompts (validate)."""
+    from lorasens.evaluation.segments import bleu_segments, rouge_l_segments
+
+    predictions, references = _columns(group_e2e_rows(rows))
+    return {"bleu": bleu_segments(predictions, references), "rouge_l": rouge_l_segments(predictions, references)}
+
+
+def segment_wikisql_rows(rows: list[dict]) -> dict:
+    """Per-question logical-form accuracy, for a bootstrap over test questions (validate)."""
+    from lorasens.evaluation.segments import accuracy_segments
+
+    correct = [score_wikisql_rows([row])["logical_form_accuracy"] == 1.0 for row in rows]
+    return {"logical_form_accuracy": accuracy_segments(correct)}
+
+
 def score_samsum_rows(rows: list[dict]) -> dict:
     return samsum_metrics(*_columns(rows))
 

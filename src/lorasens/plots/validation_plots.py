@@ -1,4 +1,4 @@
-"""The plot of `lorasens validate`: test loss against LoRA parameters, one point per placement (mean, 95% CI).
+"""The plot of `lorasens validate`: every arm's test loss (and first metric), one row per arm, a dot per training.
 
 Drawn from placement_validation.csv / .json only, so a validation folder can be redrawn later.
 """
@@ -9,25 +9,21 @@ import csv
 import json
 from pathlib import Path
 
+from lorasens.plots.common import OKABE_ITO, MissingInput, new_figure, save
 from lorasens.rundir.files import VALIDATION_CSV as CSV_FILE
 from lorasens.rundir.files import VALIDATION_JSON as JSON_FILE
 from lorasens.rundir.files import VALIDATION_PNG as PNG_FILE
-from lorasens.plots.common import OKABE_ITO, MissingInput, new_figure, save
-KIND_STYLE = {  # colour, marker, legend label
-    "recommended": (OKABE_ITO[3], "*", "recommended"),
-    "matched_random": (OKABE_ITO[7], "o", "random, matched LoRA parameters"),
-    "heuristic": (OKABE_ITO[0], "s", "heuristic at the same budget"),
-    "ceiling": (OKABE_ITO[2], "^", "all modules (ceiling)"),
-    "complement": (OKABE_ITO[1], "v", "complement of the recommendation"),
-}
+
+FAMILY_COLOUR = {"lorasens": OKABE_ITO[3], "peer": OKABE_ITO[0], "control": OKABE_ITO[7], "ceiling": OKABE_ITO[2]}
+
+
+def _group(arm: str) -> str:
+    return "random" if arm.startswith("random_") else arm
 
 
 def plot_placement_validation(out_dir: str | Path) -> Path:
-    """Each seed's test loss as a small dot; per placement the mean over seeds with its 95% CI as an error bar.
-
-    The x axis is the placement's LoRA parameter count (log scale): placements at the budget share one column, so
-    the recommendation is read against the random sets and heuristics directly above and below it.
-    """
+    """Left: test loss; right (when generated): the dataset's first metric. Rows: arms, best mean loss on top;
+    small dots: single trainings (random: each set x seed); large marker: the arm's mean."""
     out_dir = Path(out_dir)
     for name in (CSV_FILE, JSON_FILE):
         if not (out_dir / name).exists():
@@ -35,51 +31,29 @@ def plot_placement_validation(out_dir: str | Path) -> Path:
     with (out_dir / CSV_FILE).open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     summary = json.loads((out_dir / JSON_FILE).read_text())
-    fig, ax = new_figure(figsize=(9, 5.2))
-    seen_kinds: set[str] = set()
-    shown = {name: e for name, e in summary["placements"].items() if name != "matched_random"}  # sets one by one
-    xs = dodged_positions({name: e["lora_params"] for name, e in shown.items()})
-    for name, entry in shown.items():
-        kind = entry["kind"]
-        colour, marker, label = KIND_STYLE[kind]
-        x = xs[name]
-        seeds = [float(r["test_loss"]) for r in rows if r["placement"] == name]
-        ax.scatter([x] * len(seeds), seeds, s=12, color=colour, alpha=0.35, zorder=2)
-        loss = entry["test_loss"]
-        err = None
-        if loss["ci_low"] is not None:
-            err = [[loss["mean"] - loss["ci_low"]], [loss["ci_high"] - loss["mean"]]]
-        ax.errorbar([x], [loss["mean"]], yerr=err, fmt=marker, color=colour, markersize=11 if kind == "recommended" else 7,
-                    capsize=4, zorder=3, label=None if kind in seen_kinds else label)
-        seen_kinds.add(kind)
-        ax.annotate(name, (x, loss["mean"]), textcoords="offset points", xytext=(7, -3), fontsize=8)
-    ax.axvline(summary["budget_lora_params"], color="#999999", linestyle=":", linewidth=1, zorder=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("LoRA parameters (log scale; dotted: the recommendation's budget; placements of about the same size "
-                  "are spread sideways)", fontsize=9)
-    ax.set_ylabel("test loss (nats/target token)")
-    ax.set_title(f"Placement validation — {summary.get('model')} on {summary.get('dataset')}, "
-                 f"{len(summary['seeds'])} seed(s), {summary['max_steps']} steps\nmean and 95% CI over seeds; dots: single seeds",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    metric_columns = [c for c in (rows[0] if rows else {}) if c.startswith("metric_")]
+    panels = [("test_loss", "test loss (nats/target token)")]
+    if metric_columns:
+        panels.append((metric_columns[0], metric_columns[0].removeprefix("metric_")))
+    arms = {g: e for g, e in summary["arms"].items() if e.get("test_loss") is not None}
+    order = sorted(arms, key=lambda g: -arms[g]["test_loss"])
+    fig, axes = new_figure(figsize=(5.2 * len(panels), 0.42 * len(order) + 1.8), ncols=len(panels))
+    axes = axes if isinstance(axes, (list, tuple)) or hasattr(axes, "__len__") else [axes]
+    for ax, (column, label) in zip(axes, panels):
+        for y, group in enumerate(order):
+            colour = FAMILY_COLOUR.get(arms[group]["family"], OKABE_ITO[1])
+            values = [float(r[column]) for r in rows if _group(r["arm"]) == group and r.get(column) not in ("", None)]
+            ax.scatter(values, [y] * len(values), s=14, color=colour, alpha=0.45, zorder=2)
+            if values:
+                ax.scatter([sum(values) / len(values)], [y], s=70, marker="D" if group == "recommended" else "o",
+                           color=colour, edgecolor="black", linewidth=0.6, zorder=3)
+        ax.set_yticks(range(len(order)))
+        ax.set_yticklabels([f"{g} (lr {arms[g]['lr']:g})" if arms[g].get("lr") else g for g in order], fontsize=8)
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    settings = summary["settings"]
+    fig.suptitle(f"{summary['model']} on {summary['dataset']}: {settings['max_steps']} steps, "
+                 f"{summary['budget']['lora_params']:,} LoRA parameters (±5%); colours: lorasens / peer / control / all",
+                 fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir / PNG_FILE)
-
-
-def dodged_positions(params: dict[str, int], spread: float = 0.07, same: float = 0.06) -> dict[str, float]:
-    """x positions: placements within `same` (relative) of each other share a column and are spread around it by
-    factors of (1 + spread) on the log axis, in the given order, so their markers and labels do not overlap."""
-    positions: dict[str, float] = {}
-    groups: list[list[str]] = []
-    for name, value in params.items():
-        group = next((g for g in groups if abs(params[g[0]] - value) <= same * params[g[0]]), None)
-        if group is None:
-            groups.append([name])
-        else:
-            group.append(name)
-    for group in groups:
-        centre = params[group[0]]
-        for i, name in enumerate(group):
-            positions[name] = centre * (1 + spread) ** (i - (len(group) - 1) / 2)
-    return positions

@@ -59,6 +59,9 @@ VALIDATION_DIR = "validation"
 VALIDATION_CSV = "placement_validation.csv"
 VALIDATION_JSON = "placement_validation.json"
 VALIDATION_PNG = "placement_validation.png"
+VALIDATION_SWEEP_CSV = "sweep.csv"
+VALIDATION_PLAN = "plan.json"  # the arms and settings of a validation folder
+VALIDATION_TEST_SCORES = "test_scores.json"  # per-prompt test scores of one validation training  # validation loss per arm and learning rate
 
 GROUP_NORMS_COLUMNS = ("step", "phase", "attn", "mlp", "total")
 LAYER_NORMS_COLUMNS = ("step", "phase", "layer", "attn", "mlp")
@@ -67,8 +70,8 @@ IMPORTANCE_COLUMNS = ("step", "phase", "layer", "group", "module", "importance")
 UPDATE_MAGNITUDE_COLUMNS = ("step", "phase", "layer", "group", "module", "delta_w_norm")
 ABLATION_COLUMNS = ("kind", "name", "layer", "group", "module", "num_modules", "loss", "delta_loss",
                     "delta_ci_low", "delta_ci_high", "rank", "rank_low", "rank_high")
-VALIDATION_COLUMNS = ("placement", "kind", "seed", "num_modules", "lora_params", "test_loss", "test_tokens", "metric",
-                      "metric_value", "modules")
+VALIDATION_COLUMNS = ("arm", "family", "kind", "seed", "lr", "steps", "num_modules", "lora_params",
+                      "initial_lora_params", "validation_loss", "test_loss", "train_runtime_s")
 
 # Files a run directory may hold; a folder with none of them (and no evaluation file) is not a run.
 RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, TRAIN_LOG, EVAL_LOG, PHASES, GROUP_NORMS, LAYER_NORMS, MODULE_NORMS,

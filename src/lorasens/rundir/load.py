@@ -48,7 +48,7 @@ def load_run(run_dir: str | Path, adapter: bool = True) -> LoadedRun:
     cfg = read_run_config(run_dir)
     require_known(run_dir, {"model.model"}, "its base model cannot be loaded again (give "
                   "SensitivityCallback(model_name=...) the name lorasens loads it by)")
-    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
+    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed, quantize=cfg.model.quantize)
     module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
     model = loaded.model
     if adapter:

@@ -1,0 +1,99 @@
+"""Markdown tables of a placement benchmark, from docs/results/TASK/validation/*.json and sweep.csv, for RESULTS.md.
+
+    python benchmarks/placement/tables.py e2e     # prints the tables; RESULTS.md pastes them between its markers
+    python benchmarks/placement/tables.py e2e --write   # replaces the block between <!-- TASK:start/end --> in place
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "RESULTS.md"
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def tables(task: str) -> str:
+    folder = ROOT / "docs" / "results" / task / "validation"
+    summary_path = folder / "placement_validation.json"
+    lines = []
+    probe = ROOT / "docs" / "results" / task / "probe" / "summary.json"
+    if probe.exists():
+        p = json.loads(probe.read_text())
+        lines.append(f"Probe: {p['steps']} steps, final validation loss {fmt(p.get('final_eval_loss'))}, "
+                     f"wall time {fmt(p.get('wall_time_s'), 0)} s.")
+    if not summary_path.exists():
+        return "\n".join(lines + ["", "No validation training has finished yet."])
+    s = json.loads(summary_path.read_text())
+    metrics = sorted({m for e in s["arms"].values() for m in (e.get("metrics") or {}) if m in ("bleu", "rouge_l",
+                      "logical_form_accuracy")})
+    status = "complete" if s["complete"] else "**partial** (the benchmark is still running; rerun its command to continue)"
+    lines += ["", f"Status: {status}. Budget {fmt(s['budget']['lora_params'])} LoRA parameters "
+              f"({fmt(100 * s['budget']['lora_params'] / s['budget']['all_modules_lora_params'], 1)}% of every module at "
+              f"rank {s['budget']['r']}); test: {fmt(s['test']['prompts_used'])} prompts "
+              f"({fmt(s['test'].get('references'))} references).", ""]
+    head = ["arm", "family", "LoRA params", "lr", "trainings", "validation loss", "test loss", *metrics,
+            "recommended − arm (test loss, 95% CI)", "verdict"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in s["arms"].items():
+        c = (s.get("comparisons", {}).get(name) or {}).get("test_loss")
+        diff = f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" if c else "–"
+        verdict = (c["verdict"] + (" (primary)" if name == s.get("primary") else "")) if c else "–"
+        row = [name, e["family"], fmt(e.get("lora_params")), fmt(e.get("lr"), 4) if e.get("lr") else "–",
+               fmt(e.get("units")), fmt(e.get("validation_loss")), fmt(e.get("test_loss")),
+               *[fmt((e.get("metrics") or {}).get(m), 2) for m in metrics], diff, verdict]
+        lines.append("| " + " | ".join(row) + " |")
+    sweep = folder / "sweep.csv"
+    if sweep.exists():
+        rows = list(csv.DictReader(sweep.open(newline="")))
+        if rows:
+            rates = sorted({r["lr"] for r in rows}, key=float)
+            lines += ["", "Learning-rate sweep (validation loss after the sweep's steps; chosen in bold):", "",
+                      "| arm | " + " | ".join(rates) + " |", "|---|" + "---|" * len(rates)]
+            for arm in dict.fromkeys(r["arm"] for r in rows):
+                cells = []
+                for lr in rates:
+                    hit = [r for r in rows if r["arm"] == arm and r["lr"] == lr]
+                    value = fmt(float(hit[0]["validation_loss"])) if hit and hit[0]["validation_loss"] else "–"
+                    cells.append(f"**{value}**" if hit and hit[0]["chosen"] == "True" else value)
+                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    costs = s.get("costs") or {}
+    if costs.get("training_s"):
+        parts = [f"{k.removesuffix('_fraction_of_training').replace('_', ' ')} {v:.2f}×"
+                 for k, v in costs.items() if k.endswith("_fraction_of_training")]
+        lines += ["", f"Costs as fractions of one training of the recommendation ({fmt(costs['training_s'], 0)} s): "
+                  + ", ".join(parts) + "."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("task", choices=("e2e", "wikisql"))
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    text = tables(args.task)
+    if not args.write:
+        print(text)
+        return 0
+    start, end = f"<!-- {args.task}:start -->", f"<!-- {args.task}:end -->"
+    content = RESULTS.read_text()
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(content):
+        raise SystemExit(f"{RESULTS} has no {start} ... {end} block")
+    RESULTS.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
