@@ -79,7 +79,8 @@ def build_answer(run_dir: str | Path) -> Answer:
     data = read_json(run_dir / SENSITIVITY)
     verdict = read_verdict(run_dir)
     if verdict:
-        answer.verdict = f"Validation: {verdict}"
+        head, sep, _ = verdict.partition("; test loss:")  # the primary comparison; every arm is in its section
+        answer.verdict = f"Validation: {head}" + (" (every comparison: Placement validation below)" if sep else "")
     if not isinstance(data, dict):
         return answer
     modules = {m["key"]: m for m in data.get("modules") or [] if isinstance(m, dict) and "key" in m}
