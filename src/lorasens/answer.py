@@ -126,13 +126,18 @@ def build_answer(run_dir: str | Path) -> Answer:
     ranked_by = budget.get("ranked_by") or []
     agreement = data.get("agreement") or {}
     if ranked_by:
-        trusted = "ablation" if "ablation" in ranked_by else ranked_by[0]
-        why = ("it measures the loss directly, with bootstrap intervals" if trusted == "ablation" else
-               "it is the first of the measures this run computed")
-        pairs = [v for k, v in agreement.items() if isinstance(v, (int, float)) and trusted in k.split("~")]
-        agree = f"; its mean Spearman ρ with the other measures is {sum(pairs) / len(pairs):.2f}" if pairs else ""
-        answer.trusted = (f"The ranking combines {', '.join(ranked_by)} ({budget.get('ranking_scale', 'raw')} scale); "
-                          f"the one to trust is {trusted}: {why}{agree}.")
+        scale = budget.get("ranking_scale", "raw")
+        if "ablation" in ranked_by:
+            pairs = [v for k, v in agreement.items() if isinstance(v, (int, float)) and "ablation" in k.split("~")]
+            agree = f"; its mean Spearman ρ with the other measures is {sum(pairs) / len(pairs):.2f}" if pairs else ""
+            answer.trusted = (f"The ranking combines {', '.join(ranked_by)} ({scale} scale); the one to trust is "
+                              f"the ablation: it measures the held-out loss directly, with bootstrap intervals{agree}.")
+        else:
+            pairs = [v for v in agreement.values() if isinstance(v, (int, float))]
+            agree = f", which agree with mean Spearman ρ {sum(pairs) / len(pairs):.2f}" if pairs else ""
+            answer.trusted = (f"The ranking averages {', '.join(ranked_by)} ({scale} scale){agree}; the ablation, the "
+                              "direct measure, did not rank every module here"
+                              + (", so weigh the group ablation above against the split." if groups else "."))
     answer.grid = _grid(data, modules, set(selected))
     return answer
 
