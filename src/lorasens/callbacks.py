@@ -64,7 +64,7 @@ from lorasens.plots import plot_training_loss
 from lorasens.rundir import replace_run_dir
 from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL, PHASES, RECORDED_BY, RUN_LOG, SUMMARY_FILE
 from lorasens.rundir.metrics import read_run_metrics
-from lorasens.training import RunState, TrainLogCallback
+from lorasens.training import DivergenceCallback, RunState, TrainLogCallback
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class SensitivityCallback(TrainerCallback):
         self.analysis_features: list[dict] = []  # held-out examples for the ablation and first-order estimate
         self._log_handler: logging.Handler | None = None
         self._started = 0.0
+        self.divergence: DivergenceCallback | None = None
 
     @classmethod
     def for_run(cls, ctx: RunContext) -> "SensitivityCallback":
@@ -175,7 +176,13 @@ class SensitivityCallback(TrainerCallback):
         if self.run_state is None:
             self.run_state = self.phases.state if self.phases is not None else RunState(phase=lora_target(self.lora))
         if self.tokenizer is None:
-            self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            self.tokenizer = find_tokenizer(processing_class, trainer)
+        if getattr(args, "logging_nan_inf_filter", False):
+            # The Trainer's default logs a NaN/inf loss as the mean of the earlier ones (0.0 on a first bad step),
+            # which hides a diverged run; the true loss is logged (null in train_log.jsonl) and marks the run diverged.
+            args.logging_nan_inf_filter = False
+            logger.info("%s: logging the true loss (logging_nan_inf_filter off) so a diverged run shows", WHO)
+        self.divergence = DivergenceCallback([p for lp in self.lora for p in (lp.A, lp.B)])
         if self._run is None:
             self.analysis_features = self._validation_features(trainer)
             self.cfg, self.unknown_fields = recorded_config(self, args, state, model)
@@ -202,11 +209,24 @@ class SensitivityCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.train_log.on_step_end(args, state, control, **kwargs)
+        self._check_divergence("on_step_end", args, state, control, **kwargs)
         if self.tracker is not None:
             self.tracker.on_step_end(args, state, control, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.train_log.on_log(args, state, control, logs=logs, **kwargs)
+        self._check_divergence("on_log", args, state, control, logs=logs, **kwargs)
+
+    def _check_divergence(self, event, args, state, control, **kwargs) -> None:
+        """Marks the run diverged at the first non-finite loss, gradient norm or LoRA weight (the training it
+        observes goes on: a callback never stops it); _finish then writes no recommendation."""
+        if self._run is not None or self.divergence is None or self.divergence.step is not None:
+            return  # lorasens train has its own DivergenceCallback, which stops the run
+        probe = type(control)(**dataclasses.asdict(control)) if dataclasses.is_dataclass(control) else control
+        getattr(self.divergence, event)(args, state, probe, **kwargs)
+        if self.divergence.step is not None:
+            logger.warning("%s: training diverged at step %d (%s); the run is marked diverged and gets no "
+                           "recommendation", WHO, self.divergence.step, self.divergence.reason)
 
     def on_save(self, args, state, control, **kwargs):
         if self.tracker is not None:
@@ -270,9 +290,10 @@ class SensitivityCallback(TrainerCallback):
                                "validation_data=...)", WHO)
                 return []
         features = tokenised_features(data, explicit)
-        if features and self.tokenizer is None:
-            raise UserError(f"{WHO}: the ablation needs the tokenizer's pad token; pass tokenizer=... (the Trainer "
-                            "has no processing_class)")
+        if features and self.tokenizer is None:  # an optional analysis never stops the training it observes
+            logger.warning("%s: no tokenizer found (not passed, no processing_class, none in the data collator); the "
+                           "ablation and first-order estimate are skipped: pass tokenizer=... to get them", WHO)
+            return []
         if not features and self.tracking.ablation:
             logger.info("%s: no tokenised validation data; the ranking uses the gradient measures only (no ablation)",
                         WHO)
@@ -307,11 +328,26 @@ class SensitivityCallback(TrainerCallback):
             "train_runtime_s": round(time.time() - self._started, 2),
             RECORDED_BY: self.recorded_by(),
         })
-        for step in self.after_training:
+        steps = self.after_training
+        if self.divergence is not None and self.divergence.step is not None:
+            ctx.summary["diverged"] = {"step": self.divergence.step, "reason": self.divergence.reason}
+            # Rankings of NaN measures recommend nothing: no sensitivity analysis, no recommendation.
+            steps = tuple(s for s in steps if s is not post.analyze_after_training)
+        for step in steps:
             ctx.summary.update(step(ctx) or {})
         ctx.summary["wall_time_s"] = round(time.time() - self._started, 2)
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(ctx.summary, indent=2) + "\n")
         logger.info("%s: run directory %s written", WHO, self.run_dir)
+
+
+def find_tokenizer(processing_class, trainer: Trainer):
+    """The tokenizer where a Trainer keeps it: its processing_class (a processor's .tokenizer), else its data
+    collator's `tokenizer` (DataCollatorForLanguageModeling(tok) with no processing_class); None if neither."""
+    for holder in (processing_class, getattr(trainer, "processing_class", None),
+                   getattr(getattr(trainer, "data_collator", None), "tokenizer", None)):
+        if holder is not None:
+            return getattr(holder, "tokenizer", holder)
+    return None
 
 
 def find_trainer(callback: TrainerCallback) -> Trainer | None:

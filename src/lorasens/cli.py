@@ -116,8 +116,21 @@ def check_names(args) -> None:
         get_preset(args.preset)
 
 
+# What to do about a full or read-only disk, by command: only the flags that command has.
+DISK_HINTS = {
+    "train": "free space or choose a writable --output_dir (a run can continue from its last complete checkpoint "
+             "with --resume)",
+    "sweep": "free space or choose a writable --output_dir, then rerun the same command (complete runs are skipped)",
+    "score": "free space or choose a writable --output file",
+    "compare": "free space or choose a writable --out folder",
+    "validate": "free space or choose a writable --out folder",
+    None: "free space or make the folder writable",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -141,8 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not is_disk_error(exc):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}; free space or choose a writable --output_dir "
-              "(a run can continue from its last complete checkpoint with --resume)", file=sys.stderr)
+        print(f"error: {exc.strerror or exc}{where}; {DISK_HINTS.get(command, DISK_HINTS[None])}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -506,6 +506,8 @@ def coerce(section: str, name: str, value: Any) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if base in (int, float) and isinstance(value, bool):  # YAML `r: true` is not 1 (`--r true` is refused)
+            raise ValueError
         if base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

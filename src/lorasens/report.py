@@ -18,6 +18,7 @@ from pathlib import Path
 from lorasens.config import key_settings
 from lorasens.context import RunContext
 from lorasens.errors import UserError
+from lorasens.safeio import write_text_atomic
 from lorasens.plots import RUN_PLOTS, plot_run
 from lorasens.rundir.files import (
     CONFIG_FILE,
@@ -125,6 +126,11 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
     ]
     missing += [line for _, lines in body for line in lines]
     status = "complete" if summary is not None else "incomplete (no summary.json: the run did not finish)"
+    diverged = (summary or {}).get("diverged")
+    if isinstance(diverged, dict):
+        status = f"DIVERGED at step {diverged.get('step')}"
+        missing.insert(0, f"training diverged at step {diverged.get('step')} ({diverged.get('reason')}): the "
+                          "measures are not finite, so no sensitivity analysis or recommendation was made")
     page = render_page(
         title=f"lorasens report — {run_dir.name}",
         subtitle=f"{run_dir.resolve()} · {status} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
@@ -132,7 +138,7 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
         missing=missing,
     )
     path = run_dir / REPORT_FILE
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)  # a full disk leaves no 0-byte report.html
     logger.info("report: %s (%d plots%s)", path, len(plots), f", {len(missing)} item(s) missing" if missing else "")
     return ReportResult(path, plots, missing)
 
@@ -320,10 +326,18 @@ def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[s
     return "".join(parts), []
 
 
+def absent(run_dir: Path, name: str) -> str:
+    """Why an analysis file is not shown: missing (analysis not run), or there but unreadable."""
+    if (run_dir / name).exists():
+        return (f"{name} is corrupt (not valid JSON; the analysis was probably killed while writing it): rerun "
+                f"lorasens analyze {run_dir}")
+    return f"{name} is missing (analysis not run)"
+
+
 def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
     data = read_json(run_dir / SENSITIVITY)
     if data is None:
-        line = f"{SENSITIVITY} is missing (analysis not run)"
+        line = absent(run_dir, SENSITIVITY)
         return missing_box([line]), [line]
     rankings = data.get("rankings") or {}
     measures = data.get("measures") or {}
@@ -393,7 +407,7 @@ def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
 def _recommendation_section(run_dir: Path) -> tuple[str, list[str]]:
     data = read_json(run_dir / RECOMMENDED_CONFIG)
     if data is None:
-        line = f"{RECOMMENDED_CONFIG} is missing (analysis not run)"
+        line = absent(run_dir, RECOMMENDED_CONFIG)
         return missing_box([line]), [line]
     usage = ("import json\nfrom peft import LoraConfig, get_peft_model\n"
              f"config = LoraConfig(**json.load(open({RECOMMENDED_CONFIG!r})))\nmodel = get_peft_model(model, config)")

@@ -47,6 +47,19 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file beside it, then rename): a full disk or a kill leaves the old
+    file or none, never a truncated one; the temporary file is removed when the write fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
     """Write `rows` as CSV with a header, atomically; a missing or non-finite number is an empty cell."""
     import csv

@@ -319,6 +319,14 @@ class TrainLogCallback(TrainerCallback):
         self._tokens_at_last_log = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step:
+            # A resumed Trainer keeps the logging/eval/save intervals of the checkpoint's trainer_state.json; the run
+            # says (config.json) and does what this training's arguments say.
+            before = (state.logging_steps, state.eval_steps, state.save_steps)
+            state.compute_steps(args, state.max_steps)
+            if before != (state.logging_steps, state.eval_steps, state.save_steps):
+                logger.info("resume: logging / eval / save every %s / %s / %s steps (the checkpoint had %s / %s / %s)",
+                            state.logging_steps, state.eval_steps, state.save_steps, *before)
         if not state.is_world_process_zero:
             return
         for writer in (self.train, self.eval):
@@ -352,6 +360,9 @@ class TrainLogCallback(TrainerCallback):
                     "tokens_seen": state.num_input_tokens_seen if counted else None,
                     "step_time_s": round(self._step_time, 6),
                     "time_since_last_log_s": round(self._time_since_log, 6),
+                    # NaN/inf are written null; this names which of them were not finite (a diverged step)
+                    **({"non_finite": bad} if (bad := [k for k in ("loss", "grad_norm") if isinstance(logs.get(k), float)
+                                                       and not math.isfinite(logs[k])]) else {}),
                 }
             )
             self._time_since_log = 0.0

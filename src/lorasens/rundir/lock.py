@@ -63,6 +63,14 @@ def _try_create(path: Path, record: dict) -> bool:
     return True
 
 
+def live_holder(run_dir: Path) -> str | None:
+    """Who holds the run directory's lock, when a live process on this host does (else None)."""
+    holder = _read(Path(run_dir) / LOCK_FILE) if (Path(run_dir) / LOCK_FILE).exists() else None
+    if not holder or holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return None
+    return _describe(holder) if _alive(holder["pid"]) else None
+
+
 def acquire(run_dir: Path, command: str | None = None) -> Path:
     """Create the lock (and the run directory); `UserError` naming the holder when a live process holds it."""
     run_dir = Path(run_dir)
