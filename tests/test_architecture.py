@@ -107,7 +107,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                   "data.wikisql", "data.features", "data.templates", "rundir.load")),
     ("training", ("training", "phases", "peft_methods", "context")),
     ("analysis and evaluation", ("analysis", "sharding", "evaluation")),
-    ("presentation", ("plots", "report", "tensorboard_scalars")),
+    ("presentation", ("plots", "report", "answer", "export", "tensorboard_scalars")),
     ("experiment", ("callbacks", "run", "compare", "sweep", "validation")),
     ("interface", ("commands", "cli", "__main__", "")),
 )

@@ -11,7 +11,8 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasens.rundir.files import ABLATION, SENSITIVITY, VALIDATION_DIR, VALIDATION_JSON, read_json
+from lorasens.rundir.files import ABLATION, SENSITIVITY, VALIDATION_DIR, VALIDATION_JSON
+from lorasens.safeio import read_json
 
 TOP_LAYERS = 3
 
@@ -57,7 +58,7 @@ def read_group_ablation(run_dir: Path) -> dict[str, dict]:
 
 def read_verdict(run_dir: Path) -> str | None:
     """The validation verdict, read defensively: a "verdict" string, or a "verdicts" list / dict of strings."""
-    data = read_json(run_dir / VALIDATION_DIR / VALIDATION_JSON)
+    data = read_json(run_dir / VALIDATION_DIR / VALIDATION_JSON, tolerant=True)
     if not isinstance(data, dict):
         return None
     verdict = data.get("verdict")
@@ -76,7 +77,7 @@ def read_verdict(run_dir: Path) -> str | None:
 def build_answer(run_dir: str | Path) -> Answer:
     run_dir = Path(run_dir)
     answer = Answer(verdict=None)
-    data = read_json(run_dir / SENSITIVITY)
+    data = read_json(run_dir / SENSITIVITY, tolerant=True)
     verdict = read_verdict(run_dir)
     if verdict:
         head, sep, _ = verdict.partition("; test loss:")  # the primary comparison; every arm is in its section

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from lorasens.errors import UserError, unknown_choice
-from lorasens.rundir.files import CONFIG_FILE, RECOMMENDED_CONFIG, read_json
+from lorasens.rundir.files import CONFIG_FILE, RECOMMENDED_CONFIG
+from lorasens.safeio import dumps, read_json
 
 FORMATS = {"peft": "lora_config.peft.json", "axolotl": "lora.axolotl.yaml", "llamafactory": "lora.llamafactory.yaml"}
 # lorasens aliases and the Hub id a config file for another tool needs (a random test model has none).
@@ -41,11 +42,11 @@ def to_yaml(data: dict, comment: str) -> str:
 
 
 def load_recommendation(run_dir: Path) -> tuple[dict, str]:
-    lora = read_json(run_dir / RECOMMENDED_CONFIG)
+    lora = read_json(run_dir / RECOMMENDED_CONFIG, tolerant=True)
     if not isinstance(lora, dict) or "target_modules" not in lora:
         raise UserError(f"{run_dir / RECOMMENDED_CONFIG} is missing or unreadable; run the analysis first "
                         f"(`lorasens analyze {run_dir}`)")
-    config = read_json(run_dir / CONFIG_FILE) or {}
+    config = read_json(run_dir / CONFIG_FILE, tolerant=True) or {}
     model = (config.get("model") or {}).get("model") or "BASE_MODEL"
     return lora, HUB_IDS.get(model, model)
 
@@ -62,7 +63,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> P
     path = Path(output) if output else run_dir / FORMATS[fmt]
     comment = f"LoRA placement recommended by lorasens for {run_dir.name} ({len(targets)} modules)."
     if fmt == "peft":
-        text = json.dumps(lora, indent=2) + "\n"
+        text = dumps(lora, indent=2) + "\n"
     elif fmt == "axolotl":
         text = to_yaml({"base_model": base_model, "adapter": "lora", "lora_r": lora["r"],
                         "lora_alpha": lora["lora_alpha"], "lora_dropout": lora["lora_dropout"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from lorasens.config import add_config_flags, build_config, config_overrides
-from lorasens.rundir.files import FINAL_MODEL
+from lorasens.rundir.files import FINAL_MODEL, RECOMMENDED_CONFIG, REPORT_FILE
 
 
 def add_parser(sub) -> None:
@@ -53,13 +53,13 @@ def print_summary(run_dir, summary: dict, wall: float) -> None:
                                                   for k, v in summary["evaluation"].items()))
     recommendation = summary.get("recommendation")
     if isinstance(recommendation, dict):
-        lines.append(f"  recommendation ({recommendation.get('file', 'recommended_lora_config.json')}): "
+        lines.append(f"  recommendation ({recommendation.get('file', RECOMMENDED_CONFIG)}): "
                      f"{recommendation.get('num_selected')} of {recommendation.get('num_modules')} modules: "
                      f"{', '.join(recommendation.get('modules') or [])}")
     answer = build_answer(run_dir).lines()
     if answer:
         lines.append("  answer:")
         lines += [f"    {line}" for line in answer]
-    lines.append(f"  report: {run_dir / 'report.html'}")
+    lines.append(f"  report: {run_dir / REPORT_FILE}")
     lines.append("=" * 72)
     print("\n".join(lines))
