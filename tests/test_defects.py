@@ -317,3 +317,19 @@ def test_disk_full_inside_torch_save_while_checkpointing_is_one_line_exit_2(tmp_
     monkeypatch.setattr(Trainer, "_save_rng_state", original)
     assert main([*args, "--resume"]) == 0
     assert "skipping incomplete checkpoint checkpoint-4" in capsys.readouterr().err
+
+
+def test_report_on_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """Every plot failing to save used to log a traceback each before the exit-2 line."""
+    import errno
+    import matplotlib.figure
+    run = make_analysed_run(tmp_path)
+
+    def read_only_savefig(self, fname, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(fname))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", read_only_savefig)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: Read-only file system writing ")
