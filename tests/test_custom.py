@@ -333,6 +333,18 @@ def test_train_on_custom_data_runs_the_whole_pipeline(tmp_path, capsys):
     assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0  # compare reads the custom metrics
     header = (tmp_path / "cmp" / "comparison_runs.csv").read_text().splitlines()[0]
     assert all(name in header for name in ("exact_match", "accuracy", "rouge_l")), header
+    # `lorasens eval RUN --data_dir DIR`: the finished run scored on another folder (its test split).
+    other = tmp_path / "official"
+    other.mkdir()
+    write_jsonl(other / "train.jsonl", rows[:10])
+    official = [{"question": f"What is {i} minus {i}?", "answer": "0"} for i in range(5)]
+    write_jsonl(other / "test.jsonl", official)
+    assert main(["eval", str(run), "--data_dir", str(other), "--split", "test"]) == 0
+    predictions = [json.loads(line) for line in (run / "custom_predictions.jsonl").read_text().splitlines()]
+    assert {p["prompt"] for p in predictions} == {e.prompt for e in load("test", data_dir=str(other),
+                                                                         prompt_field="question",
+                                                                         target_field="answer")}
+    assert len(predictions) == 5
 
 
 def test_predictions_of_a_hub_named_dataset_get_a_plain_file_name():

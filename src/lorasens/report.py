@@ -43,9 +43,10 @@ from lorasens.rundir.files import (
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = (("config", "Configuration"), ("phases", "Phases"), ("evaluation", "Evaluation"),
-            ("sensitivity", "Sensitivity ranking"), ("recommendation", "Recommended LoRA config"),
-            ("validation", "Placement validation"), ("plots", "Plots"))
+# The answer first; the configuration tables last.
+SECTIONS = (("answer", "Answer"), ("evaluation", "Evaluation"), ("sensitivity", "Sensitivity ranking"),
+            ("recommendation", "Recommended LoRA config"), ("validation", "Placement validation"),
+            ("plots", "Plots"), ("phases", "Phases"), ("config", "Configuration"))
 # (label, config section, field) shown in the config summary table.
 KEY_SETTINGS = key_settings()
 SUMMARY_KEYS = ("steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "final_model_from",
@@ -66,7 +67,8 @@ th{background:#f0f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .missing{background:#fff4e5;border-left:4px solid #E69F00;padding:8px 12px;margin:8px 0;font-size:13px}
 .note{color:#555;font-size:13px}pre{background:#f4f4f4;padding:10px;overflow-x:auto;font-size:12px}
 figure{margin:18px 0}figure img{max-width:100%;border:1px solid #e3e3e3}figcaption{font-size:13px;color:#444}
-.scroll{overflow-x:auto}.cols{display:flex;flex-wrap:wrap;gap:10px 40px;align-items:flex-start}
+.scroll{overflow-x:auto}#answer{border:2px solid #0b3d63}#answer li{margin:4px 0}
+table.grid td{width:34px;height:20px;text-align:center;padding:0}table.grid td.sel{outline:2px solid #E69F00}.cols{display:flex;flex-wrap:wrap;gap:10px 40px;align-items:flex-start}
 """
 
 
@@ -113,13 +115,14 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
         state = "corrupt" if (run_dir / CONFIG_FILE).exists() else "missing"
         missing.insert(0, f"{CONFIG_FILE} is {state}: settings unknown")
     body = [
-        _section("configuration", (CONFIG_FILE, SUMMARY_FILE), _config_section, config, summary, run_dir),
-        _section("phases", (PHASES,), _phases_section, run_dir),
+        _section("answer", (SENSITIVITY,), _answer_section, run_dir),
         _section("evaluation", (f"*{EVALUATION_SUFFIX}",), _evaluation_section, run_dir, config),
         _section("sensitivity", (SENSITIVITY,), _sensitivity_section, run_dir),
         _section("recommendation", (RECOMMENDED_CONFIG,), _recommendation_section, run_dir),
         _section("validation", (f"{VALIDATION_DIR}/{VALIDATION_JSON}",), _validation_section, run_dir),
         _plots_section(run_dir, plots, outcome, RUN_PLOTS),
+        _section("phases", (PHASES,), _phases_section, run_dir),
+        _section("configuration", (CONFIG_FILE, SUMMARY_FILE), _config_section, config, summary, run_dir),
     ]
     missing += [line for _, lines in body for line in lines]
     status = "complete" if summary is not None else "incomplete (no summary.json: the run did not finish)"
@@ -193,7 +196,7 @@ def render_page(title: str, subtitle: str, sections: list[tuple[str, str, str]],
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{esc(title)}</title>"
         f"<style>{CSS}</style></head><body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
-        f"<nav>{nav}</nav><main>{overview}{blocks}</main></body></html>\n"
+        f"<nav>{nav}</nav><main>{blocks}{overview}</main></body></html>\n"
     )
 
 
@@ -209,6 +212,21 @@ def _section(name: str, files: tuple[str, ...], build, *args) -> tuple[str, list
         logger.warning("report section %s not shown: %s: %s", name, type(exc).__name__, exc, exc_info=True)
         line = f"{name}: {' / '.join(files)} has an unexpected format ({type(exc).__name__}: {exc})"
         return missing_box([line]), [line]
+
+
+def _answer_section(run_dir: Path) -> tuple[str, list[str]]:
+    """Where the LoRA goes, in words, with the evidence and the verdict; the layer × module grid beside it."""
+    from lorasens.answer import build_answer, grid_html
+
+    answer = build_answer(run_dir)
+    lines = answer.lines()
+    if not lines:
+        line = f"answer: {SENSITIVITY} is missing (analysis not run)"
+        return missing_box([line]), [line]
+    if not answer.verdict:
+        lines.append(f"Not validated: `lorasens validate {run_dir}` trains it against matched random placements.")
+    items = "".join(f"<li>{esc(x)}</li>" for x in lines)
+    return f'<div class="cols"><ul>{items}</ul><div>{grid_html(answer.grid, esc)}</div></div>', []
 
 
 def _config_section(config: dict | None, summary: dict | None, run_dir: Path) -> tuple[str, list[str]]:

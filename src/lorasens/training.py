@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,7 +115,7 @@ def decide_packing(model: torch.nn.Module, tokenizer, features: list[dict], requ
                   "not separate packed examples; padding instead")
         logger.warning("packing off: %s", reason)
         return PackingDecision(False, reason)
-    logger.info("packing on: one batch gives loss %.6f padded and %.6f flattened", padded, packed)
+    logger.debug("packing on: one batch gives loss %.6f padded and %.6f flattened", padded, packed)
     return PackingDecision(True, f"exact: probe batch loss {padded:.6f} padded, {packed:.6f} flattened")
 
 
@@ -204,7 +205,8 @@ def build_trainer(
         preprocess_logits_for_metrics=target_token_losses,
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgressCallback())
+    # A terminal gets the progress bar; a log file or pipe gets plain lines (no escape codes, no redrawn bars).
+    trainer.add_callback(QuietProgressCallback() if sys.stderr.isatty() else PlainProgressCallback())
     return trainer
 
 
@@ -272,6 +274,16 @@ class QuietProgressCallback(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+
+class PlainProgressCallback(TrainerCallback):
+    """Progress as about ten plain log lines ("step 10/30, loss 2.31"), for a stderr that is not a terminal."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        every = max(1, state.max_steps // 10)
+        if state.is_world_process_zero and logs and "loss" in logs and (
+                state.global_step % every == 0 or state.global_step == state.max_steps):
+            logger.info("step %d/%d, loss %.4g", state.global_step, state.max_steps, logs["loss"])
 
 
 class JsonlWriter:
