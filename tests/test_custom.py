@@ -126,8 +126,8 @@ def test_hash_split_is_deterministic_disjoint_complete_and_sized(tmp_path):
 
 def test_held_out_split_too_small_says_how_to_fix(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", ROWS[:3])
-    with pytest.raises(UserError, match="raise --(validation|test)_fraction"):
-        for split in ("validation", "test"):
+    for split in ("validation", "test"):  # each split checked (a loop inside one pytest.raises stops at the first)
+        with pytest.raises(UserError, match=f"raise --{split}_fraction"):
             load(split, data_files=str(path))
 
 

@@ -291,3 +291,45 @@ def test_report_html_is_written_atomically(tmp_path, monkeypatch):
     assert main(["report", str(run)]) == 2
     assert not (run / "report.html").exists() and not (run / ".report.html.tmp").exists()
     assert safeio.write_text_atomic is not None
+
+
+@pytest.mark.slow
+def test_disk_full_inside_torch_save_while_checkpointing_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """torch.save / safetensors report a full disk as RuntimeError("basic_ios::clear ...") or a SafetensorError,
+    not an OSError: still exit 2 with one line, no traceback, and --resume continues from checkpoint-2."""
+    from transformers import Trainer
+    original = Trainer._save_rng_state
+
+    def disk_full(self, output_dir):
+        if self.state.global_step == 4:
+            Path(output_dir, "rng_state.pth").write_bytes(b"")
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", disk_full)
+    args = ["train", *TINY, "--dataset", "synthetic", "--train_samples", "48", "--eval_samples", "8", "--max_steps",
+            "6", "--eval_steps", "0", "--save_steps", "2", "--output_dir", str(tmp_path), "--experiment_name", "full"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: the disk is full or read-only (basic_ios::clear") and "--resume" in line
+    monkeypatch.setattr(Trainer, "_save_rng_state", original)
+    assert main([*args, "--resume"]) == 0
+    assert "skipping incomplete checkpoint checkpoint-4" in capsys.readouterr().err
+
+
+def test_report_on_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """Every plot failing to save used to log a traceback each before the exit-2 line."""
+    import errno
+    import matplotlib.figure
+    run = make_analysed_run(tmp_path)
+
+    def read_only_savefig(self, fname, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(fname))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", read_only_savefig)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: Read-only file system writing ")

@@ -141,6 +141,8 @@ def cheap(args: list[str]) -> list[str]:
             extra += ["--data_dir", LOCAL_DATA[preset["dataset"]]]
     if args[0] == "sweep":
         extra = [e for e in extra if e not in ("--save_steps", "0")] + ["--seeds", "1"]
+    elif "--resume" not in args:
+        extra.append("--overwrite")  # the scratch folder's run copies (runs/wikisql_both, ...) share their names
     return [*args, *extra]
 
 

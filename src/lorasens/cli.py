@@ -150,11 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(signals.describe(exc), file=sys.stderr)
         return signals.exit_code(exc)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - only disk errors become one line; anything else keeps its traceback
         if not is_disk_error(exc):
             raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}; {DISK_HINTS.get(command, DISK_HINTS[None])}", file=sys.stderr)
+        filename = getattr(exc, "filename", None)
+        where = f" writing {filename}" if filename else ""
+        reason = getattr(exc, "strerror", None) or f"the disk is full or read-only ({str(exc).splitlines()[0][:120]})"
+        print(f"error: {reason}{where}; {DISK_HINTS.get(command, DISK_HINTS[None])}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -220,7 +220,7 @@ def _answer_section(run_dir: Path) -> tuple[str, list[str]]:
     answer = build_answer(run_dir)
     lines = answer.lines()
     if not lines:
-        line = f"answer: {SENSITIVITY} is missing (analysis not run)"
+        line = f"answer: {absent(run_dir, SENSITIVITY)}"
         return missing_box([line]), [line]
     if not answer.verdict:
         lines.append(f"Not validated: `lorasens validate {run_dir}` trains it against matched random placements.")

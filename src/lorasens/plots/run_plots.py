@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasens.errors import is_disk_error
 from lorasens.plots.common import (
     ABLATION,
     EVAL_LOG,
@@ -440,6 +441,8 @@ def plot_run(run_dir: Path, redraw: bool = True) -> dict[str, Path | str]:
             logger.warning("%s not drawn: %s", name, exc)
             outcome[name] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a malformed file must not stop the other plots or the report
+            if is_disk_error(exc):  # read-only or full folder: every plot would fail; one line from the CLI instead
+                raise
             logger.warning("%s not drawn: %s: %s", name, type(exc).__name__, exc, exc_info=True)
             outcome[name] = f"could not be drawn ({type(exc).__name__}: {exc})"
     return outcome
