@@ -108,7 +108,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training", ("training", "phases", "peft_methods", "context")),
     ("analysis and evaluation", ("analysis", "sharding", "evaluation")),
     ("presentation", ("plots", "report", "answer", "export", "tensorboard_scalars")),
-    ("experiment", ("callbacks", "run", "compare", "sweep", "validation")),
+    ("experiment", ("lifecycle", "callbacks", "run", "compare", "sweep", "validation")),
     ("interface", ("commands", "cli", "__main__", "")),
 )
 
