@@ -222,3 +222,24 @@ def test_the_checks_find_planted_offenders():
     planted = ast.parse('if cfg.data.dataset == "mnli":\n    Path("x").write_text(json.dumps(v))\njson.dump(v, f)')
     assert [c.lineno for c in calls(planted, "json", "dump")] == [3]
     assert any(isinstance(n, ast.Constant) and n.value == "mnli" for c in conditions(planted) for n in ast.walk(c))
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_longer_than_80_lines():
+    """Long functions are split into named stages (the orchestrator reads as the experiment's steps)."""
+    long = [f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+            for path in python_files() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert long == []
+
+
+def test_the_summary_head_is_built_in_one_place():
+    """`lorasens train` and SensitivityCallback build the summary's common keys through lifecycle.summary_head."""
+    keys = {"final_model_from", "final_train_loss", "best_eval_loss"}
+    builders = sorted({path.relative_to(PACKAGE).as_posix() for path in python_files()
+                       for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Dict)
+                       and keys & {k.value for k in node.keys if isinstance(k, ast.Constant)}})
+    assert builders == ["lifecycle.py"]

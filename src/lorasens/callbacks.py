@@ -56,13 +56,12 @@ from lorasens.config import (
 )
 from lorasens.context import AfterTrainingStep, RunContext
 from lorasens.errors import UserError
+from lorasens.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
 from lorasens.lora import LoraParams, ModuleMapSpec, lora_of_model, lora_target
 from lorasens.module_map import ModuleMap
 from lorasens.phases import PhaseScheduleCallback
-from lorasens.plots import plot_training_loss
 from lorasens.rundir import replace_run_dir
-from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL, PHASES, RECORDED_BY, RUN_LOG, SUMMARY_FILE
-from lorasens.rundir.metrics import read_run_metrics
+from lorasens.rundir.files import CONFIG_FILE, PHASES, RECORDED_BY
 from lorasens.safeio import write_json
 from lorasens.training import DivergenceCallback, RunState, TrainLogCallback
 
@@ -244,10 +243,8 @@ class SensitivityCallback(TrainerCallback):
             if self._run is None and state.is_world_process_zero:
                 self._finish(state, model)
         finally:
-            if self._log_handler is not None:
-                logging.getLogger("lorasens").removeHandler(self._log_handler)
-                self._log_handler.close()
-                self._log_handler = None
+            detach_file_log(self._log_handler)
+            self._log_handler = None
 
     # -- a user script's run directory -----------------------------------------------------------------------------
 
@@ -273,9 +270,7 @@ class SensitivityCallback(TrainerCallback):
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {**self.cfg.to_dict(), RECORDED_BY: self.recorded_by()}
         write_json(self.run_dir / CONFIG_FILE, config)
-        self._log_handler = logging.FileHandler(self.run_dir / RUN_LOG)
-        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("lorasens").addHandler(self._log_handler)
+        self._log_handler = attach_file_log(self.run_dir)
 
     def recorded_by(self) -> dict:
         return {"recorder": f"lorasens.{WHO}", "trainer": type(self.trainer).__name__,
@@ -300,43 +295,27 @@ class SensitivityCallback(TrainerCallback):
         return features
 
     def _finish(self, state, model) -> None:
-        """After training (main process): the adapter, the analysis, the report and summary.json, as a run does."""
-        model.save_pretrained(self.run_dir / FINAL_MODEL)
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(self.run_dir / FINAL_MODEL)
-        plot_training_loss(self.run_dir)
-        metrics = read_run_metrics(self.run_dir)
+        """After training (main process): the adapter, the analysis, the report and summary.json, as a run does
+        (the same `lifecycle` stages as `lorasens train`)."""
+        save_final_model(model, self.tokenizer, self.run_dir)
         schedule = self.phases.schedule if self.phases is not None else None
         ctx = RunContext(cfg=self.cfg, run_dir=self.run_dir, model=model, tokenizer=self.tokenizer,
                          module_map=self.module_map, lora=self.lora, state=self.run_state, schedule=schedule,
                          val_features=[], analysis_features=self.analysis_features, trainer=self.trainer)
-        ctx.summary.update({
-            "run_dir": str(self.run_dir),
-            "model": self.cfg.model.model,
-            "architecture": self.module_map.architecture,
-            "num_layers": self.module_map.num_layers,
-            "lora_modules": len(self.lora),
-            "trainable_params": sum(p.A.numel() + p.B.numel() for p in self.lora),
-            "steps": state.global_step,
-            "final_train_loss": metrics.final_train_loss,
-            "final_eval_loss": metrics.final_eval_loss,
-            "best_eval_loss": metrics.best_eval_loss,
-            "final_model_from": "the model at train end (as the Trainer left it)",
-            "train_data": {"examples": _length(self.trainer.train_dataset)},
-            "validation_data": {"examples": _length(self.trainer.eval_dataset)},
-            "analysis_data": {"examples": len(self.analysis_features)},
-            "train_runtime_s": round(time.time() - self._started, 2),
-            RECORDED_BY: self.recorded_by(),
-        })
+        ctx.summary.update(summary_head(
+            self.run_dir, model=self.cfg.model.model, module_map=self.module_map, lora_modules=len(self.lora),
+            trainable_params=sum(p.A.numel() + p.B.numel() for p in self.lora), steps=state.global_step,
+            final_model_from="the model at train end (as the Trainer left it)",
+            train_data={"examples": _length(self.trainer.train_dataset)},
+            validation_data={"examples": _length(self.trainer.eval_dataset)},
+            analysis_data={"examples": len(self.analysis_features)}, runtime_s=time.time() - self._started,
+            recorded_by=self.recorded_by()))
         steps = self.after_training
         if self.divergence is not None and self.divergence.step is not None:
             ctx.summary["diverged"] = {"step": self.divergence.step, "reason": self.divergence.reason}
             # Rankings of NaN measures recommend nothing: no sensitivity analysis, no recommendation.
             steps = tuple(s for s in steps if s is not post.analyze_after_training)
-        for step in steps:
-            ctx.summary.update(step(ctx) or {})
-        ctx.summary["wall_time_s"] = round(time.time() - self._started, 2)
-        write_json(self.run_dir / SUMMARY_FILE, ctx.summary)
+        finish(ctx, steps, self._started)
         logger.info("%s: run directory %s written", WHO, self.run_dir)
 
 
