@@ -92,7 +92,7 @@ def read_json(path: Path, what: str = "file", *, tolerant: bool = False) -> Any:
 
     Strict (default): missing -> "missing", unreadable -> "corrupt" (with the line), as `UserError`s.
     `tolerant=True` (plots, report, compare: readers that show what is there): None when the file is missing or
-    unreadable, a warning when it is unreadable; the caller names it as missing."""
+    unreadable; the caller says which (the report names a corrupt file corrupt)."""
     path = Path(path)
     if not path.is_file():
         if tolerant:
@@ -108,7 +108,7 @@ def read_json(path: Path, what: str = "file", *, tolerant: bool = False) -> Any:
     except UserError as exc:
         if not tolerant:
             raise
-        logger.warning("%s (read as missing)", exc)
+        logger.debug("%s (read as missing)", exc)
         return None
 
 
