@@ -2,18 +2,20 @@
 
 SmolLM2-135M, LoRA r=8 on all 7 projections, batches of 8 training examples of the real E2E and SAMSum files
 (`../shared/data`, or --data_root), forward + backward, fp32, one thread. Each dataset is trained twice by
-`run_experiment` with the same seed (so the same batches), `--packing false` then `--packing true`, alternating when
---repeats > 1. Useful tokens are the `tokens` of train_log.jsonl (non-padding tokens; identical in both runs, which
+`run_experiment` with the same seed (so the same batches), `--packing false`, `--packing true` with
+transformers' block-diagonal mask over the whole packed row (the earlier path) and `--packing true` with attention
+computed per packed example (the default), alternating when --repeats > 1, at each of --threads. Useful tokens are the `tokens` of train_log.jsonl (non-padding tokens; identical in both runs, which
 is checked); time is the sum of step times (CPU and wall) after the first step (warm-up). Target: >= 1.2x on E2E, >= 1.6x on
 SAMSum.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_packing.py [--steps 5] [--repeats 1] [--datasets e2e,samsum]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_packing.py [--steps 5] [--repeats 1] [--datasets e2e,samsum] [--threads 1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -49,11 +51,19 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = {"e2e": 256, "samsum": 768}  # the presets' values
 
 
-def run(dataset: str, data_dir: Path, packing: bool, steps: int, out: Path) -> tuple[float, float, int, float, dict]:
+MODES = ("padded", "mask", "segments")  # --packing false; packed with the whole-row block mask; packed per example
+
+
+def run(dataset: str, data_dir: Path, mode: str, steps: int, out: Path) -> tuple[float, float, int, float, dict]:
+    import lorasens.training as training
     from lorasens.config import build_config
     from lorasens.run import run_experiment
 
-    name = f"{dataset}_{packing}"
+    packing = mode != "padded"
+    name = f"{dataset}_{mode}"
+    original = training.packed_collator
+    if mode == "mask":  # the earlier packed path: SDPA with a block-diagonal mask over the whole packed row
+        training.packed_collator = lambda model, segments=True: original(model, segments=False)
     cfg = build_config(cli_overrides={
         "model": "smollm2-135m", "dataset": dataset, "data_dir": str(data_dir), "target": "both", "r": 8,
         "lora_alpha": 16, "lora_dropout": 0.0, "batch_size": 8, "max_steps": steps, "max_length": MAX_LENGTH[dataset],
@@ -61,7 +71,10 @@ def run(dataset: str, data_dir: Path, packing: bool, steps: int, out: Path) -> t
         "evaluate": False, "ablation": False, "packing": packing, "output_dir": str(out), "experiment_name": name,
         "overwrite": True, "seed": 0})
     timer = CpuStepTimer()
-    summary = run_experiment(cfg, callbacks=[timer]).summary
+    try:
+        summary = run_experiment(cfg, callbacks=[timer]).summary
+    finally:
+        training.packed_collator = original
     log = [json.loads(line) for line in (out / name / "train_log.jsonl").read_text().splitlines()]
     tokens = sum(r["tokens"] for r in log[1:])
     return sum(timer.step_times(skip=1)), sum(timer.cpu_times(skip=1)), tokens, log[-1]["loss"], summary["packing"]
@@ -73,8 +86,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--datasets", default="e2e,samsum")
     parser.add_argument("--data_root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    print(f"load: {os.getloadavg()}", flush=True)
     import logging
 
     import transformers
@@ -82,30 +96,35 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     logging.getLogger("lorasens").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        for dataset in args.datasets.split(","):
-            data_dir = Path(args.data_root) / dataset
-            if not data_dir.is_dir():
-                print(f"{dataset}: {data_dir} not found, skipped")
-                continue
-            wall = {False: 0.0, True: 0.0}
-            cpu = {False: 0.0, True: 0.0}
-            tokens = {False: 0, True: 0}
-            losses, decision = {}, None
-            for _ in range(args.repeats):
-                for packing in (False, True):
-                    w, c, t, losses[packing], info = run(dataset, data_dir, packing, args.steps, Path(tmp))
-                    wall[packing] += w
-                    cpu[packing] += c
-                    tokens[packing] += t
-                    decision = info if packing else decision
-            assert tokens[False] == tokens[True], f"different batches: {tokens}"
-            useful = tokens[True]
-            print(f"{dataset}: {useful} useful tokens in {args.repeats * (args.steps - 1)} step(s) per mode; "
-                  f"padded {useful / cpu[False]:.0f} tokens/CPU-s ({cpu[False]:.1f} s CPU, {wall[False]:.1f} s wall), "
-                  f"packed {useful / cpu[True]:.0f} tokens/CPU-s ({cpu[True]:.1f} s CPU, {wall[True]:.1f} s wall): "
-                  f"{cpu[False] / cpu[True]:.2f}x by CPU time, {wall[False] / wall[True]:.2f}x by wall time; "
-                  f"last-step loss {losses[False]:.5f} padded, {losses[True]:.5f} packed; packing {decision}",
-                  flush=True)
+        for threads in [int(t) for t in args.threads.split(",")]:
+            torch.set_num_threads(threads)
+            for dataset in args.datasets.split(","):
+                data_dir = Path(args.data_root) / dataset
+                if not data_dir.is_dir():
+                    print(f"{dataset}: {data_dir} not found, skipped")
+                    continue
+                wall = dict.fromkeys(MODES, 0.0)
+                cpu = dict.fromkeys(MODES, 0.0)
+                tokens = dict.fromkeys(MODES, 0)
+                losses, decision = {}, None
+                for _ in range(args.repeats):
+                    for mode in MODES:  # alternated
+                        w, c, t, losses[mode], info = run(dataset, data_dir, mode, args.steps, Path(tmp))
+                        wall[mode] += w
+                        cpu[mode] += c
+                        tokens[mode] += t
+                        decision = info if mode == "segments" else decision
+                assert len(set(tokens.values())) == 1, f"different batches: {tokens}"
+                useful = tokens["padded"]
+                print(f"{dataset}, {threads} thread(s): {useful} useful tokens in {args.repeats * (args.steps - 1)} "
+                      f"step(s) per mode (train_log.jsonl tokens / step time)", flush=True)
+                for mode in MODES:
+                    print(f"  {mode:9s} {useful / wall[mode]:6.0f} tokens/s wall ({wall[mode]:.1f} s), "
+                          f"{useful / cpu[mode]:6.0f} tokens/CPU-s ({cpu[mode]:.1f} s): "
+                          f"{wall['padded'] / wall[mode]:.2f}x padded by wall, {cpu['padded'] / cpu[mode]:.2f}x by CPU; "
+                          f"last-step loss {losses[mode]:.5f}", flush=True)
+                print(f"  packing decision: {decision}; load {os.getloadavg()}", flush=True)
+
 
 if __name__ == "__main__":
     main()

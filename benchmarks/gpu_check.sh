@@ -138,3 +138,6 @@ with tempfile.TemporaryDirectory() as tmp:
     print(f"quickstart-shaped run, 20 steps on CUDA: {time.perf_counter() - started:.1f} s end to end; "
           f"ablation {summary.get('ablation_time_s')} s ({summary.get('ablation_method')})", flush=True)
 EOF
+# The large-model paths (QLoRA, FSDP on up to 2 GPUs, ZeRO-3 where deepspeed imports), each check independent;
+# summary in OUT/gpu_check_large.txt.
+bash "$(dirname "$0")/gpu_check_large.sh" "$OUT" || true

@@ -62,6 +62,37 @@ TRAINED_RUN_FIXTURES = {"run_dir", "schedule_run", "accumulation_runs", "finishe
                         "trained_cli_run"}
 
 
+# Under CI=true a test that needs the official scorers (Java), the browser (Chromium), WordNet or ../shared must run:
+# its skip is turned into a failure, so CI cannot be green with them unchecked (a failed Java or Chromium install only
+# prints a line). Matched on the skip reason (the helpers above and the skipif reasons name what is missing) and on
+# the `shared` marker.
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+CI_REQUIRED_SKIPS = ("java", "chromium", "shared", "wordnet", "meteor")
+
+
+def required_in_ci(item, reason: str) -> bool:
+    return item.get_closest_marker("shared") is not None or any(w in reason.lower() for w in CI_REQUIRED_SKIPS)
+
+
+def ci_requires(available: bool, what: str) -> bool:
+    """`available`, for a test that otherwise checks less (e.g. BLEU/NIST only without Java): under CI=true a missing
+    `what` fails the test instead."""
+    if not available and CI:
+        pytest.fail(f"CI=true: {what} is not available, so this test would check less than it should")
+    return available
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if required_in_ci(item, reason):
+            report.outcome = "failed"
+            report.longrepr = f"CI=true: this test must run, not skip ({reason})"
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if TRAINED_RUN_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -87,3 +87,44 @@ def test_report_screenshot_is_not_blank(report, tmp_path):
     assert colours is not None and len(colours) > 1
     most_common = max(count for count, _ in colours)
     assert most_common < 0.9 * 1280 * 1600  # text, tables and plots, not one flat colour
+
+
+ANSWER_PROBE = """<script>
+window.addEventListener('load', function () {
+  var box = document.getElementById('answer'), grid = document.getElementById('answer-grid');
+  var r = box.getBoundingClientRect(), g = grid ? grid.getBoundingClientRect() : null;
+  var pre = document.createElement('pre'); pre.id = 'lorasens-probe';
+  pre.textContent = JSON.stringify({top: r.top + window.scrollY, text: box.innerText,
+    grid: g && {width: g.width, height: g.height, cells: grid.querySelectorAll('td').length,
+                marked: grid.querySelectorAll('td.sel').length}});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_answer_box_is_on_the_first_screen_and_draws_the_grid(report, tmp_path):
+    import json as _json
+
+    from report_helpers import copy_run
+
+    from lorasens.report import write_report
+
+    run = copy_run(report.parent, tmp_path / "run")
+    (run / "validation").mkdir(exist_ok=True)
+    (run / "validation" / "placement_validation.json").write_text(_json.dumps(
+        {"verdicts": {"matched_random": "recommended wins (-0.05 nats, CI [-0.08, -0.02])"}}))
+    page = write_report(run, redraw=False).path
+    probed = tmp_path / "answer.html"
+    probed.write_text(page.read_text().replace("<head>", "<head>" + ANSWER_PROBE, 1))
+    result = chromium(["--window-size=1280,900", "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
+                      tmp_path / "profile_answer")
+    found = re.search(r'<pre id="lorasens-probe">(.*?)</pre>', result.stdout, re.S)
+    assert found, result.stderr[-2000:]
+    state = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert state["top"] < 900
+    assert re.search(r"\d+% of them on attention .*\d+% on MLP", state["text"])
+    assert "Top layers:" in state["text"]
+    assert "recommended wins" in state["text"]
+    # tiny-random-llama: 4 layers x 7 module types, the recommended cells marked
+    grid = state["grid"]
+    assert grid["cells"] == 28 and grid["marked"] >= 1 and grid["width"] > 100 and grid["height"] > 30

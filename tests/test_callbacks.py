@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,39 @@ def plain_runs(tmp_path_factory):
     tracking = TrackingConfig(ablation=True, ablation_max_single=4)
     plain_trainer_script(out, [SensitivityCallback(script_dir, tracking=tracking, model_name="tiny-random-llama")])
     return reference, script_dir
+
+
+def strict_json(path: Path):
+    """json.loads that refuses NaN/Infinity (what other tools' strict parsers do)."""
+    def refuse(name):
+        raise ValueError(f"{path}: non-standard JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.slow
+def test_a_diverging_script_run_writes_standard_json(tmp_path):
+    """A user's script that diverges (an infinite learning rate: the loss turns NaN). Every JSON file the callback
+    writes is still standard JSON (NaN and inf are null), as `lorasens train` writes it."""
+    model, tokenizer, train, validation = user_model_and_data()
+    tokenizer.padding_side = "right"
+    script_dir = tmp_path / "script"
+    # The Trainer's default logs a NaN loss as the mean of the earlier ones; this script logs the true loss.
+    args = TrainingArguments(**{**common_args(tmp_path), "learning_rate": math.inf, "max_grad_norm": 0.0,
+                                "logging_nan_inf_filter": False})
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=validation, processing_class=tokenizer,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+                      callbacks=[SensitivityCallback(script_dir, tracking=TrackingConfig(ablation_max_single=2),
+                                                     model_name="tiny-random-llama")])
+    trainer.train()
+    log = [json.loads(line) for line in (script_dir / files.TRAIN_LOG).read_text().splitlines()]
+    assert log[0]["loss"] > 0 and log[-1]["loss"] is None  # it diverged: NaN, written as null
+    written = sorted(p.relative_to(script_dir).as_posix() for p in script_dir.glob("*.json"))
+    assert {files.CONFIG_FILE, files.SUMMARY_FILE} <= set(written)
+    for name in written:
+        strict_json(script_dir / name)
+    assert strict_json(script_dir / files.CONFIG_FILE)["training"]["lr"] is None  # inf: "Infinity" before safeio
+    summary = strict_json(script_dir / files.SUMMARY_FILE)
+    assert summary["final_train_loss"] is None and summary["diverged"]["step"] == 1  # the update of step 1 is NaN
 
 
 @pytest.mark.slow

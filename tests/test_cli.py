@@ -195,7 +195,7 @@ def test_presets_lists_every_preset(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in out]
-    assert names[-1] == "quickstart" and "e2e_attention" in names and "mnli_both" in names and len(names) == 13
+    assert names[0] == "quickstart" and "e2e_attention" in names and "mnli_both" in names and len(names) == 13
 
 
 def test_no_validation_example_fits_is_one_line(tmp_path, capsys):
@@ -216,7 +216,7 @@ def test_no_validation_example_fits_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_missing_wordnet_fails_before_training_without_java(tmp_path, monkeypatch, capsys):
     # Without Java, METEOR falls back to nltk's (meteor_nltk), which needs WordNet.
-    from lorasens.evaluation import coco
+    from lorasens.metrics import coco
 
     monkeypatch.setattr(coco, "java_available", lambda: False)
     monkeypatch.setenv("NLTK_DATA", str(tmp_path / "no_wordnet"))
@@ -228,3 +228,49 @@ def test_missing_wordnet_fails_before_training_without_java(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "METEOR needs WordNet" in err[-1]
     assert not (tmp_path / "w").exists()
+
+
+def test_cli_names_checked_before_heavy_imports(capsys):
+    import subprocess
+    import sys
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "lorasens", *argv], capture_output=True, text=True)
+
+    typo = run("trian")
+    assert typo.returncode == 2 and "did you mean train?" in typo.stderr
+    assert run("train", "--max_step", "3").returncode == 2  # no argparse abbreviation
+    preset = run("train", "--preset", "quickstrat")
+    assert preset.returncode == 2 and "did you mean 'quickstart'?" in preset.stderr
+    # rejected before torch/transformers are imported (they cost seconds)
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom lorasens.cli import main\n"
+                            "code = main(['train', '--preset', 'quickstrat'])\n"
+                            "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.split() == ["2", "False", "False"]
+    from lorasens import __version__
+
+    assert run("--version").stdout.strip() == f"lorasens {__version__}"
+    assert main(["presets"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("quickstart")
+
+
+def test_train_without_model_or_data_runs_the_offline_quickstart(monkeypatch, capsys):
+    import lorasens.run
+
+    seen = {}
+
+    class Result:
+        summary = None
+
+    def fake_run(cfg):
+        seen["cfg"] = cfg
+        return Result()
+
+    monkeypatch.setattr(lorasens.run, "run_experiment", fake_run)
+    assert main(["train", "--max_steps", "3"]) == 0
+    assert (seen["cfg"].model.model, seen["cfg"].data.dataset, seen["cfg"].training.max_steps) == (
+        "smollm2-135m", "synthetic", 3)
+    assert "offline quickstart" in capsys.readouterr().out
+    assert main(["train", "--model", "tiny-random-llama", "--max_steps", "3"]) == 0
+    assert seen["cfg"].model.model == "tiny-random-llama"  # a named model keeps the usual defaults

@@ -14,7 +14,7 @@ from lorasens.config import DataConfig, TextMetric, build_config
 from lorasens.data.features import IGNORE_INDEX, build_features, chat_prompt_ids
 from lorasens.data.registry import Example, load_examples
 from lorasens.errors import UserError
-from lorasens.evaluation.metrics import TEXT_METRIC_FUNCTIONS, sacrebleu_bleu, text_metrics
+from lorasens.metrics import TEXT_METRIC_FUNCTIONS, sacrebleu_bleu, text_metrics
 from lorasens.evaluation.predictions import score_rows
 from lorasens.rundir.files import (ABLATION, CONFIG_FILE, LAYER_NORMS, PHASES, RECOMMENDED_CONFIG, REPORT_FILE,
                                    SENSITIVITY, SUMMARY_FILE)
@@ -126,8 +126,8 @@ def test_hash_split_is_deterministic_disjoint_complete_and_sized(tmp_path):
 
 def test_held_out_split_too_small_says_how_to_fix(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", ROWS[:3])
-    with pytest.raises(UserError, match="raise --(validation|test)_fraction"):
-        for split in ("validation", "test"):
+    for split in ("validation", "test"):  # each split checked (a loop inside one pytest.raises stops at the first)
+        with pytest.raises(UserError, match=f"raise --{split}_fraction"):
             load(split, data_files=str(path))
 
 
@@ -333,6 +333,18 @@ def test_train_on_custom_data_runs_the_whole_pipeline(tmp_path, capsys):
     assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0  # compare reads the custom metrics
     header = (tmp_path / "cmp" / "comparison_runs.csv").read_text().splitlines()[0]
     assert all(name in header for name in ("exact_match", "accuracy", "rouge_l")), header
+    # `lorasens eval RUN --data_dir DIR`: the finished run scored on another folder (its test split).
+    other = tmp_path / "official"
+    other.mkdir()
+    write_jsonl(other / "train.jsonl", rows[:10])
+    official = [{"question": f"What is {i} minus {i}?", "answer": "0"} for i in range(5)]
+    write_jsonl(other / "test.jsonl", official)
+    assert main(["eval", str(run), "--data_dir", str(other), "--split", "test"]) == 0
+    predictions = [json.loads(line) for line in (run / "custom_predictions.jsonl").read_text().splitlines()]
+    assert {p["prompt"] for p in predictions} == {e.prompt for e in load("test", data_dir=str(other),
+                                                                         prompt_field="question",
+                                                                         target_field="answer")}
+    assert len(predictions) == 5
 
 
 def test_predictions_of_a_hub_named_dataset_get_a_plain_file_name():

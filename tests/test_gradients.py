@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from lorasens.rundir import files
 from lorasens.analysis.callbacks import GradientTrackingCallback
 from lorasens.analysis.csvlog import BufferedCsv, cell
-from lorasens.analysis.measures import foreach_norms, taylor_importance
+from lorasens.analysis.measures import foreach_norms, taylor_importance, taylor_importance_in
 from lorasens.config import build_config
 from lorasens.report import report_after_training
 from lorasens.run import DEFAULT_STEPS, run_experiment
@@ -294,6 +294,21 @@ def test_foreach_norms_match_per_tensor_norms_across_dtypes():
     assert taylor_importance(params, grads).tolist() == pytest.approx(expected, rel=1e-6)
     buffers = [torch.full_like(p, 7.0) for p in params]  # reused scratch space: its old content must not matter
     assert taylor_importance(params, grads, buffers).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_importance_scratch_is_a_fraction_of_the_gradients():
+    torch.manual_seed(0)
+    shapes = [(8, 64), (64, 8), (8, 32), (96, 8), (8, 16), (16, 8)] * 4
+    params = [torch.randn(*s) for s in shapes]
+    grads = [torch.randn(*s) for s in shapes]
+    expected = [(p * g).abs().sum().item() for p, g in zip(params, grads)]
+    scratch = {}
+    assert taylor_importance_in(params, grads, scratch).tolist() == pytest.approx(expected, rel=1e-6)
+    total = sum(p.numel() for p in params)
+    held = sum(t.numel() for t in scratch.values())
+    assert held == -(-total // 8)  # 1/8 of the gradients (each matrix is smaller than that here), no full copy
+    scratch[next(iter(scratch))].fill_(7.0)  # reused across steps: its old content must not matter
+    assert taylor_importance_in(params, grads, scratch).tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_csv_cells_and_truncation_on_resume(tmp_path):

@@ -6,8 +6,10 @@ import math
 
 import pytest
 
-from lorasens.evaluation import metrics as M
-from lorasens.evaluation.predictions import group_e2e_rows, score_rows
+from lorasens import metrics as M
+from lorasens.data.e2e import group_e2e_rows
+from lorasens.data.mnli import mnli_metrics
+from lorasens.evaluation.predictions import score_rows
 
 # Two MRs x three references, one row per reference (as the E2E files and loaders have it).
 MR1_REFS = ["the cat sat on the mat", "a cat is on a mat", "there is a cat"]
@@ -19,7 +21,7 @@ ROWS = [{"id": f"r{i}", "prompt": mr, "prediction": hyp, "references": [ref]}
 
 @pytest.mark.slow
 def test_e2e_grouping_bleu_matches_hand_computation(monkeypatch):
-    from lorasens.evaluation import coco
+    from lorasens.metrics import coco
 
     monkeypatch.setattr(coco, "java_available", lambda: False)  # BLEU only here: no METEOR process needed
     grouped = group_e2e_rows(ROWS)
@@ -117,7 +119,7 @@ def test_meteor_readiness_needs_wordnet_only_without_java(monkeypatch, tmp_path)
     import nltk
 
     from lorasens.errors import UserError
-    from lorasens.evaluation import coco
+    from lorasens.metrics import coco
 
     monkeypatch.setenv("NLTK_DATA", str(tmp_path))
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
@@ -143,7 +145,7 @@ def test_nltk_data_defaults_to_the_repo_folder(monkeypatch):
 
 
 def test_rouge_l_13a_is_the_coco_definition():
-    from lorasens.evaluation.coco import approximate_scores
+    from lorasens.metrics.coco import approximate_scores
 
     def rouge_l(hyps, refs):
         return approximate_scores(hyps, refs)["rouge_l_13a"]
@@ -188,7 +190,7 @@ def test_samsum_rouge_pinned_to_rouge_score_with_stemming_and_max_over_reference
 
 
 def test_samsum_metrics_keys_and_perfect_prediction(monkeypatch):
-    from lorasens.evaluation import coco
+    from lorasens.metrics import coco
 
     refs = ["Amanda baked cookies and will bring Jerry some tomorrow."]
     monkeypatch.setattr(coco, "java_available", lambda: False)
@@ -204,7 +206,7 @@ def test_cider_13a_equals_a_pycocoevalcap_value():
     refs = [["the eagle is a cheap pub located in the city centre", "in the city centre there is a cheap pub called the eagle"],
             ["blue spice is an italian restaurant by the riverside", "near the river blue spice serves italian food", "blue spice offers italian food"],
             ["aromi is a coffee shop", "there is a coffee shop called aromi"]]
-    from lorasens.evaluation.coco import approximate_scores
+    from lorasens.metrics.coco import approximate_scores
 
     # Upper case and punctuation go (lowercased 13a tokens without punctuation): the same tokens, the same value.
     shouted = [h.upper() + "." for h in hyps]
@@ -213,7 +215,7 @@ def test_cider_13a_equals_a_pycocoevalcap_value():
 
 @pytest.mark.slow
 def test_e2e_metrics_without_java_use_other_names_and_say_so(monkeypatch):
-    from lorasens.evaluation import coco
+    from lorasens.metrics import coco
 
     monkeypatch.setattr(coco, "java_available", lambda: False)
     refs = [MR1_REFS, MR2_REFS]
@@ -232,17 +234,17 @@ def test_mnli_labels_words_glue_ids_and_unlabelled_rows():
     preds = ["entailment", " Neutral.", "contradiction because ...", "yes", "", "1", "2", "entailment"]
     refs = ["entailment", "neutral", "neutral", "entailment", "neutral", "1", "0", "-1"]
     # 7 labelled pairs (the last reference is GLUE's -1, excluded); correct: #0, #1 and #5 ("1" = neutral = "1").
-    assert M.mnli_metrics(preds, refs) == {"accuracy": pytest.approx(3 / 7), "unlabelled_excluded": 1}
-    assert M.mnli_metrics(["0", "x"], ["entailment", "-"]) == {"accuracy": 1.0, "unlabelled_excluded": 1}
-    assert M.mnli_metrics(["0"], ["-"]) == {"accuracy": None, "unlabelled_excluded": 1}
+    assert mnli_metrics(preds, refs) == {"accuracy": pytest.approx(3 / 7), "unlabelled_excluded": 1}
+    assert mnli_metrics(["0", "x"], ["entailment", "-"]) == {"accuracy": 1.0, "unlabelled_excluded": 1}
+    assert mnli_metrics(["0"], ["-"]) == {"accuracy": None, "unlabelled_excluded": 1}
     with pytest.raises(UserError, match="'maybe' are not one of entailment, neutral, contradiction"):
-        M.mnli_metrics(["entailment"], ["maybe"])
+        mnli_metrics(["entailment"], ["maybe"])
 
 
 def test_scorer_lookup_lists_valid_names():
     from lorasens.data.registry import get_dataset_spec
     from lorasens.errors import UserError
-    from lorasens.evaluation.predictions import score_e2e_rows
+    from lorasens.data.e2e import score_e2e_rows
 
     # The dataset's registry entry names its scorer: the synthetic set is E2E-shaped and scored like E2E.
     assert get_dataset_spec("synthetic").evaluation.score_rows is score_e2e_rows

@@ -54,7 +54,7 @@ def test_report_written_at_the_end_of_the_run(run_dir):
 
 def test_report_states_the_metrics_note(run_dir, tmp_path):
     # Without Java the E2E scorer reports stand-ins under other names and a note; the report must say so.
-    from lorasens.evaluation.coco import NO_JAVA
+    from lorasens.metrics.coco import NO_JAVA
     from lorasens.report import write_report
 
     copy = copy_run(run_dir, tmp_path / "run")

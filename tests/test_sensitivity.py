@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -153,18 +154,23 @@ def _trains(config_kwargs: dict, expected_modules: set[str]) -> None:
 def test_recommended_config_loads_into_peft_and_trains():
     _, module_map, lora, _ = tiny_lora()
     keys = {m: f"L{m.layer}.{m.module_type}" for m in module_map.modules}
-    # An irregular selection: written as a regular expression over the module paths.
+    # An irregular selection: written as the explicit list of module paths, in model order.
     scores = {keys[lp.module]: float(i % 5) for i, lp in enumerate(lora)}
     by_key = {keys[m]: m for m in module_map.modules}
     selected = [by_key[k] for k in select_within_budget(module_sizes(lora), scores, 5, "modules", 4).keys]
     assert [scores[keys[m]] for m in selected] == [4.0] * 5
     config = recommended_lora_config(selected, module_map, 4, 8.0, 0.0)
+    assert config["target_modules"] == [m.name for m in module_map.modules if m in set(selected)]
+    _trains(config, {m.name for m in selected})
+    # Beyond EXPLICIT_LIST_MAX modules the same selection is one regular expression; PEFT builds the same model.
+    with mock.patch("lorasens.analysis.sensitivity.EXPLICIT_LIST_MAX", 2):
+        config = recommended_lora_config(selected, module_map, 4, 8.0, 0.0)
     assert isinstance(config["target_modules"], str)
     _trains(config, {m.name for m in selected})
-    # A product selection (o_proj and down_proj of layers 1 and 3): target_modules + layers_to_transform.
-    product = [m for m in module_map.modules if m.layer in (1, 3) and m.module_type in ("o_proj", "down_proj")]
+    # Whole module types (o_proj and down_proj of every layer): the list of types.
+    product = [m for m in module_map.modules if m.module_type in ("o_proj", "down_proj")]
     config = recommended_lora_config(product, module_map, 4, 8.0, 0.0)
-    assert config["target_modules"] == ["o_proj", "down_proj"] and config["layers_to_transform"] == [1, 3]
+    assert config["target_modules"] == ["o_proj", "down_proj"] and "layers_to_transform" not in config
     _trains(config, {m.name for m in product})
 
 

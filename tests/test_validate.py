@@ -193,8 +193,8 @@ def test_bootstrap_difference_is_the_token_weighted_loss_difference():
 
 
 def test_bleu_segments_sum_to_the_official_corpus_bleu():
-    from lorasens.evaluation.metrics import bleu
-    from lorasens.evaluation.segments import bleu_segments
+    from lorasens.metrics import bleu
+    from lorasens.metrics.segments import bleu_segments
 
     predictions = ["The Eagle is a cheap pub.", "Blue Spice serves French food.", "Zizzi is a coffee shop"]
     references = [["The Eagle is a cheap pub near the river.", "Cheap pub The Eagle."],

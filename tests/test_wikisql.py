@@ -10,7 +10,7 @@ import pytest
 
 from conftest import shared_path
 from lorasens.data.wikisql import LogicalForm, Table, logical_form, parse_sql, read_split_file, to_sql
-from lorasens.evaluation.wikisql import build_database, execute, execute_prediction, wikisql_metrics
+from lorasens.data.sql_metrics import build_database, execute, execute_prediction, wikisql_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wikisql"
 HEADER = ("Player", "No.", "Nationality", "Position", "Years in Toronto", "School/Club Team")

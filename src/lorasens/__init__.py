@@ -6,6 +6,12 @@ In your own training script (any Trainer, TRL's SFTTrainer included):
 """
 
 import importlib
+import logging
+
+# bitsandbytes (imported by PEFT and transformers whenever it is installed, as it is for --quantize) warns on import
+# that an optional faster CPU kernel package is missing; its own CPU path works without it, so every command
+# would start with a line the user can do nothing about.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -57,14 +56,14 @@ from lorasens.config import (
 )
 from lorasens.context import AfterTrainingStep, RunContext
 from lorasens.errors import UserError
+from lorasens.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
 from lorasens.lora import LoraParams, ModuleMapSpec, lora_of_model, lora_target
 from lorasens.module_map import ModuleMap
 from lorasens.phases import PhaseScheduleCallback
-from lorasens.plots import plot_training_loss
 from lorasens.rundir import replace_run_dir
-from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL, PHASES, RECORDED_BY, RUN_LOG, SUMMARY_FILE
-from lorasens.rundir.metrics import read_run_metrics
-from lorasens.training import RunState, TrainLogCallback
+from lorasens.rundir.files import CONFIG_FILE, PHASES, RECORDED_BY
+from lorasens.safeio import write_json
+from lorasens.training import DivergenceCallback, RunState, TrainLogCallback
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +130,7 @@ class SensitivityCallback(TrainerCallback):
         self.analysis_features: list[dict] = []  # held-out examples for the ablation and first-order estimate
         self._log_handler: logging.Handler | None = None
         self._started = 0.0
+        self.divergence: DivergenceCallback | None = None
 
     @classmethod
     def for_run(cls, ctx: RunContext) -> "SensitivityCallback":
@@ -175,7 +175,13 @@ class SensitivityCallback(TrainerCallback):
         if self.run_state is None:
             self.run_state = self.phases.state if self.phases is not None else RunState(phase=lora_target(self.lora))
         if self.tokenizer is None:
-            self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            self.tokenizer = find_tokenizer(processing_class, trainer)
+        if getattr(args, "logging_nan_inf_filter", False):
+            # The Trainer's default logs a NaN/inf loss as the mean of the earlier ones (0.0 on a first bad step),
+            # which hides a diverged run; the true loss is logged (null in train_log.jsonl) and marks the run diverged.
+            args.logging_nan_inf_filter = False
+            logger.info("%s: logging the true loss (logging_nan_inf_filter off) so a diverged run shows", WHO)
+        self.divergence = DivergenceCallback([p for lp in self.lora for p in (lp.A, lp.B)])
         if self._run is None:
             self.analysis_features = self._validation_features(trainer)
             self.cfg, self.unknown_fields = recorded_config(self, args, state, model)
@@ -186,7 +192,7 @@ class SensitivityCallback(TrainerCallback):
             # phases.json beside the other files; written now if the phase callback already entered its first phase.
             self.phases.path = self.run_dir / PHASES
             if self.phases.transitions:
-                self.phases.path.write_text(json.dumps(self.phases.summary(), indent=2) + "\n")
+                write_json(self.phases.path, self.phases.summary())
         self.train_log = TrainLogCallback(self.run_dir, self.run_state)
         self.train_log.on_train_begin(args, state, control, **kwargs)
         t = self.tracking
@@ -202,11 +208,24 @@ class SensitivityCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.train_log.on_step_end(args, state, control, **kwargs)
+        self._check_divergence("on_step_end", args, state, control, **kwargs)
         if self.tracker is not None:
             self.tracker.on_step_end(args, state, control, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.train_log.on_log(args, state, control, logs=logs, **kwargs)
+        self._check_divergence("on_log", args, state, control, logs=logs, **kwargs)
+
+    def _check_divergence(self, event, args, state, control, **kwargs) -> None:
+        """Marks the run diverged at the first non-finite loss, gradient norm or LoRA weight (the training it
+        observes goes on: a callback never stops it); _finish then writes no recommendation."""
+        if self._run is not None or self.divergence is None or self.divergence.step is not None:
+            return  # lorasens train has its own DivergenceCallback, which stops the run
+        probe = type(control)(**dataclasses.asdict(control)) if dataclasses.is_dataclass(control) else control
+        getattr(self.divergence, event)(args, state, probe, **kwargs)
+        if self.divergence.step is not None:
+            logger.warning("%s: training diverged at step %d (%s); the run is marked diverged and gets no "
+                           "recommendation", WHO, self.divergence.step, self.divergence.reason)
 
     def on_save(self, args, state, control, **kwargs):
         if self.tracker is not None:
@@ -224,10 +243,8 @@ class SensitivityCallback(TrainerCallback):
             if self._run is None and state.is_world_process_zero:
                 self._finish(state, model)
         finally:
-            if self._log_handler is not None:
-                logging.getLogger("lorasens").removeHandler(self._log_handler)
-                self._log_handler.close()
-                self._log_handler = None
+            detach_file_log(self._log_handler)
+            self._log_handler = None
 
     # -- a user script's run directory -----------------------------------------------------------------------------
 
@@ -252,10 +269,8 @@ class SensitivityCallback(TrainerCallback):
             replace_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {**self.cfg.to_dict(), RECORDED_BY: self.recorded_by()}
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        self._log_handler = logging.FileHandler(self.run_dir / RUN_LOG)
-        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("lorasens").addHandler(self._log_handler)
+        write_json(self.run_dir / CONFIG_FILE, config)
+        self._log_handler = attach_file_log(self.run_dir)
 
     def recorded_by(self) -> dict:
         return {"recorder": f"lorasens.{WHO}", "trainer": type(self.trainer).__name__,
@@ -270,48 +285,48 @@ class SensitivityCallback(TrainerCallback):
                                "validation_data=...)", WHO)
                 return []
         features = tokenised_features(data, explicit)
-        if features and self.tokenizer is None:
-            raise UserError(f"{WHO}: the ablation needs the tokenizer's pad token; pass tokenizer=... (the Trainer "
-                            "has no processing_class)")
+        if features and self.tokenizer is None:  # an optional analysis never stops the training it observes
+            logger.warning("%s: no tokenizer found (not passed, no processing_class, none in the data collator); the "
+                           "ablation and first-order estimate are skipped: pass tokenizer=... to get them", WHO)
+            return []
         if not features and self.tracking.ablation:
             logger.info("%s: no tokenised validation data; the ranking uses the gradient measures only (no ablation)",
                         WHO)
         return features
 
     def _finish(self, state, model) -> None:
-        """After training (main process): the adapter, the analysis, the report and summary.json, as a run does."""
-        model.save_pretrained(self.run_dir / FINAL_MODEL)
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(self.run_dir / FINAL_MODEL)
-        plot_training_loss(self.run_dir)
-        metrics = read_run_metrics(self.run_dir)
+        """After training (main process): the adapter, the analysis, the report and summary.json, as a run does
+        (the same `lifecycle` stages as `lorasens train`)."""
+        save_final_model(model, self.tokenizer, self.run_dir)
         schedule = self.phases.schedule if self.phases is not None else None
         ctx = RunContext(cfg=self.cfg, run_dir=self.run_dir, model=model, tokenizer=self.tokenizer,
                          module_map=self.module_map, lora=self.lora, state=self.run_state, schedule=schedule,
                          val_features=[], analysis_features=self.analysis_features, trainer=self.trainer)
-        ctx.summary.update({
-            "run_dir": str(self.run_dir),
-            "model": self.cfg.model.model,
-            "architecture": self.module_map.architecture,
-            "num_layers": self.module_map.num_layers,
-            "lora_modules": len(self.lora),
-            "trainable_params": sum(p.A.numel() + p.B.numel() for p in self.lora),
-            "steps": state.global_step,
-            "final_train_loss": metrics.final_train_loss,
-            "final_eval_loss": metrics.final_eval_loss,
-            "best_eval_loss": metrics.best_eval_loss,
-            "final_model_from": "the model at train end (as the Trainer left it)",
-            "train_data": {"examples": _length(self.trainer.train_dataset)},
-            "validation_data": {"examples": _length(self.trainer.eval_dataset)},
-            "analysis_data": {"examples": len(self.analysis_features)},
-            "train_runtime_s": round(time.time() - self._started, 2),
-            RECORDED_BY: self.recorded_by(),
-        })
-        for step in self.after_training:
-            ctx.summary.update(step(ctx) or {})
-        ctx.summary["wall_time_s"] = round(time.time() - self._started, 2)
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(ctx.summary, indent=2) + "\n")
+        ctx.summary.update(summary_head(
+            self.run_dir, model=self.cfg.model.model, module_map=self.module_map, lora_modules=len(self.lora),
+            trainable_params=sum(p.A.numel() + p.B.numel() for p in self.lora), steps=state.global_step,
+            final_model_from="the model at train end (as the Trainer left it)",
+            train_data={"examples": _length(self.trainer.train_dataset)},
+            validation_data={"examples": _length(self.trainer.eval_dataset)},
+            analysis_data={"examples": len(self.analysis_features)}, runtime_s=time.time() - self._started,
+            recorded_by=self.recorded_by()))
+        steps = self.after_training
+        if self.divergence is not None and self.divergence.step is not None:
+            ctx.summary["diverged"] = {"step": self.divergence.step, "reason": self.divergence.reason}
+            # Rankings of NaN measures recommend nothing: no sensitivity analysis, no recommendation.
+            steps = tuple(s for s in steps if s is not post.analyze_after_training)
+        finish(ctx, steps, self._started)
         logger.info("%s: run directory %s written", WHO, self.run_dir)
+
+
+def find_tokenizer(processing_class, trainer: Trainer):
+    """The tokenizer where a Trainer keeps it: its processing_class (a processor's .tokenizer), else its data
+    collator's `tokenizer` (DataCollatorForLanguageModeling(tok) with no processing_class); None if neither."""
+    for holder in (processing_class, getattr(trainer, "processing_class", None),
+                   getattr(getattr(trainer, "data_collator", None), "tokenizer", None)):
+        if holder is not None:
+            return getattr(holder, "tokenizer", holder)
+    return None
 
 
 def find_trainer(callback: TrainerCallback) -> Trainer | None:

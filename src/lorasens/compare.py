@@ -41,10 +41,10 @@ from lorasens.rundir.files import (
     SUMMARY_FILE,
     TRAIN_LOG,
     evaluation_files,
-    read_json,
     unknown_fields,
 )
 from lorasens.rundir.metrics import read_run_metrics
+from lorasens.safeio import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def load_run_record(run_dir: Path) -> RunRecord:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory")
-    config = read_json(run_dir / CONFIG_FILE)
-    summary = read_json(run_dir / SUMMARY_FILE)
+    config = read_json(run_dir / CONFIG_FILE, tolerant=True)
+    summary = read_json(run_dir / SUMMARY_FILE, tolerant=True)
     run_metrics = read_run_metrics(run_dir)
     evaluations = evaluation_files(run_dir)
     if config is None and summary is None and run_metrics.steps is None and not evaluations:
@@ -113,7 +113,7 @@ def load_run_record(run_dir: Path) -> RunRecord:
     if not evaluations:
         missing.append(f"{settings.get('dataset', '{dataset}')}{EVALUATION_SUFFIX} is missing")
     for path in evaluations:
-        data = read_json(path)
+        data = read_json(path, tolerant=True)
         if data is None:
             missing.append(f"{path.name} is unreadable")
             continue
@@ -186,7 +186,7 @@ def seed_stability(groups: list[dict]) -> list[dict]:
     """Per configuration with >= 2 analysed seeds and per measure: across-seed Spearman and top-k Jaccard."""
     rows = []
     for g in groups:
-        analyses = [a for a in (read_json(r.run_dir / SENSITIVITY) for r in g["runs"]) if a and a.get("measures")]
+        analyses = [a for a in (read_json(r.run_dir / SENSITIVITY, tolerant=True) for r in g["runs"]) if a and a.get("measures")]
         if len(analyses) < 2:
             continue
         pairs = [(a, b) for i, a in enumerate(analyses) for b in analyses[i + 1 :]]

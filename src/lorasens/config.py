@@ -28,7 +28,6 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from lorasens.analysis.budget import BudgetUnit
 from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import UserError, unknown_choice
 from lorasens.presets import get_preset
@@ -40,8 +39,11 @@ FinalAdapter = Literal["best", "last"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
+Quantize = Literal["none", "4bit"]
+Fsdp = Literal["none", "full_shard", "shard_grad_op", "hybrid_shard"]
 Allocate = Literal["modules", "ranks"]
-# Generation metrics of a custom dataset (--metrics); lorasens.evaluation.metrics.TEXT_METRIC_FUNCTIONS scores them.
+BudgetUnit = Literal["params", "modules"]  # what --budget counts (analysis.budget)
+# Generation metrics of a custom dataset (--metrics); lorasens.metrics.TEXT_METRIC_FUNCTIONS scores them.
 TextMetric = Literal["exact_match", "rouge_l", "bleu", "accuracy"]
 DEFAULT_TEXT_METRICS = ("exact_match", "rouge_l", "bleu")
 CUSTOM_DATASET, HUB_PREFIX = "custom", "hf:"
@@ -51,11 +53,14 @@ DEFAULT_HELD_OUT_FRACTION = 0.1  # custom data: --validation_fraction / --test_f
 CATEGORIES = ("resumable", "reanalysable", "schedule_only", "not_a_setting", "custom_data")
 
 
-def opt(default: Any, help: str, *, key: tuple[int, str] | None = None, **categories: bool) -> Any:
-    """A dataclass field with a help text (shown by `--help` and in docs/GUIDE.md) and its categories."""
+def opt(default: Any, help: str, *, key: tuple[int, str] | None = None, aliases: tuple[str, ...] = (),
+        **categories: bool) -> Any:
+    """A dataclass field with a help text (shown by `--help` and in docs/GUIDE.md) and its categories.
+
+    `aliases` are further flag spellings of the field (e.g. `--lora_r` for `--r`, which launchers misread)."""
     unknown = set(categories) - set(CATEGORIES)
     assert not unknown, f"unknown field categories {unknown}"
-    metadata = {"help": help, "key": key, **categories}
+    metadata = {"help": help, "key": key, "aliases": aliases, **categories}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -73,12 +78,19 @@ class ModelConfig:
     )
     mlp_modules: str | None = opt(None, "Comma list of MLP linear-module names, for unknown architectures.")
     precision: Precision = opt("auto", "auto = bf16 on a CUDA GPU that supports it, else fp32.")
+    quantize: Quantize = opt(
+        "none", "4bit = QLoRA: the base model's linear layers in NF4 (bitsandbytes, also on CPU), computing in the "
+        "--precision dtype; LoRA and the LM head stay in full precision."
+    )
 
 
 @dataclass
 class LoraSettings:
     target: Target = opt("both", "Module groups that get LoRA: attn, mlp or both (attention = attn).", key=(2, "LoRA target"))
-    r: int = opt(8, "LoRA rank.", key=(5, "rank r"))
+    # `--r` alone is an ambiguous prefix to torchrun's own parser (--rdzv-*, --role, --run_path, --redirects), which
+    # classifies every argument, the script's too: under launchers the rank is `--lora_r`.
+    r: int = opt(8, "LoRA rank (also --lora_r, the spelling that passes through torchrun).", key=(5, "rank r"),
+                 aliases=("--lora_r",))
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by lora_alpha / r.", key=(6, "lora_alpha"))
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input, in [0, 1).", key=(7, "lora_dropout"))
     placement: str | None = opt(
@@ -181,6 +193,15 @@ class TrainingConfig:
     logging_steps: int = opt(1, "Log loss/lr/grad_norm to train_log.jsonl every N steps.", resumable=True,
                              not_a_setting=True)
     gradient_checkpointing: bool = opt(False, "Non-reentrant activation checkpointing (less memory, more compute).")
+    fsdp: Fsdp = opt(
+        "none", "FSDP2 sharding under torchrun / accelerate launch on GPUs (full_shard = ZeRO-3-like, shard_grad_op = "
+        "ZeRO-2-like, hybrid_shard); decoder layers are the wrapping unit. Gradient measures stay exact.",
+        not_a_setting=True,
+    )
+    deepspeed: str | None = opt(
+        None, "DeepSpeed JSON config (e.g. examples/deepspeed_zero3.json), passed to the Trainer; GPUs only. "
+        "Gradient norms and importance are not recorded under DeepSpeed.", not_a_setting=True,
+    )
     report_to: ReportTo = opt("none", "Also report to this tracker (passed to the Trainer).", resumable=True,
                               not_a_setting=True)
     packing: bool = opt(
@@ -485,6 +506,8 @@ def coerce(section: str, name: str, value: Any) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if base in (int, float) and isinstance(value, bool):  # YAML `r: true` is not 1 (`--r true` is refused)
+            raise ValueError
         if base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -655,7 +678,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | N
                 kwargs.update(nargs="?", const="true", metavar="BOOL")
             elif get_origin(base) is Literal:
                 kwargs.update(metavar="{" + ",".join(get_args(base)) + "}")
-            group.add_argument(f"--{f.name}", **kwargs)
+            group.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), dest=f.name, **kwargs)
 
 
 def config_overrides(args: argparse.Namespace) -> dict:

@@ -31,9 +31,17 @@ class Interrupted(KeyboardInterrupt):
         self.message = message
 
 
+# How a full disk shows when the writer is not Python's own file I/O: safetensors' Rust error, torch.save's C++ stream.
+DISK_FULL_TEXTS = ("No space left on device", "StorageFull", "code: 28,", "basic_ios::clear",
+                   "PytorchStreamWriter failed writing", "Disk quota exceeded", "Read-only file system")
+
+
 def is_disk_error(exc: BaseException) -> bool:
-    """An OSError the user fixes by freeing space or choosing a writable folder (reported as exit 2)."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+    """An error the user fixes by freeing space or choosing a writable folder (reported as exit 2): an OSError with
+    one of those errnos, or a safetensors / torch.save error whose text says the disk was full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+    return isinstance(exc, Exception) and any(t in str(exc) for t in DISK_FULL_TEXTS)
 
 
 def unknown_choice(kind: str, value: object, valid: Iterable[str]) -> UserError:

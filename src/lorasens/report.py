@@ -18,6 +18,7 @@ from pathlib import Path
 from lorasens.config import key_settings
 from lorasens.context import RunContext
 from lorasens.errors import UserError
+from lorasens.safeio import write_text_atomic
 from lorasens.plots import RUN_PLOTS, plot_run
 from lorasens.rundir.files import (
     CONFIG_FILE,
@@ -35,16 +36,16 @@ from lorasens.rundir.files import (
     VALIDATION_JSON,
     VALIDATION_PNG,
     evaluation_files,
-    read_json,
-    read_jsonl,
     unknown_fields,
 )
+from lorasens.safeio import read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = (("config", "Configuration"), ("phases", "Phases"), ("evaluation", "Evaluation"),
-            ("sensitivity", "Sensitivity ranking"), ("recommendation", "Recommended LoRA config"),
-            ("validation", "Placement validation"), ("plots", "Plots"))
+# The answer first; the configuration tables last.
+SECTIONS = (("answer", "Answer"), ("evaluation", "Evaluation"), ("sensitivity", "Sensitivity ranking"),
+            ("recommendation", "Recommended LoRA config"), ("validation", "Placement validation"),
+            ("plots", "Plots"), ("phases", "Phases"), ("config", "Configuration"))
 # (label, config section, field) shown in the config summary table.
 KEY_SETTINGS = key_settings()
 SUMMARY_KEYS = ("steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "final_model_from",
@@ -65,7 +66,8 @@ th{background:#f0f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .missing{background:#fff4e5;border-left:4px solid #E69F00;padding:8px 12px;margin:8px 0;font-size:13px}
 .note{color:#555;font-size:13px}pre{background:#f4f4f4;padding:10px;overflow-x:auto;font-size:12px}
 figure{margin:18px 0}figure img{max-width:100%;border:1px solid #e3e3e3}figcaption{font-size:13px;color:#444}
-.scroll{overflow-x:auto}.cols{display:flex;flex-wrap:wrap;gap:10px 40px;align-items:flex-start}
+.scroll{overflow-x:auto}#answer{border:2px solid #0b3d63}#answer li{margin:4px 0}
+table.grid td{width:34px;height:20px;text-align:center;padding:0}table.grid td.sel{outline:2px solid #E69F00}.cols{display:flex;flex-wrap:wrap;gap:10px 40px;align-items:flex-start}
 """
 
 
@@ -106,22 +108,28 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
     outcome = plot_run(run_dir, redraw=redraw)
     plots = {name: value for name, value in outcome.items() if isinstance(value, Path)}
     missing += [f"{name}: {value}" for name, value in outcome.items() if not isinstance(value, Path)]
-    config = read_json(run_dir / CONFIG_FILE)
-    summary = summary if summary is not None else read_json(run_dir / SUMMARY_FILE)
+    config = read_json(run_dir / CONFIG_FILE, tolerant=True)
+    summary = summary if summary is not None else read_json(run_dir / SUMMARY_FILE, tolerant=True)
     if config is None:
         state = "corrupt" if (run_dir / CONFIG_FILE).exists() else "missing"
         missing.insert(0, f"{CONFIG_FILE} is {state}: settings unknown")
     body = [
-        _section("configuration", (CONFIG_FILE, SUMMARY_FILE), _config_section, config, summary, run_dir),
-        _section("phases", (PHASES,), _phases_section, run_dir),
+        _section("answer", (SENSITIVITY,), _answer_section, run_dir),
         _section("evaluation", (f"*{EVALUATION_SUFFIX}",), _evaluation_section, run_dir, config),
         _section("sensitivity", (SENSITIVITY,), _sensitivity_section, run_dir),
         _section("recommendation", (RECOMMENDED_CONFIG,), _recommendation_section, run_dir),
         _section("validation", (f"{VALIDATION_DIR}/{VALIDATION_JSON}",), _validation_section, run_dir),
         _plots_section(run_dir, plots, outcome, RUN_PLOTS),
+        _section("phases", (PHASES,), _phases_section, run_dir),
+        _section("configuration", (CONFIG_FILE, SUMMARY_FILE), _config_section, config, summary, run_dir),
     ]
     missing += [line for _, lines in body for line in lines]
     status = "complete" if summary is not None else "incomplete (no summary.json: the run did not finish)"
+    diverged = (summary or {}).get("diverged")
+    if isinstance(diverged, dict):
+        status = f"DIVERGED at step {diverged.get('step')}"
+        missing.insert(0, f"training diverged at step {diverged.get('step')} ({diverged.get('reason')}): the "
+                          "measures are not finite, so no sensitivity analysis or recommendation was made")
     page = render_page(
         title=f"lorasens report — {run_dir.name}",
         subtitle=f"{run_dir.resolve()} · {status} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
@@ -129,7 +137,7 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
         missing=missing,
     )
     path = run_dir / REPORT_FILE
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)  # a full disk leaves no 0-byte report.html
     logger.info("report: %s (%d plots%s)", path, len(plots), f", {len(missing)} item(s) missing" if missing else "")
     return ReportResult(path, plots, missing)
 
@@ -187,7 +195,7 @@ def render_page(title: str, subtitle: str, sections: list[tuple[str, str, str]],
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{esc(title)}</title>"
         f"<style>{CSS}</style></head><body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
-        f"<nav>{nav}</nav><main>{overview}{blocks}</main></body></html>\n"
+        f"<nav>{nav}</nav><main>{blocks}{overview}</main></body></html>\n"
     )
 
 
@@ -203,6 +211,21 @@ def _section(name: str, files: tuple[str, ...], build, *args) -> tuple[str, list
         logger.warning("report section %s not shown: %s: %s", name, type(exc).__name__, exc, exc_info=True)
         line = f"{name}: {' / '.join(files)} has an unexpected format ({type(exc).__name__}: {exc})"
         return missing_box([line]), [line]
+
+
+def _answer_section(run_dir: Path) -> tuple[str, list[str]]:
+    """Where the LoRA goes, in words, with the evidence and the verdict; the layer × module grid beside it."""
+    from lorasens.answer import build_answer, grid_html
+
+    answer = build_answer(run_dir)
+    lines = answer.lines()
+    if not lines:
+        line = f"answer: {absent(run_dir, SENSITIVITY)}"
+        return missing_box([line]), [line]
+    if not answer.verdict:
+        lines.append(f"Not validated: `lorasens validate {run_dir}` trains it against matched random placements.")
+    items = "".join(f"<li>{esc(x)}</li>" for x in lines)
+    return f'<div class="cols"><ul>{items}</ul><div>{grid_html(answer.grid, esc)}</div></div>', []
 
 
 def _config_section(config: dict | None, summary: dict | None, run_dir: Path) -> tuple[str, list[str]]:
@@ -228,7 +251,7 @@ def _config_section(config: dict | None, summary: dict | None, run_dir: Path) ->
         rows = [[key, summary[key]] for key in SUMMARY_KEYS if key in summary]
         columns.append("<div><h3>Run summary</h3>" + table(["quantity", "value"], rows) + "</div>")
     else:
-        train = read_jsonl(run_dir / TRAIN_LOG)
+        train = read_jsonl(run_dir / TRAIN_LOG, tolerant=True)
         missing.append(f"{SUMMARY_FILE} is corrupt" if (run_dir / SUMMARY_FILE).exists()
                        else f"{SUMMARY_FILE} is missing (run unfinished?)")
         if train:
@@ -239,7 +262,7 @@ def _config_section(config: dict | None, summary: dict | None, run_dir: Path) ->
 
 
 def _phases_section(run_dir: Path) -> tuple[str, list[str]]:
-    phases = read_json(run_dir / PHASES)
+    phases = read_json(run_dir / PHASES, tolerant=True)
     if phases is None:
         return ('<p class="note">Static run: one phase, all LoRA modules trainable throughout '
                 f"(no {PHASES}).</p>", [])
@@ -269,7 +292,7 @@ def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[s
         return missing_box([line]), [line]
     parts = []
     for path in files:
-        data = read_json(path)
+        data = read_json(path, tolerant=True)
         if data is None:
             return missing_box([f"{path.name} is unreadable"]), [f"{path.name} is unreadable"]
         metrics = data.get("metrics") or {}
@@ -293,7 +316,7 @@ def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[s
             parts.append('<p class="note">No baseline (run with --baseline true to score the base model too).</p>')
         if data.get("settings"):
             parts.append(f'<p class="note">Settings: {esc(json.dumps(data["settings"]))}</p>')
-        predictions = read_jsonl(run_dir / path.name.replace(EVALUATION_SUFFIX, PREDICTIONS_SUFFIX))[:3]
+        predictions = read_jsonl(run_dir / path.name.replace(EVALUATION_SUFFIX, PREDICTIONS_SUFFIX), tolerant=True)[:3]
         if predictions:
             parts.append("<details><summary>First predictions</summary>" + table(
                 ["prompt", "prediction", "first reference"],
@@ -302,10 +325,18 @@ def _evaluation_section(run_dir: Path, config: dict | None) -> tuple[str, list[s
     return "".join(parts), []
 
 
+def absent(run_dir: Path, name: str) -> str:
+    """Why an analysis file is not shown: missing (analysis not run), or there but unreadable."""
+    if (run_dir / name).exists():
+        return (f"{name} is corrupt (not valid JSON; the analysis was probably killed while writing it): rerun "
+                f"lorasens analyze {run_dir}")
+    return f"{name} is missing (analysis not run)"
+
+
 def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
-    data = read_json(run_dir / SENSITIVITY)
+    data = read_json(run_dir / SENSITIVITY, tolerant=True)
     if data is None:
-        line = f"{SENSITIVITY} is missing (analysis not run)"
+        line = absent(run_dir, SENSITIVITY)
         return missing_box([line]), [line]
     rankings = data.get("rankings") or {}
     measures = data.get("measures") or {}
@@ -373,9 +404,9 @@ def _sensitivity_section(run_dir: Path) -> tuple[str, list[str]]:
 
 
 def _recommendation_section(run_dir: Path) -> tuple[str, list[str]]:
-    data = read_json(run_dir / RECOMMENDED_CONFIG)
+    data = read_json(run_dir / RECOMMENDED_CONFIG, tolerant=True)
     if data is None:
-        line = f"{RECOMMENDED_CONFIG} is missing (analysis not run)"
+        line = absent(run_dir, RECOMMENDED_CONFIG)
         return missing_box([line]), [line]
     usage = ("import json\nfrom peft import LoraConfig, get_peft_model\n"
              f"config = LoraConfig(**json.load(open({RECOMMENDED_CONFIG!r})))\nmodel = get_peft_model(model, config)")
@@ -386,7 +417,7 @@ def _recommendation_section(run_dir: Path) -> tuple[str, list[str]]:
 def _validation_section(run_dir: Path) -> tuple[str, list[str]]:
     """`lorasens validate` results, when the run has been validated (not validating is no missing input)."""
     folder = run_dir / VALIDATION_DIR
-    data = read_json(folder / VALIDATION_JSON)
+    data = read_json(folder / VALIDATION_JSON, tolerant=True)
     if data is None:
         return (f'<p class="note">Not validated. <code>lorasens validate {esc(run_dir)}</code> trains the '
                 "recommendation against PEFT's EVA and AdaLoRA and parameter-matched placements and writes this "

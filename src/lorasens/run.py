@@ -19,27 +19,25 @@ from lorasens.analysis import post
 from lorasens.callbacks import SensitivityCallback
 from lorasens.config import ExperimentConfig, resumable_fields, save_config
 from lorasens.context import AfterTrainingStep, RunContext
-from lorasens.data.features import build_features
+from lorasens.data.features import FeatureStats, build_features
 from lorasens.data.registry import get_dataset_spec, load_examples, training_splits
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import Interrupted, TrainingDiverged, UserError
 from lorasens.evaluation import runner
-from lorasens.evaluation.metrics import ensure_meteor_ready
+from lorasens.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
 from lorasens.lora import (Placement, apply_lora, apply_placement, load_placement, lora_parameters, set_trainable,
                            targets_for)
-from lorasens.models import load_model
-from lorasens.module_map import build_module_map
+from lorasens.metrics import ensure_meteor_ready
+from lorasens.models import LoadedModel, load_model
+from lorasens.module_map import ModuleMap, build_module_map
 from lorasens.peft_methods import AdaLoraAllocationCallback, adalora_effective_params, initialize_eva, kept_ranks
 from lorasens.phases import PhaseScheduleCallback
-from lorasens.plots import plot_training_loss
 from lorasens.rundir import check_run_dir, replace_run_dir
-from lorasens.rundir.files import ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL, RUN_LOG, SUMMARY_FILE
+from lorasens.rundir.files import ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL
 from lorasens.rundir.load import adapter_problem, read_run_config
 from lorasens.rundir.lock import hold_run_lock
-from lorasens.rundir.metrics import read_run_metrics
 from lorasens.schedule import Schedule, parse_schedule_from_config
 from lorasens.tensorboard_scalars import tensorboard_callbacks
-from lorasens.safeio import write_json
 from lorasens.training import (
     BestAdapterCallback,
     DivergenceCallback,
@@ -92,7 +90,26 @@ def _resume_hint(cfg: ExperimentConfig) -> str:
     return f"continue with: lorasens train --config {cfg.run_dir / CONFIG_FILE} --resume"
 
 
+@dataclass
+class RunInputs:
+    """Everything a run loads before it touches its folder: any of it can still fail on user input."""
+
+    loaded: LoadedModel
+    module_map: ModuleMap
+    schedule: Schedule | None
+    placement: Placement | None
+    lora_modules: list
+    train_features: list[dict]
+    train_stats: FeatureStats
+    val_features: list[dict]
+    val_stats: FeatureStats
+    analysis_features: list[dict]
+
+
 def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_training: tuple[AfterTrainingStep, ...]) -> RunResult:
+    """The stages of a run: check the folder -> load model, modules and data -> prepare the folder -> LoRA and the
+    run's context -> Trainer and its callbacks -> train -> save final_model -> summary head -> after-training steps
+    and summary.json (`lifecycle`, shared with SensitivityCallback in a user's script)."""
     started = time.time()
     run_dir = cfg.run_dir
     # Under torchrun every process runs this; only the main one (RANK 0, known before the process group exists)
@@ -102,9 +119,48 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
         check_run_dir(run_dir, cfg.output.overwrite, cfg.output.resume)
     checkpoint = _checkpoint_to_resume(cfg, run_dir) if cfg.output.resume else None
     set_seed(cfg.training.seed)
+    inputs = _load_inputs(cfg)
+    # Only rank 0 writes, else --overwrite has two processes deleting and writing the same files at once.
+    if main_process:
+        _prepare_folder(cfg, run_dir)
+    log_handler = attach_file_log(run_dir) if main_process else logging.NullHandler()
+    try:
+        ctx = _run_context(cfg, run_dir, inputs)
+        trainer_callbacks, best, divergence, allocation = _trainer_callbacks(ctx, inputs, callbacks)
+        packing = decide_packing(ctx.model, ctx.tokenizer, inputs.train_features, cfg.training.packing,
+                                 cfg.training.batch_size)
+        ctx.trainer = build_trainer(cfg, run_dir, ctx.model, ctx.tokenizer, inputs.train_features,
+                                    inputs.val_features if cfg.training.eval_steps else None, trainer_callbacks,
+                                    packing)
+        final_source, runtime = _train(ctx, checkpoint)
+        if divergence.step is not None:
+            raise TrainingDiverged(
+                f"training diverged at step {divergence.step}: {divergence.reason}; stopped there (no final_model, "
+                f"analysis or report). Logs up to that step and earlier checkpoints are kept in {run_dir}. Lower --lr "
+                "or keep --max_grad_norm > 0")
+        if ctx.trainer.is_fsdp_enabled:
+            _gather_sharded_adapter(ctx, inputs, best)
+        if not ctx.trainer.is_world_process_zero():
+            return RunResult(run_dir, {})
+        if best.best_state is not None and cfg.training.final_adapter == "best":
+            set_peft_model_state_dict(ctx.model, best.best_state)
+            final_source = f"best validation loss (step {best.best_step})"
+        save_final_model(ctx.model, ctx.tokenizer, run_dir)
+        ctx.summary.update(summary_head(
+            run_dir, model=inputs.loaded.source, module_map=inputs.module_map, lora_modules=len(inputs.lora_modules),
+            trainable_params=sum(lp.numel() for lp in ctx.lora),
+            adapter=_adapter_summary(inputs.placement, ctx.model, allocation), steps=ctx.trainer.state.global_step,
+            final_model_from=final_source, train_data=inputs.train_stats.as_dict(),
+            validation_data=inputs.val_stats.as_dict(), runtime_s=runtime, packing=packing.as_dict()))
+        return RunResult(run_dir, finish(ctx, after_training, started))
+    finally:
+        detach_file_log(log_handler)
 
-    # Model, module map and schedule: everything that can still fail on user input, before touching run_dir.
-    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
+
+def _load_inputs(cfg: ExperimentConfig) -> RunInputs:
+    """Model, module map, placement or schedule, and the data: everything that can still fail on user input,
+    before the run directory is touched."""
+    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed, quantize=cfg.model.quantize)
     module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
     schedule: Schedule | None = None
     placement: Placement | None = None
@@ -138,102 +194,90 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
         raise UserError(
             f"no validation example fits --max_length {cfg.data.max_length}; raise it, or use --eval_steps 0 --ablation false"
         )
+    return RunInputs(loaded, module_map, schedule, placement, lora_modules, train_features, train_stats,
+                     val_features, val_stats, analysis_features)
 
-    # Only rank 0 writes, else --overwrite has two processes deleting and writing the same files at once.
-    if main_process:
-        if cfg.output.overwrite:
-            replace_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
-    log_handler = _attach_file_log(run_dir) if main_process else logging.NullHandler()
+
+def _prepare_folder(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Every input is validated: only now is an old run replaced (--overwrite) and config.json written."""
+    if cfg.output.overwrite:
+        replace_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG_FILE)
+
+
+def _run_context(cfg: ExperimentConfig, run_dir: Path, inputs: RunInputs) -> RunContext:
+    """LoRA (or the placement's adapter) on the model, every LoRA parameter trainable, and the run's context."""
+    placement = inputs.placement
+    if placement is not None:
+        model = apply_placement(inputs.loaded.model, placement, cfg.lora.lora_dropout)
+        if placement.eva:
+            # On the first training batches, before lora_parameters: PEFT replaces the LoRA layers (new ranks
+            # with rho > 1). A resumed run then loads its trained weights over these.
+            initialize_eva(model, inputs.train_features, inputs.loaded.tokenizer, cfg.training.batch_size)
+    else:
+        model = apply_lora(inputs.loaded.model, inputs.lora_modules, cfg.lora.r, cfg.lora.lora_alpha,
+                           cfg.lora.lora_dropout)
+    lora = lora_parameters(model, inputs.module_map)
+    # All LoRA parameters of every phase require grad now, so the Trainer's optimizer holds all of them.
+    set_trainable(model, lora, inputs.lora_modules)
+    return RunContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=inputs.loaded.tokenizer,
+                      module_map=inputs.module_map, lora=lora, state=RunState(phase=cfg.lora.target),
+                      schedule=inputs.schedule, val_features=inputs.val_features,
+                      analysis_features=inputs.analysis_features)
+
+
+def _trainer_callbacks(ctx: RunContext, inputs: RunInputs, callbacks: list | tuple):
+    """The Trainer's callbacks: (all of them, the best-adapter keeper, the divergence guard, AdaLoRA's allocator)."""
+    cfg, model = ctx.cfg, ctx.model
+    best = BestAdapterCallback(lambda: get_peft_model_state_dict(model))
+    divergence = DivergenceCallback([p for lp in ctx.lora for p in lp.tensors()])
+    # The public callbacks a user's own training script uses (lorasens.SensitivityCallback and
+    # PhaseScheduleCallback): one implementation of logging, measuring and phase switching.
+    sensitivity = SensitivityCallback.for_run(ctx)
+    trainer_callbacks = [sensitivity, best, divergence]
+    if ctx.schedule is not None:
+        trainer_callbacks.append(PhaseScheduleCallback(ctx.schedule, output_dir=ctx.run_dir, module_map=ctx.module_map,
+                                                       reset_optimizer_on_switch=cfg.schedule.reset_optimizer_on_switch,
+                                                       run_state=ctx.state))
+    trainer_callbacks.extend(tensorboard_callbacks(ctx, sensitivity))  # gradient norms as scalars (--report_to)
+    allocation = None
+    if inputs.placement is not None and inputs.placement.method == "adalora":
+        allocation = AdaLoraAllocationCallback(model, inputs.placement.adalora_target_total_rank,
+                                               inputs.placement.adalora_target_params)
+        trainer_callbacks.append(allocation)
+    trainer_callbacks.extend(callbacks)
+    return trainer_callbacks, best, divergence, allocation
+
+
+def _train(ctx: RunContext, checkpoint: Path | None) -> tuple[str, float]:
+    """Train (or, resumed after training had finished, restore the trained adapter): (final_model_from, runtime)."""
+    if checkpoint is not None and checkpoint_step(checkpoint) >= ctx.cfg.training.max_steps:
+        return _restore_trained(ctx.model, ctx.trainer, checkpoint, ctx.run_dir), 0.0  # nothing left to train
     try:
-        if placement is not None:
-            model = apply_placement(loaded.model, placement, cfg.lora.lora_dropout)
-            if placement.eva:
-                # On the first training batches, before lora_parameters: PEFT replaces the LoRA layers (new ranks
-                # with rho > 1). A resumed run then loads its trained weights over these.
-                initialize_eva(model, train_features, loaded.tokenizer, cfg.training.batch_size)
-        else:
-            model = apply_lora(loaded.model, lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
-        lora = lora_parameters(model, module_map)
-        # All LoRA parameters of every phase require grad now, so the Trainer's optimizer holds all of them.
-        set_trainable(model, lora, lora_modules)
-        ctx = RunContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=loaded.tokenizer, module_map=module_map,
-                         lora=lora, state=RunState(phase=cfg.lora.target), schedule=schedule,
-                         val_features=val_features, analysis_features=analysis_features)
-        best = BestAdapterCallback(lambda: get_peft_model_state_dict(model))
-        divergence = DivergenceCallback([p for lp in lora for p in lp.tensors()])
-        # The public callbacks a user's own training script uses (lorasens.SensitivityCallback and
-        # PhaseScheduleCallback): one implementation of logging, measuring and phase switching.
-        sensitivity = SensitivityCallback.for_run(ctx)
-        trainer_callbacks = [sensitivity, best, divergence]
-        if schedule is not None:
-            trainer_callbacks.append(PhaseScheduleCallback(schedule, output_dir=run_dir, module_map=module_map,
-                                                           reset_optimizer_on_switch=cfg.schedule.reset_optimizer_on_switch,
-                                                           run_state=ctx.state))
-        trainer_callbacks.extend(tensorboard_callbacks(ctx, sensitivity))  # gradient norms as scalars (--report_to)
-        allocation = None
-        if placement is not None and placement.method == "adalora":
-            allocation = AdaLoraAllocationCallback(model, placement.adalora_target_total_rank,
-                                                   placement.adalora_target_params)
-            trainer_callbacks.append(allocation)
-        trainer_callbacks.extend(callbacks)
-        packing = decide_packing(model, loaded.tokenizer, train_features, cfg.training.packing, cfg.training.batch_size)
-        ctx.trainer = build_trainer(cfg, run_dir, model, loaded.tokenizer, train_features,
-                                    val_features if cfg.training.eval_steps else None, trainer_callbacks, packing)
-        final_source = "last step"
-        if checkpoint is not None and checkpoint_step(checkpoint) >= cfg.training.max_steps:
-            final_source = _restore_trained(model, ctx.trainer, checkpoint, run_dir)  # nothing left to train
-            runtime = 0.0
-        else:
-            try:
-                output = ctx.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-            except BaseException:  # Ctrl-C, SIGTERM, a full disk: keep what was measured, then stop
-                _stop_callbacks(ctx.trainer)
-                raise
-            runtime = output.metrics.get("train_runtime", 0.0)
-        if divergence.step is not None:
-            raise TrainingDiverged(
-                f"training diverged at step {divergence.step}: {divergence.reason}; stopped there (no final_model, "
-                f"analysis or report). Logs up to that step and earlier checkpoints are kept in {run_dir}. Lower --lr "
-                "or keep --max_grad_norm > 0")
-        if not ctx.trainer.is_world_process_zero():
-            return RunResult(run_dir, {})
+        output = ctx.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: keep what was measured, then stop
+        _stop_callbacks(ctx.trainer)
+        raise
+    return "last step", output.metrics.get("train_runtime", 0.0)
 
-        if best.best_state is not None and cfg.training.final_adapter == "best":
-            set_peft_model_state_dict(model, best.best_state)
-            final_source = f"best validation loss (step {best.best_step})"
-        model.save_pretrained(run_dir / FINAL_MODEL)
-        loaded.tokenizer.save_pretrained(run_dir / FINAL_MODEL)
 
-        plot_training_loss(run_dir)
-        metrics = read_run_metrics(run_dir)
-        ctx.summary.update({
-            "run_dir": str(run_dir),
-            "model": loaded.source,
-            "architecture": module_map.architecture,
-            "num_layers": module_map.num_layers,
-            "lora_modules": len(lora_modules),
-            "trainable_params": sum(lp.numel() for lp in lora),
-            "adapter": _adapter_summary(placement, model, allocation),
-            "steps": ctx.trainer.state.global_step,
-            "final_train_loss": metrics.final_train_loss,
-            "final_eval_loss": metrics.final_eval_loss,
-            "best_eval_loss": metrics.best_eval_loss,
-            "final_model_from": final_source,
-            "train_data": train_stats.as_dict(),
-            "validation_data": val_stats.as_dict(),
-            "train_runtime_s": round(runtime, 2),
-            "packing": packing.as_dict(),
-        })
-        for step in after_training:
-            ctx.summary.update(step(ctx) or {})
-        ctx.summary["wall_time_s"] = round(time.time() - started, 2)
-        write_json(run_dir / SUMMARY_FILE, ctx.summary)
-        return RunResult(run_dir, ctx.summary)
-    finally:
-        logging.getLogger("lorasens").removeHandler(log_handler)
-        log_handler.close()
+def _gather_sharded_adapter(ctx: RunContext, inputs: RunInputs, best: BestAdapterCallback) -> None:
+    """The LoRA factors are sharded: gather them on every rank (a collective), then rank 0 evaluates and analyses
+    an unsharded copy of the base with the gathered adapter (the base itself never changed)."""
+    from lorasens.sharding import full
+
+    cfg, placement = ctx.cfg, inputs.placement
+    state = {k: full(v).detach().clone() for k, v in get_peft_model_state_dict(ctx.model).items()}
+    if best.best_state is not None:
+        best.best_state = {k: full(v) for k, v in best.best_state.items()}
+    if ctx.trainer.is_world_process_zero():
+        base = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed, quantize=cfg.model.quantize)
+        model = apply_lora(base.model, inputs.lora_modules, cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout,
+                           placement.rank_pattern if placement else None,
+                           placement.alpha_pattern if placement else None)
+        set_peft_model_state_dict(model, state)
+        ctx.model, ctx.lora = model, lora_parameters(model, inputs.module_map)
 
 
 def _check_placement_method(cfg: ExperimentConfig, placement: Placement) -> None:
@@ -307,13 +351,6 @@ def _checkpoint_to_resume(cfg: ExperimentConfig, run_dir: Path) -> Path:
 def _config_differences(a: ExperimentConfig, b: ExperimentConfig) -> set[str]:
     da, db = a.to_dict(), b.to_dict()
     return {k for section in da if isinstance(da[section], dict) for k in da[section] if da[section][k] != db[section].get(k)}
-
-
-def _attach_file_log(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / RUN_LOG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("lorasens").addHandler(handler)
-    return handler
 
 
 def device_summary() -> str:

@@ -47,6 +47,19 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file beside it, then rename): a full disk or a kill leaves the old
+    file or none, never a truncated one; the temporary file is removed when the write fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
     """Write `rows` as CSV with a header, atomically; a missing or non-finite number is an empty cell."""
     import csv
@@ -74,22 +87,37 @@ def read_text(path: Path) -> str:
     return decode_utf8(Path(path).read_bytes(), Path(path))
 
 
-def read_json(path: Path, what: str = "file") -> Any:
-    """A JSON file lorasens wrote; missing -> "missing", unreadable -> "corrupt" (with the line), as `UserError`s."""
+def read_json(path: Path, what: str = "file", *, tolerant: bool = False) -> Any:
+    """A JSON file lorasens wrote: the one reader of every JSON file.
+
+    Strict (default): missing -> "missing", unreadable -> "corrupt" (with the line), as `UserError`s.
+    `tolerant=True` (plots, report, compare: readers that show what is there): None when the file is missing or
+    unreadable; the caller says which (the report names a corrupt file corrupt)."""
     path = Path(path)
     if not path.is_file():
+        if tolerant:
+            return None
         raise UserError(f"{path}: {what} is missing")
-    text = read_text(path)
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: {what} is corrupt ({exc.msg}); the run was probably killed while "
-                        "writing it") from None
+        text = read_text(path)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: {what} is corrupt ({exc.msg}); the run was probably killed while "
+                            "writing it") from None
+    except UserError as exc:
+        if not tolerant:
+            raise
+        logger.debug("%s (read as missing)", exc)
+        return None
 
 
-def read_jsonl(path: Path, torn_tail_ok: bool = False) -> list[dict]:
-    """Records of a JSON-lines file lorasens wrote. A torn last line (a kill mid-write: no final newline) is dropped
-    with a warning when `torn_tail_ok`; any other bad line is a `UserError` naming the line."""
+def read_jsonl(path: Path, torn_tail_ok: bool = False, *, tolerant: bool = False) -> list[dict]:
+    """Records of a JSON-lines file lorasens wrote (absent file: no records).
+
+    A torn last line (a kill mid-write: no final newline) is dropped with a warning when `torn_tail_ok`; any other
+    bad line is a `UserError` naming the line. `tolerant=True` (plots, report: a log that may still be written):
+    the records before the first bad line, silently."""
     path = Path(path)
     if not path.exists():
         return []
@@ -102,11 +130,15 @@ def read_jsonl(path: Path, torn_tail_ok: bool = False) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if tolerant:
+                break  # a run killed (or still writing) mid-line; keep what was complete
             if torn_tail_ok and lineno == len(lines):  # the last line, without its newline
                 logger.warning("%s:%d: dropped a torn last line (the run was killed while writing it)", path, lineno)
                 break
             raise UserError(f"{path}:{lineno}: corrupt line ({exc.msg})") from None
         if not isinstance(record, dict):
+            if tolerant:
+                break
             raise UserError(f"{path}:{lineno}: corrupt line (not a JSON object)")
         records.append(record)
     return records

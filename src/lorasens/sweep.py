@@ -8,6 +8,8 @@ sweep and starting the same command again therefore continues where it stopped.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import re
@@ -17,14 +19,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorasens.errors import UserError
+from lorasens.errors import Interrupted, UserError
 from lorasens.compare import compare_runs
 from lorasens.config import build_config, fields_with
 from lorasens.rundir import RunStatus, run_status
+from lorasens.rundir.lock import live_holder
 from lorasens.safeio import write_json
 
 logger = logging.getLogger(__name__)
@@ -193,18 +197,24 @@ class _Children:
         self._procs: set[subprocess.Popen] = set()
         self.stopping = False
 
-    def run(self, command: list[str], log_path: Path, env: dict) -> int | None:
-        """The run's exit code; None when the sweep is stopping (the run was not started)."""
+    def run(self, command: list[str], log_path: Path, env: dict, on_start: Callable[[], None] = lambda: None
+            ) -> int | None:
+        """The run's exit code; None when the sweep is stopping (the run was not started: `on_start` not called).
+
+        The log is appended to (a rerun's output follows the earlier one; never truncated under a writer), and the
+        child gets SIGTERM when the sweep dies, even by kill -9 (Linux parent-death signal)."""
         if self.stopping:
             return None
-        with log_path.open("w") as log:
-            log.write("$ " + shlex.join(command) + "\n")
-            log.flush()
+        with log_path.open("a") as log:
             with self._lock:
                 if self.stopping:
                     return None
-                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                log.write(f"$ {shlex.join(command)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                log.flush()
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_die_with_parent(os.getpid()))
                 self._procs.add(proc)
+                on_start()
             try:
                 return proc.wait()
             finally:
@@ -222,6 +232,43 @@ class _Children:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when the sweep's thread that started it dies (kill -9 included)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # not Linux: the sweep's own SIGINT/SIGTERM handling still stops children
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the sweep died before prctl: stop now
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+PR_SET_PDEATHSIG = 1
+LIVE_WAIT_S = 60.0  # how long a rerun waits for a run still written by a process of an earlier (killed) sweep
+
+
+def wait_for_live_writers(runs: list[SweepRun], timeout: float = LIVE_WAIT_S) -> None:
+    """A run whose lock a live process holds (the child of a sweep killed a moment ago, still stopping) is waited
+    for; still held after `timeout`, the sweep stops with one line naming the holder."""
+    deadline = time.time() + timeout
+    for run in runs:
+        holder = live_holder(run.run_dir)
+        if holder is None:
+            continue
+        logger.info("sweep: %s is still being written by %s; waiting up to %.0f s", run.name, holder, timeout)
+        while holder is not None and time.time() < deadline:
+            time.sleep(0.5)
+            holder = live_holder(run.run_dir)
+        if holder is not None:
+            raise UserError(f"sweep: {run.run_dir} is still being written by {holder}; let it finish or stop it, "
+                            "then rerun this command")
 
 
 def run_sweep(
@@ -248,6 +295,7 @@ def run_sweep(
             outcome[run.name] = "skipped (complete)"
         else:
             todo.append((run, status == "incomplete"))
+    wait_for_live_writers([run for run, _ in todo])
     logger.info("sweep: %d run(s), %d complete, %d to run (%d incomplete, rerun with --overwrite), %d at a time",
                 len(runs), len(runs) - len(todo), len(todo), sum(rerun for _, rerun in todo), jobs)
     env = dict(os.environ)
@@ -260,8 +308,9 @@ def run_sweep(
     def one(item: tuple[SweepRun, bool]) -> None:
         run, rerun = item
         started = time.time()
-        logger.info("sweep: start %s%s", run.name, " (rerun of an incomplete run)" if rerun else "")
-        code = children.run(train_command(run, preset, config_file, overrides, rerun), logs / f"{run.name}.log", env)
+        code = children.run(train_command(run, preset, config_file, overrides, rerun), logs / f"{run.name}.log", env,
+                            lambda: logger.info("sweep: start %s%s", run.name,
+                                                " (rerun of an incomplete run)" if rerun else ""))
         if code is None:
             return  # the sweep was interrupted before this run started
         if code == 0 and run.status() == "complete":
@@ -282,7 +331,11 @@ def run_sweep(
     try:
         for future in [pool.submit(one, item) for item in todo]:
             future.result()
-    except BaseException:  # Ctrl-C or `kill`: stop the running children too, so none is left orphaned
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: stop the running children too, say how to continue
+        children.stop()
+        raise Interrupted(getattr(exc, "signum", signal.SIGINT), "continue with: the same command ("
+                          f"{shlex.join(['lorasens', *sys.argv[1:]])}); complete runs are skipped") from None
+    except BaseException:  # anything else: stop the running children too, so none is left orphaned
         children.stop()
         raise
     finally:
@@ -299,12 +352,12 @@ def run_sweep(
 
 
 def _raise_on_sigterm():
-    """Turn SIGTERM into SystemExit in the main thread (the default would kill the sweep but not its children)."""
+    """Turn SIGTERM into `Interrupted` in the main thread (the default would kill the sweep but not its children)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum, frame):
-        raise SystemExit(128 + signum)
+        raise Interrupted(signum)
 
     return signal.signal(signal.SIGTERM, handler)
 

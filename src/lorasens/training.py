@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,13 +23,14 @@ from transformers import (
 )
 from transformers.trainer_callback import ProgressCallback
 
-from lorasens.analysis.measures import foreach_norms
 from lorasens.config import ExperimentConfig
 from lorasens.data.features import IGNORE_INDEX
+from lorasens.errors import UserError
 from lorasens.packing import use_segment_attention
 from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, EVAL_LOG, TRAIN_LOG, TRAINER_STATE
 from lorasens.rundir.load import adapter_problem
 from lorasens.safeio import dumps, read_json, read_jsonl
+from lorasens.tensors import foreach_norms
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +122,7 @@ def decide_packing(model: torch.nn.Module, tokenizer, features: list[dict], requ
                   "not separate packed examples; padding instead")
         logger.warning("packing off: %s", reason)
         return PackingDecision(False, reason)
-    logger.info("packing on: one batch gives loss %.6f padded and %.6f flattened", padded, packed)
+    logger.debug("packing on: one batch gives loss %.6f padded and %.6f flattened", padded, packed)
     return PackingDecision(True, f"exact: probe batch loss {padded:.6f} padded, {packed:.6f} flattened")
 
 
@@ -128,7 +130,19 @@ def training_arguments(cfg: ExperimentConfig, run_dir: Path, packing: bool = Fal
     tr = cfg.training
     use_cuda = torch.cuda.is_available()
     bf16 = use_cuda and cfg.model.precision != "fp32" and torch.cuda.is_bf16_supported()
+    if (tr.fsdp != "none" or tr.deepspeed) and not use_cuda:
+        # accelerate enables FSDP / DeepSpeed only on accelerators; on CPU the Trainer would silently run DDP.
+        raise UserError(f"--{'fsdp' if tr.fsdp != 'none' else 'deepspeed'} needs CUDA GPUs (accelerate runs plain DDP "
+                        "on CPU); leave it out to train with DDP")
+    sharding = {}
+    if tr.fsdp != "none":
+        # FSDP2 (what TRL and axolotl run); accelerate wraps each decoder layer (the model's _no_split_modules).
+        sharding = {"fsdp": tr.fsdp, "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                                      "state_dict_type": "SHARDED_STATE_DICT"}}
+    elif tr.deepspeed:
+        sharding = {"deepspeed": tr.deepspeed}
     return TrainingArguments(
+        **sharding,
         output_dir=str(run_dir / CHECKPOINTS),
         max_steps=tr.max_steps,
         per_device_train_batch_size=tr.batch_size,
@@ -198,7 +212,8 @@ def build_trainer(
         preprocess_logits_for_metrics=target_token_losses,
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgressCallback())
+    # A terminal gets the progress bar; a log file or pipe gets plain lines (no escape codes, no redrawn bars).
+    trainer.add_callback(QuietProgressCallback() if sys.stderr.isatty() else PlainProgressCallback())
     return trainer
 
 
@@ -268,6 +283,16 @@ class QuietProgressCallback(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
 
 
+class PlainProgressCallback(TrainerCallback):
+    """Progress as about ten plain log lines ("step 10/30, loss 2.31"), for a stderr that is not a terminal."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        every = max(1, state.max_steps // 10)
+        if state.is_world_process_zero and logs and "loss" in logs and (
+                state.global_step % every == 0 or state.global_step == state.max_steps):
+            logger.info("step %d/%d, loss %.4g", state.global_step, state.max_steps, logs["loss"])
+
+
 class JsonlWriter:
     """Append-only JSON-lines file; on resume, lines past the resumed step are dropped (no duplicated steps)."""
 
@@ -301,6 +326,14 @@ class TrainLogCallback(TrainerCallback):
         self._tokens_at_last_log = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step:
+            # A resumed Trainer keeps the logging/eval/save intervals of the checkpoint's trainer_state.json; the run
+            # says (config.json) and does what this training's arguments say.
+            before = (state.logging_steps, state.eval_steps, state.save_steps)
+            state.compute_steps(args, state.max_steps)
+            if before != (state.logging_steps, state.eval_steps, state.save_steps):
+                logger.info("resume: logging / eval / save every %s / %s / %s steps (the checkpoint had %s / %s / %s)",
+                            state.logging_steps, state.eval_steps, state.save_steps, *before)
         if not state.is_world_process_zero:
             return
         for writer in (self.train, self.eval):
@@ -334,6 +367,9 @@ class TrainLogCallback(TrainerCallback):
                     "tokens_seen": state.num_input_tokens_seen if counted else None,
                     "step_time_s": round(self._step_time, 6),
                     "time_since_last_log_s": round(self._time_since_log, 6),
+                    # NaN/inf are written null; this names which of them were not finite (a diverged step)
+                    **({"non_finite": bad} if (bad := [k for k in ("loss", "grad_norm") if isinstance(logs.get(k), float)
+                                                       and not math.isfinite(logs[k])]) else {}),
                 }
             )
             self._time_since_log = 0.0

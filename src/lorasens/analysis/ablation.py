@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -502,8 +503,8 @@ def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Se
                 per_batch = num_layers + count_layer_runs(plan)
             else:
                 per_batch = num_layers * len(sets)
-            with tqdm(total=per_batch * len(batches), desc="ablation", unit="layer", disable=False, leave=False,
-                      mininterval=2.0) as bar:  # shown in logs too (a scheduler job has no TTY)
+            with tqdm(total=per_batch * len(batches), desc="ablation", unit="layer", leave=False, mininterval=2.0,
+                      disable=not sys.stderr.isatty()) as bar:  # a bar on a terminal; logs get the lines above
                 for batch in batches:
                     _, _, example = _scored(batch)
                     if chosen == "cached":

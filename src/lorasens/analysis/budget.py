@@ -12,11 +12,9 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from lorasens.errors import UserError, unknown_choice
 
-BudgetUnit = Literal["params", "modules"]
 BUDGET_UNITS: tuple[str, ...] = ("params", "modules")
 DEFAULT_BUDGET = 0.5  # half of the all-modules total (of LoRA parameters, or of modules)
 # Ranks a rank allocation may give a module; 0 = no LoRA on the module (left out of target_modules).

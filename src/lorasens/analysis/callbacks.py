@@ -12,7 +12,9 @@ The total norm recorded is therefore the pre-clip norm the Trainer logs as `grad
 Speed: the norms of all LoRA gradients are computed on the device by `torch._foreach_norm` (one call per
 device/dtype group); the measurements of a step stay on the device until `on_step_end`, where they are
 concatenated and moved to the host once. Rows are buffered and appended to the CSVs at checkpoints and at the end.
-Only the main process records (after the all-reduce every rank holds the same gradients).
+Only the main process records (after the all-reduce every rank holds the same gradients). Under FSDP2 the LoRA
+matrices and their gradients are sharded: every rank measures its shards and the ranks add them up in one
+all-reduce per logging step (`lorasens.sharding`: exact norms, nothing big gathered); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
 from lorasens.rundir import files
+from lorasens.sharding import full as gathered, is_sharded, sharded_importance, sharded_norms
 from lorasens.analysis.csvlog import BufferedCsv, cell, read_rows
-from lorasens.analysis.measures import foreach_norms, taylor_importance, update_magnitudes
+from lorasens.analysis.measures import foreach_norms, taylor_importance_in, update_magnitudes
 from lorasens.config import TrackingConfig
 from lorasens.lora import LoraParams
 from lorasens.module_map import GROUPS
@@ -99,8 +102,9 @@ class GradientTrackingCallback(TrainerCallback):
         self.ema = np.zeros(len(self.lora))
         self.updates = np.zeros(len(self.lora), dtype=int)
         self._pending: _Pending | None = None
-        self._buffers: dict[int, torch.Tensor] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}  # importance products: 1/8 of the LoRA parameters' size
         self._active = False
+        self._follower = False  # a rank other than 0 under sharding: measures (collectives) but writes nothing
         self._accelerator = None
 
     @property
@@ -110,7 +114,15 @@ class GradientTrackingCallback(TrainerCallback):
     # -- Trainer events ------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.get_trainer()
+        sharded = trainer is not None and trainer.accelerator.distributed_type == DistributedType.FSDP
+        if sharded:
+            self._refresh_params(trainer.model)
         if not state.is_world_process_zero:
+            if sharded:  # every rank takes part in the all-reduces of the measures
+                self._follower = self._active = True
+                if self._needs_gradients:
+                    self._wrap_clipping(trainer)
             return
         self._active = True
         for writer in self.writers.values():
@@ -131,7 +143,12 @@ class GradientTrackingCallback(TrainerCallback):
             return
         parts = [t for t in ((pending.grad_norms, pending.importance) if pending else ()) if t is not None]
         if record_update:
-            parts.append(update_magnitudes(self.lora))
+            lora = self.lora
+            if is_sharded([lp.A for lp in lora]):  # the small LoRA factors gathered (see lorasens.sharding)
+                lora = [LoraParams(lp.module, gathered(lp.A.detach()), gathered(lp.B.detach()), lp.scaling) for lp in lora]
+            parts.append(update_magnitudes(lora))
+        if self._follower:
+            return
         device = next((t.device for t in parts if t.numel()), parts[0].device)
         values = torch.cat([t.to(device) for t in parts]).cpu().double().numpy()  # the one device->host copy
         offset = 0
@@ -158,6 +175,8 @@ class GradientTrackingCallback(TrainerCallback):
         self._active = False
 
     def flush(self) -> None:
+        if self._follower:
+            return
         for writer in self.writers.values():
             writer.flush()
 
@@ -176,8 +195,8 @@ class GradientTrackingCallback(TrainerCallback):
 
     def _wrap_clipping(self, trainer: Trainer) -> None:
         accelerator = trainer.accelerator
-        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            # Sharded gradients: one rank does not hold whole LoRA gradients, so per-module norms would be wrong.
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # ZeRO partitions gradients outside param.grad; FSDP2 (DTensor shards) is measured exactly instead.
             logger.warning("gradient tracking is not supported with %s; gradient norms and importance are not recorded",
                            accelerator.distributed_type)
             return
@@ -206,21 +225,29 @@ class GradientTrackingCallback(TrainerCallback):
         grads = [p.grad for p in params]
         with torch.no_grad():
             # With every module frozen the tensors are empty and the step is still written (all cells empty).
-            norms = foreach_norms(grads) if self.tracking.track_gradients else None
-            if self.tracking.track_importance:
-                buffers = [self._buffer(i) for i in active]
-                importance = taylor_importance(params, grads, buffers)
+            sharded = is_sharded(grads)
+            norms = (sharded_norms(grads) if sharded else foreach_norms(grads)) if self.tracking.track_gradients else None
+            if self.tracking.track_importance and sharded:
+                importance = sharded_importance(params, grads)
+            elif self.tracking.track_importance:
+                importance = taylor_importance_in(params, grads, self._scratch)
             else:
                 importance = None
         self._pending = _Pending(step, self.run_state.phase, np.array(active, dtype=int), norms, importance)
 
-    def _buffer(self, index: int) -> torch.Tensor:
-        """A scratch tensor shaped like parameter `index`, kept for the next steps (importance products)."""
-        buffer = self._buffers.get(index)
-        param = self.params[index]
-        if buffer is None or buffer.shape != param.shape or buffer.device != param.device or buffer.dtype != param.dtype:
-            buffer = self._buffers[index] = torch.empty_like(param, requires_grad=False)
-        return buffer
+    def _refresh_params(self, model: torch.nn.Module) -> None:
+        """Point at the model's current LoRA parameters: FSDP2 replaces them by sharded ones when it wraps."""
+        named = dict(model.named_parameters())
+        lora = []
+        for lp in self.lora:
+            found = {}
+            for matrix in ("A", "B"):
+                tail = f"{lp.module.name}.lora_{matrix}."
+                name = next((n for n in named if tail in n and n.endswith(".weight")), None)
+                found[matrix] = named[name] if name else getattr(lp, matrix)
+            lora.append(LoraParams(lp.module, found["A"], found["B"], lp.scaling))
+        self.lora = lora
+        self.params = [p for lp in self.lora for p in (lp.A, lp.B)]
 
     # -- Rows ----------------------------------------------------------------------------------------------------
 

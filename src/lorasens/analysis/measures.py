@@ -6,57 +6,15 @@ order), so that a caller can concatenate everything it measured in a step and mo
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
 from lorasens.lora import LoraParams
+from lorasens.tensors import accumulation_dtype, foreach_norms, groups_by, in_input_order
 
-
-def _groups(tensors: Sequence[torch.Tensor], key) -> dict[tuple, list[int]]:
-    """Indices of `tensors` grouped by `key(tensor)`: foreach kernels need one device and dtype per call."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups[key(t)].append(i)
-    return groups
-
-
-@functools.lru_cache(maxsize=64)
-def _inverse_order(order: tuple[int, ...], device: str) -> torch.Tensor:
-    """Positions that put values computed in `order` back into input order (cached: one copy to the device)."""
-    inverse = [0] * len(order)
-    for position, i in enumerate(order):
-        inverse[i] = position
-    return torch.tensor(inverse, device=device)
-
-
-def _in_input_order(parts: list[tuple[list[int], torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """Concatenate per-group results and restore input order with one gather on the device."""
-    order = tuple(i for idx, _ in parts for i in idx)
-    values = torch.cat([v.to(device) for _, v in parts])
-    if order == tuple(range(len(order))):
-        return values
-    return values.index_select(0, _inverse_order(order, str(device)))
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
-    """Low-precision tensors (bf16/fp16) accumulate their norms in float32; float32/64 keep their own dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-
-
-def foreach_norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
-    """`torch.linalg.vector_norm(t, ord)` of every tensor, as one float32 tensor (norms accumulate in float32)."""
-    if not tensors:
-        return torch.empty(0)
-    device = tensors[0].device
-    parts = []
-    for idx in _groups(tensors, lambda t: (t.device, t.dtype)).values():
-        dtype = _accumulation_dtype(tensors[idx[0]].dtype)
-        norms = torch._foreach_norm([tensors[i] for i in idx], ord, dtype=dtype)
-        parts.append((idx, torch.stack(norms).float()))
-    return _in_input_order(parts, device)
+__all__ = ["foreach_norms", "taylor_importance", "taylor_importance_in", "update_magnitudes"]
 
 
 def taylor_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -70,19 +28,55 @@ def taylor_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
         return torch.empty(0)
     device = params[0].device
     parts = []
-    for idx in _groups(params, lambda t: (t.device, t.dtype)).values():
+    for idx in groups_by(params, lambda t: (t.device, t.dtype)).values():
         if buffers is None:
             products = torch._foreach_mul([params[i].detach() for i in idx], [grads[i] for i in idx])
         else:
             products = [buffers[i] for i in idx]
             torch._foreach_copy_(products, [params[i].detach() for i in idx])
             torch._foreach_mul_(products, [grads[i] for i in idx])
-        dtype = _accumulation_dtype(products[0].dtype)
+        dtype = accumulation_dtype(products[0].dtype)
         parts.append((idx, torch.stack(torch._foreach_norm(products, 1, dtype=dtype)).float()))
-    return _in_input_order(parts, device)
+    return in_input_order(parts, device)
 
 
 @torch.no_grad()
+def taylor_importance_in(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                         scratch: dict[tuple, torch.Tensor], fraction: int = 8) -> torch.Tensor:
+    """`taylor_importance` with bounded scratch memory: the products `theta * grad` are formed in one flat buffer
+    per device/dtype (kept in `scratch` across steps) of max(largest matrix, 1/`fraction` of all) elements, the
+    matrices taken in batches that fit it, each batch through the foreach kernels. So measuring importance holds
+    no second copy of the LoRA gradients, only about 1/8 of them."""
+    if not params:
+        return torch.empty(0)
+    device = params[0].device
+    parts = []
+    for idx in groups_by(params, lambda t: (t.device, t.dtype)).values():
+        first = params[idx[0]]
+        sizes = [params[i].numel() for i in idx]
+        size = max(max(sizes), -(-sum(sizes) // fraction))
+        key = (first.device, first.dtype)
+        flat = scratch.get(key)
+        if flat is None or flat.numel() < size:
+            flat = scratch[key] = torch.empty(size, device=first.device, dtype=first.dtype)
+        dtype = accumulation_dtype(first.dtype)
+        start = 0
+        while start < len(idx):
+            batch, used = [], 0
+            while start < len(idx) and used + sizes[start] <= size:
+                batch.append(idx[start])
+                used += sizes[start]
+                start += 1
+            views, offset = [], 0
+            for i in batch:
+                views.append(flat[offset : offset + params[i].numel()].view_as(params[i]))
+                offset += params[i].numel()
+            torch._foreach_copy_(views, [params[i].detach() for i in batch])
+            torch._foreach_mul_(views, [grads[i] for i in batch])
+            parts.append((batch, torch.stack(torch._foreach_norm(views, 1, dtype=dtype)).float()))
+    return in_input_order(parts, device)
+
+
 def update_magnitudes(lora: Sequence[LoraParams]) -> torch.Tensor:
     """||delta W||_F = scaling * ||B A||_F per module, without forming B A (out x in).
 
@@ -106,4 +100,4 @@ def update_magnitudes(lora: Sequence[LoraParams]) -> torch.Tensor:
         squared = (gram_a.double() * gram_b.double()).sum(dim=(1, 2)).clamp_min(0)
         scaling = torch.tensor([lora[i].scaling for i in idx], dtype=torch.float64, device=a.device)
         parts.append((idx, (squared.sqrt() * scaling).float()))
-    return _in_input_order(parts, device)
+    return in_input_order(parts, device)

@@ -57,9 +57,9 @@ from lorasens.errors import UserError
 from lorasens.lora import LoraParams
 from lorasens.module_map import ModuleMap
 from lorasens.rundir import files
-from lorasens.rundir.files import CONFIG_FILE, read_json, unknown_fields
+from lorasens.rundir.files import CONFIG_FILE, unknown_fields
 from lorasens.rundir.load import load_run, read_run_config, require_known
-from lorasens.safeio import write_json
+from lorasens.safeio import read_json, write_json
 from lorasens.training import decide_packing
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
     `analysis_features`: the analysis split (held out of train; disjoint from validation and test), on which the
     first-order estimate and the ablation are computed. `probe`: a run directory whose training-time measures
     replace this run's (`lorasens analyze --probe`).
+
+    Stages: the training-time measures -> the first-order estimate -> the ablation -> the recommendation ->
+    sensitivity.json -> the summary entries.
     """
     run_dir = Path(run_dir)
     tracking = cfg.tracking
@@ -114,21 +117,10 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
                        source, files.MODULE_NORMS, files.IMPORTANCE, " and the ablation" if tracking.ablation else "")
     measured_under = _measured_under(cfg, probe)
 
-    batches = None
-    first_order_info: dict = {}
+    batches, packing, first_order_info = None, None, {}
     if analysis_features:
-        device = next(model.parameters()).device
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        max_tokens = ablation_max_tokens(model, module_map.num_layers)
-        # The training run's batching (padding-free where exact), as many examples per pass as memory allows.
-        packing = decide_packing(model, tokenizer, analysis_features, cfg.training.packing, cfg.training.batch_size)
-        batches = validation_batches(analysis_features, None, pad, device, max_tokens=max_tokens,
-                                     packing=packing.enabled)
-        # The backward keeps every layer's activations: smaller batches than the no-grad ablation passes.
-        grad_batches = validation_batches(analysis_features, None, pad, device, max_tokens=max(256, max_tokens // 8))
-        started = time.perf_counter()
-        measures["first_order"] = dict(zip(keys, first_order_estimates(model, lora, grad_batches)))
-        first_order_info = _first_order_cost(time.perf_counter() - started, run_dir)
+        batches, packing, first_order_info = _first_order(run_dir, cfg, model, module_map, lora, keys,
+                                                          analysis_features, tokenizer, measures)
     else:
         logger.warning("first-order estimate and ablation skipped: no analysis examples")
 
@@ -139,21 +131,8 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
     ablation: dict = {}
     ablation_info: dict = {}
     if tracking.ablation and batches:
-        # Single-module ablations within the limit: the modules the other measures rank highest.
-        by_key = {key_of(lp.module): lp.module for lp in lora}
-        singles = [by_key[k] for k in ranking(combined)[: tracking.ablation_max_single]]
-        result = run_ablation(model, lora, batches, singles, layers_path=module_map.layers_path,
-                              num_examples=len(analysis_features))
-        ablation, rows = _ablation_uncertainty(result)
-        ablation_info = {"ablation_time_s": round(result.wall_time_s, 2), "ablation_method": result.method,
-                         "ablation_sets": len(result.sets), "ablation_batches": len(batches),
-                         "ablation_packed": packing.enabled}
-        writer = BufferedCsv(run_dir / files.ABLATION, files.ABLATION_COLUMNS)
-        writer.start(0)
-        for row in rows:
-            writer.add(row)
-        writer.flush()
-        measures["ablation"] = ablation.pop("deltas")
+        ablation, ablation_info = _ablate(run_dir, cfg, model, module_map, lora, batches, packing,
+                                          len(analysis_features), combined, measures)
         if "ablation" in full_coverage(keys, {"ablation": measures["ablation"]}):
             ranked_by = full_coverage(keys, measures)
             combined = combined_scores(keys, _on_scale(measures, params, scale, ranked_by))
@@ -162,6 +141,69 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
     budget.update({"ranked_by": ranked_by, "ranking_scale": scale})
     write_json(run_dir / files.RECOMMENDED_CONFIG, lora_config)
 
+    sensitivity = _sensitivity(sizes, lora, params, measures, combined, measured_under, budget, ablation)
+    write_json(run_dir / files.SENSITIVITY, sensitivity)
+    top = sensitivity["rankings"][COMBINED][:TOP_IN_SUMMARY]
+    logger.info("sensitivity: top modules %s; recommended %s (%s)", ", ".join(top), describe_budget(budget),
+                files.RECOMMENDED_CONFIG)
+    return {
+        "recommendation": {"file": files.RECOMMENDED_CONFIG, "modules": budget["selected"],
+                           "description": describe_budget(budget),
+                           "num_selected": budget["num_selected"], "num_modules": len(lora),
+                           "params_used": budget["params_used"], "params_budget": budget["params_budget"],
+                           "allocate": budget["allocate"], "target_modules": lora_config["target_modules"],
+                           **({"layers_to_transform": lora_config["layers_to_transform"]}
+                              if "layers_to_transform" in lora_config else {})},
+        "sensitivity_top": top,
+        "sensitivity_agreement": sensitivity["agreement"],
+        **first_order_info,
+        **ablation_info,
+    }
+
+
+def _first_order(run_dir: Path, cfg: ExperimentConfig, model, module_map: ModuleMap, lora: list[LoraParams],
+                 keys: list[str], analysis_features: list[dict], tokenizer, measures: dict):
+    """The analysis batches (the training run's batching, as many examples per pass as memory allows) and the
+    first-order estimate on them (added to `measures`): (batches, packing decision, summary entries)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    max_tokens = ablation_max_tokens(model, module_map.num_layers)
+    # The training run's batching (padding-free where exact), as many examples per pass as memory allows.
+    packing = decide_packing(model, tokenizer, analysis_features, cfg.training.packing, cfg.training.batch_size)
+    batches = validation_batches(analysis_features, None, pad, device, max_tokens=max_tokens,
+                                 packing=packing.enabled)
+    # The backward keeps every layer's activations: smaller batches than the no-grad ablation passes.
+    grad_batches = validation_batches(analysis_features, None, pad, device, max_tokens=max(256, max_tokens // 8))
+    started = time.perf_counter()
+    measures["first_order"] = dict(zip(keys, first_order_estimates(model, lora, grad_batches)))
+    return batches, packing, _first_order_cost(time.perf_counter() - started, run_dir)
+
+
+def _ablate(run_dir: Path, cfg: ExperimentConfig, model, module_map: ModuleMap, lora: list[LoraParams], batches,
+            packing, num_examples: int, combined: dict, measures: dict) -> tuple[dict, dict]:
+    """The ablation (sensitivity_ablation.csv; its deltas added to `measures`): (ablation section of
+    sensitivity.json, summary entries)."""
+    # Single-module ablations within the limit: the modules the other measures rank highest.
+    by_key = {key_of(lp.module): lp.module for lp in lora}
+    singles = [by_key[k] for k in ranking(combined)[: cfg.tracking.ablation_max_single]]
+    result = run_ablation(model, lora, batches, singles, layers_path=module_map.layers_path,
+                          num_examples=num_examples)
+    ablation, rows = _ablation_uncertainty(result)
+    ablation_info = {"ablation_time_s": round(result.wall_time_s, 2), "ablation_method": result.method,
+                     "ablation_sets": len(result.sets), "ablation_batches": len(batches),
+                     "ablation_packed": packing.enabled}
+    writer = BufferedCsv(run_dir / files.ABLATION, files.ABLATION_COLUMNS)
+    writer.start(0)
+    for row in rows:
+        writer.add(row)
+    writer.flush()
+    measures["ablation"] = ablation.pop("deltas")
+    return ablation, ablation_info
+
+
+def _sensitivity(sizes, lora: list[LoraParams], params: dict, measures: dict, combined: dict, measured_under: dict,
+                 budget: dict, ablation: dict) -> dict:
+    """The content of sensitivity.json."""
     per_param = {name: per_parameter(scores, params) for name, scores in measures.items()}
     all_measures = {**measures, COMBINED: combined}
     sensitivity = {
@@ -185,23 +227,7 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
     if ablation:
         sensitivity["ablation"] = ablation
         sensitivity["ablation_reference_loss"] = ablation["reference_loss"]
-    write_json(run_dir / files.SENSITIVITY, sensitivity)
-    top = sensitivity["rankings"][COMBINED][:TOP_IN_SUMMARY]
-    logger.info("sensitivity: top modules %s; recommended %s (%s)", ", ".join(top), describe_budget(budget),
-                files.RECOMMENDED_CONFIG)
-    return {
-        "recommendation": {"file": files.RECOMMENDED_CONFIG, "modules": budget["selected"],
-                           "description": describe_budget(budget),
-                           "num_selected": budget["num_selected"], "num_modules": len(lora),
-                           "params_used": budget["params_used"], "params_budget": budget["params_budget"],
-                           "allocate": budget["allocate"], "target_modules": lora_config["target_modules"],
-                           **({"layers_to_transform": lora_config["layers_to_transform"]}
-                              if "layers_to_transform" in lora_config else {})},
-        "sensitivity_top": top,
-        "sensitivity_agreement": sensitivity["agreement"],
-        **first_order_info,
-        **ablation_info,
-    }
+    return sensitivity
 
 
 def _first_order_cost(seconds: float, run_dir: Path) -> dict:
@@ -343,7 +369,7 @@ def analyze_run(run_dir: str | Path, overrides: dict | None = None, probe: str |
         if probe_cfg.model.model != cfg.model.model:
             raise UserError(f"--probe {probe_dir} trained {probe_cfg.model.model}, the run {cfg.model.model}: "
                             "a probe must use the same model")
-    if "data.dataset" in unknown_fields(read_json(run_dir / CONFIG_FILE)):
+    if "data.dataset" in unknown_fields(read_json(run_dir / CONFIG_FILE, tolerant=True)):
         # Recorded by SensitivityCallback in a training script: its held-out data is the script's, not a dataset
         # lorasens can load. Re-ranking from the recorded measures is still possible, if asked for explicitly.
         require_known(run_dir, {"data.dataset"} if cfg.tracking.ablation else set(),

@@ -114,13 +114,17 @@ def combined_scores(keys: Sequence[str], measures: dict[str, dict[str, float]]) 
     return {k: sums[k] / counts[k] if counts[k] else math.nan for k in keys}
 
 
+EXPLICIT_LIST_MAX = 400  # modules; a longer list is written as one regular expression
+
+
 def recommended_lora_config(selected: Sequence[LoraModule], module_map: ModuleMap, r: int, alpha: float,
                             dropout: float) -> dict:
     """Keyword arguments for `peft.LoraConfig` that put LoRA on exactly `selected`.
 
-    A selection that is a full product (these module types in these layers) is written the readable way, as
-    `target_modules` + `layers_to_transform`; any other selection as one regular expression over the module paths
-    (PEFT full-matches a string `target_modules` against each module's name).
+    A selection of whole module types (these types in every layer) is written as the list of types; any other selection as the explicit list of module paths (PEFT
+    matches a list entry against each module's name or its dotted suffix), which can be read, diffed and pasted
+    into an axolotl or LLaMA-Factory config. Only a selection of more than EXPLICIT_LIST_MAX modules is written as
+    one regular expression over the module paths (PEFT full-matches a string `target_modules`).
     """
     config: dict = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none", "task_type": "CAUSAL_LM"}
     if module_map.architecture == "gpt2":
@@ -128,11 +132,12 @@ def recommended_lora_config(selected: Sequence[LoraModule], module_map: ModuleMa
     types = list(dict.fromkeys(m.module_type for m in module_map.modules if m in set(selected)))
     layers = sorted({m.layer for m in selected})
     pairs = {(m.layer, m.module_type) for m in selected}
-    if pairs == {(layer, t) for layer in layers for t in types}:
+    if pairs == {(layer, t) for layer in layers for t in types} and len(layers) == module_map.num_layers:
         config["target_modules"] = types
-        if len(layers) < module_map.num_layers:
-            config["layers_to_transform"] = layers
-            config["layers_pattern"] = module_map.layers_path.split(".")[-1]
+        return config
+    if len(selected) <= EXPLICIT_LIST_MAX:
+        chosen = set(selected)
+        config["target_modules"] = [m.name for m in module_map.modules if m in chosen]
         return config
     prefix = module_map.layers_path + "."
     by_path: dict[str, list[int]] = defaultdict(list)  # path inside a layer -> layers

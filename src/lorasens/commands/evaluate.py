@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch_size", type=int, default=None, help="Generation batch size (default: the run's --eval_batch_size).")
     p.add_argument("--max_new_tokens", type=int, default=None, help="Generation length (default: the run's setting, else the dataset's).")
     p.add_argument("--num_beams", type=int, default=None, help="Beam width (default: the run's setting; 1 = greedy).")
+    p.add_argument("--data_dir", default=None,
+                   help="Score on this data folder instead of the run's own data (e.g. an official test set obtained "
+                        "later); the run's dataset reader and fields read it.")
     p.add_argument("--baseline", action="store_true", help="Also score the base model without LoRA, to show the gain.")
     p.set_defaults(func=run, _subparser=p)
 
@@ -32,6 +35,8 @@ def run(args) -> int:
     with hold_run_lock(args.run_dir):  # one writer per run: not while a train/analyze writes into it
         loaded = load_run(args.run_dir)
         overrides = {name: getattr(args, name) for name in ("max_new_tokens", "num_beams") if getattr(args, name) is not None}
+        if args.data_dir is not None:  # another folder replaces the run's own data (folder or files)
+            overrides.update({"data_dir": args.data_dir, "data_files": None})
         cfg = with_overrides(loaded.cfg, overrides)
         settings = settings_from_config(cfg, args.split, args.num_samples, args.batch_size)
         result = evaluate_model(loaded.model, loaded.tokenizer, cfg, settings, args.baseline, args.run_dir)

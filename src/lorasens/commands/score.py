@@ -36,5 +36,6 @@ def run(args) -> int:
                        "metrics": metrics}, indent=2)
     print(text)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        from lorasens.safeio import write_text_atomic
+        write_text_atomic(Path(args.output), text + "\n")
     return 0

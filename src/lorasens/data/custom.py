@@ -21,7 +21,7 @@ Rows.
 Bad rows are refused, not skipped: an empty or non-string prompt or target, or a malformed `messages` list, stops
 the run with the count and the first offending row, so a model is never trained on a silently smaller set.
 
-Scoring: `--metrics` from exact_match, rouge_l, bleu, accuracy (`predictions.score_text_rows`).
+Scoring: `--metrics` from exact_match, rouge_l, bleu, accuracy (`score_text_rows` below).
 """
 
 from __future__ import annotations
@@ -43,9 +43,15 @@ from lorasens.config import (CUSTOM_DATASET, DEFAULT_HELD_OUT_FRACTION, DEFAULT_
 from lorasens.data.hub import load_hub_dataset
 from lorasens.data.registry import SPLITS, DatasetSpec, EvaluationSpec, Example, register
 from lorasens.errors import UserError, unknown_choice
-from lorasens.evaluation.predictions import score_text_rows
+from lorasens.metrics import prediction_columns
+from lorasens.metrics import text_metrics as score_text_metrics  # config.text_metrics parses the --metrics flag
 
 logger = logging.getLogger(__name__)
+
+
+def score_text_rows(rows: list[dict], metrics: tuple[str, ...]) -> dict:
+    """Your own data: the chosen `--metrics`, one prediction per row against its references."""
+    return score_text_metrics(*prediction_columns(rows), metrics)
 
 PROMPT_FIELD, TARGET_FIELD, MESSAGES_FIELD = "prompt", "completion", "messages"
 ROLES = ("system", "user", "assistant")
@@ -102,6 +108,9 @@ def parse_data_files(value: str | None) -> tuple[tuple[str, str], ...]:
             raise UserError(f"--data_files {value!r}: write SPLIT=PATH pairs (train=a.jsonl,test=b.jsonl) or one PATH")
         if split.strip() not in SPLITS:
             raise unknown_choice("split in --data_files", split.strip(), SPLITS)
+        if split.strip() in files:  # the second would silently replace the first (and config.json list both)
+            raise UserError(f"--data_files {value!r} names {split.strip()}= twice; give one file per split "
+                            "(concatenate the files first)")
         files[split.strip()] = path.strip()
     if "train" not in files:
         raise UserError(f"--data_files {value!r} has no train=PATH; the training split is required")
@@ -135,10 +144,16 @@ def read_table(path: Path) -> list[dict]:
     options: dict = {}
     if kind == "csv":
         # Cells are text: without this, pandas turns an answer "4" into the integer 4 and "NA" into a missing value.
-        with path.open(newline="", encoding="utf-8") as fh:
-            header = next(csv.reader(fh), [])
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is read, not made part of the first column's name.
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            if next((r for r in reader if any(c.strip() for c in r)), None) is None:
+                raise UserError(f"{path}: file has no rows (only the header {','.join(header)!r})")
         options = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
-                   "keep_default_na": False}
+                   "keep_default_na": False, "encoding": "utf-8-sig"}
+    elif path.suffix.lower() == ".jsonl":
+        check_jsonl_lines(path)
     try:
         with quiet_datasets():
             table = datasets.load_dataset(kind, data_files=str(path), split="train", **options)
@@ -149,6 +164,20 @@ def read_table(path: Path) -> list[dict]:
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
+
+
+def check_jsonl_lines(path: Path) -> None:
+    """A malformed JSONL line named by its line number (the json builder only says "position N")."""
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: line {number} is not a JSON object ({{\"prompt\": ..., ...}})")
 
 
 def source_tables(data: CustomData, data_dir: Path | None) -> tuple[dict[str, list[dict]], dict[str, str]]:

@@ -15,11 +15,33 @@ from pathlib import Path
 
 from lorasens.data.files import stable_bucket
 from lorasens.data.hub import load_hub_split
-from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, read_csv_rows, register
-from lorasens.evaluation.predictions import score_e2e_rows, segment_e2e_rows
+from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, group_by_prompt, read_csv_rows, register
 from lorasens.errors import UserError
+from lorasens.metrics import e2e_metrics, prediction_columns
 
 logger = logging.getLogger(__name__)
+
+
+def group_e2e_rows(rows: list[dict]) -> list[dict]:
+    """One row per distinct prompt (MR) with the union of its references, as the E2E scripts score."""
+    examples = [Example(str(r["id"]), r["prompt"], r["prediction"], tuple(r["references"])) for r in rows]
+    grouped = group_by_prompt(examples)
+    if len(grouped) < len(rows):
+        logger.info("E2E scoring: %d rows grouped into %d distinct MRs (first prediction per MR)", len(rows), len(grouped))
+    return [{"id": ex.id, "prompt": ex.prompt, "prediction": ex.target, "references": list(ex.references)} for ex in grouped]
+
+
+def score_e2e_rows(rows: list[dict]) -> dict:
+    """E2E (and the E2E-shaped synthetic set): one prediction per distinct MR against all of its references."""
+    return e2e_metrics(*prediction_columns(group_e2e_rows(rows)))
+
+
+def segment_e2e_rows(rows: list[dict]) -> dict:
+    """Per-MR statistics of the official BLEU and ROUGE-L, for a bootstrap over test prompts (validate)."""
+    from lorasens.metrics.segments import bleu_segments, rouge_l_segments
+
+    predictions, references = prediction_columns(group_e2e_rows(rows))
+    return {"bleu": bleu_segments(predictions, references), "rouge_l": rouge_l_segments(predictions, references)}
 
 HUB_ID = "tuetschek/e2e_nlg"
 FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}

@@ -18,17 +18,73 @@ pairs without a gold label ("-", -1) are skipped. Hub: `nyu-mll/glue`, config `m
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from lorasens.data.files import find_file, read_records, read_tsv_records, stable_bucket
 from lorasens.data.hub import load_hub_split
 from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, register
-from lorasens.evaluation.metrics import MNLI_LABELS as LABELS  # index = GLUE's integer label
-from lorasens.evaluation.predictions import score_mnli_rows
 from lorasens.errors import UserError
+from lorasens.metrics import References, reference_lists
 from lorasens.safeio import read_text
 
 logger = logging.getLogger(__name__)
+
+MNLI_LABELS = ("entailment", "neutral", "contradiction")  # index = GLUE's integer label
+UNLABELLED = frozenset({"-1", "-", ""})  # GLUE marks pairs without a gold label -1, the MNLI files "-"
+
+
+def first_label_word(text: str) -> str:
+    """The label a generation names: its first word, lowercased, without punctuation."""
+    match = re.search(r"[A-Za-z]+", text)
+    return match.group(0).lower() if match else ""
+
+
+def mnli_label(value) -> str | None:
+    """The MNLI label a prediction or reference names: a label word (a generation's first word) or a GLUE id
+    (0 entailment, 1 neutral, 2 contradiction); None for GLUE's unlabelled pairs (-1, "-") and empty text."""
+    text = str(value).strip().lower()
+    if text in UNLABELLED:
+        return None
+    if text.isdigit():
+        return MNLI_LABELS[int(text)] if int(text) < len(MNLI_LABELS) else text
+    return first_label_word(text) or None
+
+
+def mnli_metrics(predictions: Sequence, references: References) -> dict:
+    """Accuracy of predicted labels (words or GLUE ids) over the labelled pairs; unlabelled pairs are excluded and
+    counted in `unlabelled_excluded`, and accuracy is None when no pair has a label."""
+    refs = reference_lists(predictions, references)
+    gold = [mnli_label(rs[0]) for rs in refs]
+    unknown = sorted({str(rs[0]) for rs, g in zip(refs, gold) if g is not None and g not in MNLI_LABELS})
+    if unknown:
+        raise UserError(f"MNLI reference label(s) {', '.join(map(repr, unknown[:5]))} are not one of "
+                        f"{', '.join(MNLI_LABELS)}, 0/1/2 or -1/- (unlabelled)")
+    scored = [(mnli_label(p), g) for p, g in zip(predictions, gold) if g is not None]
+    correct = sum(p == g for p, g in scored)
+    return {"accuracy": correct / len(scored) if scored else None, "unlabelled_excluded": len(refs) - len(scored)}
+
+
+def score_mnli_rows(rows: list[dict]) -> dict:
+    """Per subset (matched / mismatched / ...): label log-likelihood accuracy and generated-label accuracy over the
+    labelled pairs, how many were scored, and how many unlabelled pairs (-1, "-") were excluded."""
+    metrics: dict = {}
+    subsets: dict[str, list[dict]] = {}
+    for row in rows:
+        subsets.setdefault(str(row.get("subset", "all")), []).append(row)
+    for name, part in subsets.items():
+        refs = [r["references"] for r in part]
+        if all("ll_prediction" in r for r in part):
+            metrics[f"accuracy_{name}"] = mnli_metrics([r["ll_prediction"] for r in part], refs)["accuracy"]
+        generated = mnli_metrics([r["prediction"] for r in part], refs)
+        metrics[f"generated_accuracy_{name}"] = generated["accuracy"]
+        metrics[f"num_{name}"] = len(part) - generated["unlabelled_excluded"]
+        metrics[f"unlabelled_excluded_{name}"] = generated["unlabelled_excluded"]
+        if generated["unlabelled_excluded"]:
+            logger.warning("MNLI %s: %d row(s) without a gold label (-1 / -) are excluded from the accuracy",
+                           name, generated["unlabelled_excluded"])
+    return metrics
 
 HUB_ID, HUB_CONFIG = "nyu-mll/glue", "mnli"
 EVAL_SETS = ("matched", "mismatched")
@@ -58,11 +114,11 @@ def _label(path: str, lineno: int, value) -> str | None:
     text = str(value).strip().lower()
     if text in NO_GOLD:
         return None
-    if text in LABELS:
+    if text in MNLI_LABELS:
         return text
-    if text.isdigit() and int(text) < len(LABELS):
-        return LABELS[int(text)]
-    raise UserError(f"{path}:{lineno}: label {value!r} is not one of {', '.join(LABELS)} or 0/1/2")
+    if text.isdigit() and int(text) < len(MNLI_LABELS):
+        return MNLI_LABELS[int(text)]
+    raise UserError(f"{path}:{lineno}: label {value!r} is not one of {', '.join(MNLI_LABELS)} or 0/1/2")
 
 
 def _bucket(ex: Example) -> int:
@@ -148,5 +204,5 @@ def eval_sets(split: str, data_dir: Path | None, select) -> tuple[dict[str, list
 
 
 SPEC = register(DatasetSpec("mnli", "MultiNLI: premise + hypothesis -> label (accuracy, matched and mismatched)", load,
-                            EvaluationSpec(score_mnli_rows, label_choices=LABELS, eval_sets=eval_sets),
+                            EvaluationSpec(score_mnli_rows, label_choices=MNLI_LABELS, eval_sets=eval_sets),
                             max_new_tokens=4))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any
 
 from lorasens.data.files import read_table_records, stable_bucket
 from lorasens.errors import UserError, unknown_choice
+
+logger = logging.getLogger(__name__)
 
 Split = str  # "train" | "validation" | "test"
 SPLITS = ("train", "validation", "test")
@@ -53,7 +56,7 @@ class EvaluationSpec:
     row_fields: Callable[[Example], dict] | None = None  # extra fields of a predictions row (WikiSQL: its table)
     label_choices: tuple[str, ...] = ()  # also scored by label log-likelihood (rows get `ll_prediction`, `subset`)
     eval_sets: EvalSetsHook | None = None  # default: one set, named after the split
-    # prediction rows -> {metric: per-prompt statistics} (evaluation.segments), for validate's bootstrap; None: the
+    # prediction rows -> {metric: per-prompt statistics} (metrics.segments), for validate's bootstrap; None: the
     # dataset's metrics are not resampled (validate compares loss only)
     segment_rows: Callable[[list[dict]], dict] | None = None
 
@@ -138,8 +141,14 @@ def training_splits(name: str, data_dir: str | Path | None, seed: int, train_sam
     test are separate splits already, so the analysis split is disjoint from all three.
     """
     spec = get_dataset_spec(name, options)
-    wanted = spec.analysis_samples if analysis_samples is None else analysis_samples
     examples = load_examples(name, "train", data_dir, seed, None, options=options)
+    wanted = analysis_samples
+    if wanted is None:  # the default scales with the data: a small dataset needs no flag to start
+        wanted = min(spec.analysis_samples, max(MIN_ANALYSIS_SAMPLES, len(examples) // 10), max(1, len(examples) // 2))
+        if wanted < spec.analysis_samples:
+            logger.info("analysis split: %d of the %d training examples (default: 10%% of them, at least %d, at most "
+                        "%d; set --analysis_samples to choose)", wanted, len(examples), MIN_ANALYSIS_SAMPLES,
+                        spec.analysis_samples)
     prompts = sorted(dict.fromkeys(ex.prompt for ex in examples), key=lambda p: (stable_bucket(p, 2**32), p))
     per_prompt: dict[str, int] = {}
     for ex in examples:
@@ -153,9 +162,16 @@ def training_splits(name: str, data_dir: str | Path | None, seed: int, train_sam
         count += per_prompt[prompt]
     train = [ex for ex in examples if ex.prompt not in held]
     analysis = [ex for ex in examples if ex.prompt in held]
+    if not train and len(prompts) == 1:
+        raise UserError(f"dataset {name!r}: all {len(examples)} training examples have the same prompt (one distinct "
+                        "row); the analysis split is held out by prompt, so at least 2 distinct prompts are needed")
     if not train:
-        raise UserError(f"dataset {name!r}: --analysis_samples {wanted} leaves no training examples; lower it")
+        raise UserError(f"dataset {name!r}: --analysis_samples {wanted} leaves no training examples of "
+                        f"{len(examples)} ({len(prompts)} distinct prompts); lower it")
     return subset(train, train_samples, seed), analysis
+
+
+MIN_ANALYSIS_SAMPLES = 20  # the default analysis split's floor (bootstrap CIs over fewer examples are too wide)
 
 
 def subset(items: list, limit: int | None, seed: int) -> list:

@@ -15,10 +15,14 @@ from pathlib import Path
 from lorasens.data.files import find_file, read_records
 from lorasens.data.hub import load_hub_split
 from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, register
-from lorasens.evaluation.predictions import score_samsum_rows
 from lorasens.errors import UserError
+from lorasens.metrics import prediction_columns, samsum_metrics
 
 logger = logging.getLogger(__name__)
+
+
+def score_samsum_rows(rows: list[dict]) -> dict:
+    return samsum_metrics(*prediction_columns(rows))
 
 HUB_ID = "knkarthick/samsum"
 FIELDS = ("id", "dialogue", "summary")

@@ -1,6 +1,6 @@
 """WikiSQL's logical form and its canonical SQL text: what the data module writes as targets and the scorer reads back.
 
-Shared by `lorasens.data.wikisql` (targets) and `lorasens.evaluation.wikisql` (logical-form and execution accuracy),
+Shared by `lorasens.data.wikisql` (targets) and `lorasens.data.sql_metrics` (logical-form and execution accuracy),
 so neither imports the other's module: the dataset module registers the scorer, the scorer parses with this.
 """
 

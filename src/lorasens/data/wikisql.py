@@ -26,16 +26,36 @@ from lorasens.data.files import read_records, stable_bucket
 from lorasens.data.hub import load_hub_split
 from lorasens.data.registry import DatasetSpec, EvaluationSpec, Example, register
 from lorasens.data.sql import AGGS, OPS, LogicalForm, Table, logical_form, parse_sql, to_sql  # noqa: F401 - re-exported
-from lorasens.evaluation.predictions import score_wikisql_rows, segment_wikisql_rows
+from lorasens.data.sql_metrics import wikisql_metrics
 from lorasens.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+
+def score_wikisql_rows(rows: list[dict]) -> dict:
+    """Gold `sql` dicts and predicted `query` dicts are used as they are; text is parsed with the row's table."""
+    missing = sum(r.get("table") is None for r in rows)
+    if missing:
+        logger.warning("WikiSQL scoring: %d of %d rows have no `table`: their SQL text is parsed without the header "
+                       "(values holding ' and ' or column names holding ' = ' may mis-parse) and cannot be executed",
+                       missing, len(rows))
+    preds = [r["query"] if isinstance(r.get("query"), dict) else r["prediction"] for r in rows]
+    golds = [r["sql"] if isinstance(r.get("sql"), dict) else r["references"] for r in rows]
+    return wikisql_metrics(preds, golds, [r.get("table") for r in rows])
 
 HUB_ID = "Salesforce/wikisql"
 FILES = {"train": "train", "validation": "dev", "test": "test"}
 # Parts of dev.jsonl when it is the only file: bucket (0-99, by table id) ranges per split.
 DEV_ONLY_PARTS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
 PROMPT = "Table columns: {columns}\nQuestion: {question}\nSQL:"
+
+
+def segment_wikisql_rows(rows: list[dict]) -> dict:
+    """Per-question logical-form accuracy, for a bootstrap over test questions (validate)."""
+    from lorasens.metrics.segments import accuracy_segments
+
+    correct = [score_wikisql_rows([row])["logical_form_accuracy"] == 1.0 for row in rows]
+    return {"logical_form_accuracy": accuracy_segments(correct)}
 
 
 def make_example(example_id: str, question: str, sql: dict, table: Table) -> Example:

@@ -17,7 +17,6 @@ data_options={"data_files": "qa.jsonl", "target_field": "answer", "metrics": "ex
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from peft import PeftModel
@@ -27,8 +26,9 @@ from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import UserError
 from lorasens.evaluation.runner import evaluate_model, settings_from_config
 from lorasens.models import load_model
-from lorasens.rundir.files import CONFIG_FILE, FINAL_MODEL
+from lorasens.rundir.files import ADAPTER_CONFIG, CONFIG_FILE, FINAL_MODEL
 from lorasens.rundir.load import load_run
+from lorasens.safeio import read_json
 
 
 def _load(model_path: str | None, base_model_id: str | None, precision: str):
@@ -42,10 +42,10 @@ def _load(model_path: str | None, base_model_id: str | None, precision: str):
     if (path / CONFIG_FILE).exists() and (path / FINAL_MODEL).is_dir():
         run = load_run(path)
         return run.model, run.tokenizer, run.cfg
-    if (path / "adapter_config.json").exists():
-        base = base_model_id or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if (path / ADAPTER_CONFIG).exists():
+        base = base_model_id or read_json(path / ADAPTER_CONFIG, "adapter config").get("base_model_name_or_path")
         if not base:
-            raise UserError(f"{path}/adapter_config.json names no base model; pass base_model_id")
+            raise UserError(f"{path}/{ADAPTER_CONFIG} names no base model; pass base_model_id")
         loaded = load_model(base, precision)
         return PeftModel.from_pretrained(loaded.model, path).eval(), loaded.tokenizer, None
     loaded = load_model(str(model_path), precision)

@@ -13,10 +13,8 @@ import logging
 from pathlib import Path
 
 from lorasens.data.files import read_records
-from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt
+from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import UserError
-from lorasens.evaluation.metrics import e2e_metrics, mnli_metrics, samsum_metrics, text_metrics
-from lorasens.evaluation.wikisql import wikisql_metrics
 from lorasens.safeio import dumps
 
 logger = logging.getLogger(__name__)
@@ -94,15 +92,6 @@ def _checked_table(table, where: str, row_id: str) -> dict:
     return {**table, "id": str(table.get("id", row_id)), "header": header, "types": types, "rows": rows}
 
 
-def group_e2e_rows(rows: list[dict]) -> list[dict]:
-    """One row per distinct prompt (MR) with the union of its references, as the E2E scripts score."""
-    examples = [Example(str(r["id"]), r["prompt"], r["prediction"], tuple(r["references"])) for r in rows]
-    grouped = group_by_prompt(examples)
-    if len(grouped) < len(rows):
-        logger.info("E2E scoring: %d rows grouped into %d distinct MRs (first prediction per MR)", len(rows), len(grouped))
-    return [{"id": ex.id, "prompt": ex.prompt, "prediction": ex.target, "references": list(ex.references)} for ex in grouped]
-
-
 def score_rows(dataset: str, rows: list[dict], options=None) -> dict:
     """The dataset's metrics for prediction rows (its registry entry names the scorer). `options`: the run's
     `DataConfig`, which a custom dataset reads its `--metrics` from."""
@@ -110,70 +99,3 @@ def score_rows(dataset: str, rows: list[dict], options=None) -> dict:
     if not rows:
         raise UserError(f"no predictions to score for {dataset}")
     return spec.evaluation.score_rows(rows)
-
-
-def _columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    return [r["prediction"] for r in rows], [r["references"] for r in rows]
-
-
-def score_e2e_rows(rows: list[dict]) -> dict:
-    """E2E (and the E2E-shaped synthetic set): one prediction per distinct MR against all of its references."""
-    return e2e_metrics(*_columns(group_e2e_rows(rows)))
-
-
-def segment_e2e_rows(rows: list[dict]) -> dict:
-    """Per-MR statistics of the official BLEU and ROUGE-L, for a bootstrap over test prompts (validate)."""
-    from lorasens.evaluation.segments import bleu_segments, rouge_l_segments
-
-    predictions, references = _columns(group_e2e_rows(rows))
-    return {"bleu": bleu_segments(predictions, references), "rouge_l": rouge_l_segments(predictions, references)}
-
-
-def segment_wikisql_rows(rows: list[dict]) -> dict:
-    """Per-question logical-form accuracy, for a bootstrap over test questions (validate)."""
-    from lorasens.evaluation.segments import accuracy_segments
-
-    correct = [score_wikisql_rows([row])["logical_form_accuracy"] == 1.0 for row in rows]
-    return {"logical_form_accuracy": accuracy_segments(correct)}
-
-
-def score_samsum_rows(rows: list[dict]) -> dict:
-    return samsum_metrics(*_columns(rows))
-
-
-def score_wikisql_rows(rows: list[dict]) -> dict:
-    """Gold `sql` dicts and predicted `query` dicts are used as they are; text is parsed with the row's table."""
-    missing = sum(r.get("table") is None for r in rows)
-    if missing:
-        logger.warning("WikiSQL scoring: %d of %d rows have no `table`: their SQL text is parsed without the header "
-                       "(values holding ' and ' or column names holding ' = ' may mis-parse) and cannot be executed",
-                       missing, len(rows))
-    preds = [r["query"] if isinstance(r.get("query"), dict) else r["prediction"] for r in rows]
-    golds = [r["sql"] if isinstance(r.get("sql"), dict) else r["references"] for r in rows]
-    return wikisql_metrics(preds, golds, [r.get("table") for r in rows])
-
-
-def score_mnli_rows(rows: list[dict]) -> dict:
-    """Per subset (matched / mismatched / ...): label log-likelihood accuracy and generated-label accuracy over the
-    labelled pairs, how many were scored, and how many unlabelled pairs (-1, "-") were excluded."""
-    metrics: dict = {}
-    subsets: dict[str, list[dict]] = {}
-    for row in rows:
-        subsets.setdefault(str(row.get("subset", "all")), []).append(row)
-    for name, part in subsets.items():
-        refs = [r["references"] for r in part]
-        if all("ll_prediction" in r for r in part):
-            metrics[f"accuracy_{name}"] = mnli_metrics([r["ll_prediction"] for r in part], refs)["accuracy"]
-        generated = mnli_metrics([r["prediction"] for r in part], refs)
-        metrics[f"generated_accuracy_{name}"] = generated["accuracy"]
-        metrics[f"num_{name}"] = len(part) - generated["unlabelled_excluded"]
-        metrics[f"unlabelled_excluded_{name}"] = generated["unlabelled_excluded"]
-        if generated["unlabelled_excluded"]:
-            logger.warning("MNLI %s: %d row(s) without a gold label (-1 / -) are excluded from the accuracy",
-                           name, generated["unlabelled_excluded"])
-    return metrics
-
-
-def score_text_rows(rows: list[dict], metrics: tuple[str, ...]) -> dict:
-    """Your own data: the chosen `--metrics`, one prediction per row against its references."""
-    return text_metrics(*_columns(rows), metrics)

@@ -16,11 +16,12 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-# The run-directory module owns the names of the files plots read, and the tolerant JSON readers.
+# The run-directory module owns the names of the files plots read; safeio the JSON readers (tolerant=True here).
 from lorasens.rundir.files import (  # noqa: E402, F401 - re-exported for the plot modules
     ABLATION, EVAL_LOG, GROUP_NORMS, IMPORTANCE, LAYER_NORMS, MODULE_NORMS, PHASES, SENSITIVITY, TRAIN_LOG,
-    UPDATE_MAGNITUDE, read_json, read_jsonl,
+    UPDATE_MAGNITUDE,
 )
+from lorasens.safeio import read_json, read_jsonl  # noqa: E402, F401 - re-exported for the plot modules
 
 # Okabe-Ito: a colour-blind-safe palette (Okabe & Ito 2008).
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -63,7 +64,7 @@ def phase_boundaries(run_dir: Path) -> list[tuple[int, str]]:
 
     A transition at step s is applied before optimizer step s+1, so the boundary lies between steps s and s+1.
     """
-    phases = read_json(Path(run_dir) / PHASES) or {}
+    phases = read_json(Path(run_dir) / PHASES, tolerant=True) or {}
     return [(int(t["step"]), str(t.get("label", t.get("phase", "")))) for t in phases.get("transitions", [])
             if t.get("step", 0) > 0]
 

@@ -69,8 +69,8 @@ def plot_compare_losses(runs, out_dir: Path) -> Path:
     fig, (ax_train, ax_eval) = new_figure(1, 2, figsize=(13, 5.2), layout="constrained")
     drawn = False
     for run, (colour, style) in zip(runs, _styles(runs)):
-        train = [r for r in read_jsonl(run.run_dir / TRAIN_LOG) if r.get("loss") is not None]
-        evals = [r for r in read_jsonl(run.run_dir / EVAL_LOG) if r.get("eval_loss") is not None]
+        train = [r for r in read_jsonl(run.run_dir / TRAIN_LOG, tolerant=True) if r.get("loss") is not None]
+        evals = [r for r in read_jsonl(run.run_dir / EVAL_LOG, tolerant=True) if r.get("eval_loss") is not None]
         if train:
             ax_train.plot([r["step"] for r in train], [r["loss"] for r in train], color=colour, linestyle=style,
                           linewidth=1.2, label=_label(run, many))

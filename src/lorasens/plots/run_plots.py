@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasens.errors import is_disk_error
 from lorasens.plots.common import (
     ABLATION,
     EVAL_LOG,
@@ -69,8 +70,8 @@ def _markers(n: int) -> dict:
 def plot_training_loss(run_dir: Path) -> Path | None:
     """Train loss per logged step and validation loss per evaluation, with phase boundaries."""
     run_dir = Path(run_dir)
-    train = [r for r in read_jsonl(run_dir / TRAIN_LOG) if r.get("loss") is not None]
-    evals = [r for r in read_jsonl(run_dir / EVAL_LOG) if r.get("eval_loss") is not None]
+    train = [r for r in read_jsonl(run_dir / TRAIN_LOG, tolerant=True) if r.get("loss") is not None]
+    evals = [r for r in read_jsonl(run_dir / EVAL_LOG, tolerant=True) if r.get("eval_loss") is not None]
     if not train and not evals:
         return None
     fig, ax = new_figure(figsize=(9, 4.8))
@@ -293,7 +294,7 @@ def _measure_order(measures: dict) -> list[str]:
 def plot_sensitivity_heatmap(run_dir: Path) -> Path:
     """Layer x module type, one panel per sensitivity measure (from sensitivity.json); unmeasured cells hatched."""
     run_dir = Path(run_dir)
-    data = read_json(run_dir / SENSITIVITY)
+    data = read_json(run_dir / SENSITIVITY, tolerant=True)
     if data is None:
         raise MissingInput(f"{SENSITIVITY} is missing")
     modules, measures = data.get("modules") or [], data.get("measures") or {}
@@ -440,6 +441,8 @@ def plot_run(run_dir: Path, redraw: bool = True) -> dict[str, Path | str]:
             logger.warning("%s not drawn: %s", name, exc)
             outcome[name] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a malformed file must not stop the other plots or the report
+            if is_disk_error(exc):  # read-only or full folder: every plot would fail; one line from the CLI instead
+                raise
             logger.warning("%s not drawn: %s: %s", name, type(exc).__name__, exc, exc_info=True)
             outcome[name] = f"could not be drawn ({type(exc).__name__}: {exc})"
     return outcome

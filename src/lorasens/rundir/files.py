@@ -1,4 +1,4 @@
-"""Every file name of a run directory, defined once, and the tolerant readers of the run's JSON files.
+"""Every file name of a run directory, defined once (the JSON readers and writers are in `lorasens.safeio`).
 
 Writers (run, training callbacks, analysis, evaluation, report) and readers (plots, report, compare, sweep,
 `load_run`) import the names from here, so a file can never be written under one name and looked for under another.
@@ -7,7 +7,6 @@ Plot PNG names are the keys of `lorasens.plots.RUN_PLOTS` (the plot registry own
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 # The run itself
@@ -97,29 +96,3 @@ def module_key(layer: int, module_type: str) -> str:
 
 def evaluation_files(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob(f"*{EVALUATION_SUFFIX}"))
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file, or None when it is absent or unreadable (the caller names it as missing)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete lines of a JSON-lines log (absent file: no rows)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a run killed mid-write leaves a partial last line; keep what was complete
-    return rows

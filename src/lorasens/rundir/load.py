@@ -36,7 +36,7 @@ def read_run_config(run_dir: Path) -> ExperimentConfig:
 
 def require_known(run_dir: Path, names: set[str], purpose: str) -> None:
     """Refuse, naming what is missing, to rebuild from settings a run recorded in a user's script did not know."""
-    missing = sorted(names & unknown_fields(files.read_json(Path(run_dir) / CONFIG_FILE)))  # tolerant: None
+    missing = sorted(names & unknown_fields(read_json(Path(run_dir) / CONFIG_FILE, tolerant=True)))
     if missing:
         raise UserError(f"{run_dir} was recorded by SensitivityCallback in a training script that did not tell "
                         f"lorasens {', '.join(missing)}; {purpose}")
@@ -48,7 +48,7 @@ def load_run(run_dir: str | Path, adapter: bool = True) -> LoadedRun:
     cfg = read_run_config(run_dir)
     require_known(run_dir, {"model.model"}, "its base model cannot be loaded again (give "
                   "SensitivityCallback(model_name=...) the name lorasens loads it by)")
-    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed)
+    loaded = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed, quantize=cfg.model.quantize)
     module_map = build_module_map(loaded.model, cfg.model.attn_modules, cfg.model.mlp_modules)
     model = loaded.model
     if adapter:

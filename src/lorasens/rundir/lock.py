@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lorasens.errors import UserError
 from lorasens.rundir.files import LOCK_FILE
+from lorasens.safeio import dumps
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,16 @@ def _try_create(path: Path, record: dict) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(dumps(record) + "\n")
     return True
+
+
+def live_holder(run_dir: Path) -> str | None:
+    """Who holds the run directory's lock, when a live process on this host does (else None)."""
+    holder = _read(Path(run_dir) / LOCK_FILE) if (Path(run_dir) / LOCK_FILE).exists() else None
+    if not holder or holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return None
+    return _describe(holder) if _alive(holder["pid"]) else None
 
 
 def acquire(run_dir: Path, command: str | None = None) -> Path:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorasens.rundir.files import EVAL_LOG, TRAIN_LOG, read_jsonl
+from lorasens.rundir.files import EVAL_LOG, TRAIN_LOG
+from lorasens.safeio import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -25,14 +26,15 @@ class RunMetrics:
 
 def read_run_metrics(run_dir: str | Path) -> RunMetrics:
     run_dir = Path(run_dir)
-    train = read_jsonl(run_dir / TRAIN_LOG)
-    evals = read_jsonl(run_dir / EVAL_LOG)
-    train_losses = [float(r["loss"]) for r in train if r.get("loss") is not None]
+    train = read_jsonl(run_dir / TRAIN_LOG, tolerant=True)
+    evals = read_jsonl(run_dir / EVAL_LOG, tolerant=True)
+    logged = [r for r in train if "loss" in r]
     eval_losses = [float(r["eval_loss"]) for r in evals if r.get("eval_loss") is not None]
     steps = [int(r["step"]) for r in train if r.get("step") is not None]
     return RunMetrics(
         steps=max(steps) if steps else None,
-        final_train_loss=train_losses[-1] if train_losses else None,
+        # The last logged loss, null when it was not finite (a diverged run): never an earlier loss standing in.
+        final_train_loss=(None if logged[-1]["loss"] is None else float(logged[-1]["loss"])) if logged else None,
         final_eval_loss=eval_losses[-1] if eval_losses else None,
         best_eval_loss=min(eval_losses) if eval_losses else None,
     )

@@ -33,7 +33,7 @@ from lorasens.data.features import build_features
 from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, load_examples, subset, training_splits
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
-from lorasens.evaluation.metrics import ensure_meteor_ready
+from lorasens.metrics import ensure_meteor_ready
 from lorasens.evaluation.predictions import read_rows
 from lorasens.evaluation.runner import evaluate_model, settings_from_config
 from lorasens.models import load_model

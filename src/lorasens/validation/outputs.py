@@ -57,7 +57,7 @@ def _units(scores: list[dict]) -> dict[str, list[stats.UnitScores]]:
 def _metric_value(name: str):
     if name == LOSS:
         return stats.loss_value
-    from lorasens.evaluation.segments import _bleu_value, _mean_value
+    from lorasens.metrics.segments import _bleu_value, _mean_value
 
     return _bleu_value if name == "bleu" else _mean_value
 

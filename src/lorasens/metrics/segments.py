@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from sacrebleu.metrics import BLEU
 
-from lorasens.evaluation.coco import Rouge, java_available, ptb_tokenize, simple_tokens
+from lorasens.metrics.coco import Rouge, java_available, ptb_tokenize, simple_tokens
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ with: BLEU, METEOR and ROUGE in points (0-100, as in the LoRA paper's E2E table:
 71.8), NIST and CIDEr as they come (8.85, 2.53), accuracies as fractions.
 
 - BLEU, NIST: mteval-v13a.pl, as the E2E scripts run it (case-insensitive, 13a tokens, all references); see
-  `lorasens.evaluation.mteval`.
+  `lorasens.metrics.mteval`.
 - METEOR, ROUGE-L (E2E), CIDEr: METEOR 1.5, coco-caption ROUGE-L and CIDEr-D on PTB tokens, through pycocoevalcap,
-  exactly as the E2E scripts; see `lorasens.evaluation.coco`. They need Java; without it the pure-Python stand-ins
+  exactly as the E2E scripts; see `lorasens.metrics.coco`. They need Java; without it the pure-Python stand-ins
   are reported under other names (`meteor_nltk`, `rouge_l_13a`, `cider_13a`) with a `metrics_note` saying so.
 - `meteor_nltk`: nltk `meteor_score` (METEOR 1.0-style exact/stem/WordNet matching, max over references,
   lowercased) on 13a tokens, averaged over segments: typically tens of points away from METEOR 1.5.
@@ -31,17 +31,20 @@ References = Sequence[str | Sequence[str]]
 # The repo's own WordNet folder (make setup -> scripts/fetch_wordnet.py); src/lorasens/evaluation/ -> repo root.
 REPO_NLTK_DATA = Path(__file__).resolve().parents[3] / ".nltk_data"
 logger = logging.getLogger(__name__)
-MNLI_LABELS = ("entailment", "neutral", "contradiction")  # index = GLUE's integer label
-UNLABELLED = frozenset({"-1", "-", ""})  # GLUE marks pairs without a gold label -1, the MNLI files "-"
 
 
-def _ref_lists(predictions: Sequence[str], references: References) -> list[list[str]]:
+def reference_lists(predictions: Sequence[str], references: References) -> list[list[str]]:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     if any(not r for r in refs):
         raise ValueError("every prediction needs at least one reference")
     return refs
+
+
+def prediction_columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(predictions, references) of prediction rows ({prediction, references, ...})."""
+    return [r["prediction"] for r in rows], [r["references"] for r in rows]
 
 
 def tokenize(text: str) -> list[str]:
@@ -70,7 +73,7 @@ def ensure_wordnet() -> None:
 
 def ensure_meteor_ready() -> None:
     """Fail before training, not after it, when METEOR cannot run: METEOR 1.5 needs Java, `meteor_nltk` WordNet."""
-    from lorasens.evaluation.coco import java_available
+    from lorasens.metrics.coco import java_available
 
     if not java_available():
         ensure_wordnet()
@@ -80,19 +83,19 @@ def ensure_meteor_ready() -> None:
 
 
 def bleu(predictions: Sequence[str], references: References) -> float:
-    from lorasens.evaluation import mteval
+    from lorasens.metrics import mteval
 
-    return mteval.bleu(predictions, _ref_lists(predictions, references))
+    return mteval.bleu(predictions, reference_lists(predictions, references))
 
 
 def nist(predictions: Sequence[str], references: References, n: int = 5) -> float:
-    from lorasens.evaluation import mteval
+    from lorasens.metrics import mteval
 
-    return mteval.nist(predictions, _ref_lists(predictions, references), n)
+    return mteval.nist(predictions, reference_lists(predictions, references), n)
 
 
 def meteor_nltk(predictions: Sequence[str], references: References) -> float:
-    refs = _ref_lists(predictions, references)
+    refs = reference_lists(predictions, references)
     ensure_wordnet()
     from nltk.translate.meteor_score import meteor_score
 
@@ -102,9 +105,9 @@ def meteor_nltk(predictions: Sequence[str], references: References) -> float:
 
 def coco_metrics(predictions: Sequence[str], references: References) -> dict:
     """METEOR 1.5, ROUGE-L, CIDEr-D as the E2E scripts compute them, or (no Java) the named stand-ins + a note."""
-    from lorasens.evaluation import coco
+    from lorasens.metrics import coco
 
-    refs = _ref_lists(predictions, references)
+    refs = reference_lists(predictions, references)
     if coco.java_available():
         return coco.official_scores(predictions, refs)
     logger.warning("%s", coco.NO_JAVA)
@@ -119,7 +122,7 @@ def _split_sentences(text: str) -> str:
 def rouge(predictions: Sequence[str], references: References) -> dict[str, float]:
     from rouge_score import rouge_scorer
 
-    refs = _ref_lists(predictions, references)
+    refs = reference_lists(predictions, references)
     kinds = ("rouge1", "rouge2", "rougeL", "rougeLsum")
     scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
     sums = dict.fromkeys(kinds, 0.0)
@@ -153,37 +156,6 @@ def samsum_metrics(predictions: Sequence[str], references: References) -> dict:
     return out
 
 
-def first_label_word(text: str) -> str:
-    """The label a generation names: its first word, lowercased, without punctuation."""
-    match = re.search(r"[A-Za-z]+", text)
-    return match.group(0).lower() if match else ""
-
-
-def mnli_label(value) -> str | None:
-    """The MNLI label a prediction or reference names: a label word (a generation's first word) or a GLUE id
-    (0 entailment, 1 neutral, 2 contradiction); None for GLUE's unlabelled pairs (-1, "-") and empty text."""
-    text = str(value).strip().lower()
-    if text in UNLABELLED:
-        return None
-    if text.isdigit():
-        return MNLI_LABELS[int(text)] if int(text) < len(MNLI_LABELS) else text
-    return first_label_word(text) or None
-
-
-def mnli_metrics(predictions: Sequence, references: References) -> dict:
-    """Accuracy of predicted labels (words or GLUE ids) over the labelled pairs; unlabelled pairs are excluded and
-    counted in `unlabelled_excluded`, and accuracy is None when no pair has a label."""
-    refs = _ref_lists(predictions, references)
-    gold = [mnli_label(rs[0]) for rs in refs]
-    unknown = sorted({str(rs[0]) for rs, g in zip(refs, gold) if g is not None and g not in MNLI_LABELS})
-    if unknown:
-        raise UserError(f"MNLI reference label(s) {', '.join(map(repr, unknown[:5]))} are not one of "
-                        f"{', '.join(MNLI_LABELS)}, 0/1/2 or -1/- (unlabelled)")
-    scored = [(mnli_label(p), g) for p, g in zip(predictions, gold) if g is not None]
-    correct = sum(p == g for p, g in scored)
-    return {"accuracy": correct / len(scored) if scored else None, "unlabelled_excluded": len(refs) - len(scored)}
-
-
 # ------------------------------------------------------------------------ your own data (--dataset custom)
 # Generic metrics for free-text answers, chosen with --metrics (names: config.TextMetric): sacreBLEU's standard
 # corpus BLEU (case-sensitive, 13a; not the lowercased mteval BLEU of E2E), ROUGE-L from `rouge` above; exact match
@@ -202,13 +174,13 @@ def _label(text: str) -> str:
 
 def exact_match(predictions: Sequence[str], references: References) -> float:
     """Share of predictions equal to one of their references, after stripping and collapsing white space."""
-    refs = _ref_lists(predictions, references)
+    refs = reference_lists(predictions, references)
     return sum(_squash(p) in {_squash(r) for r in rs} for p, rs in zip(predictions, refs)) / len(refs)
 
 
 def label_accuracy(predictions: Sequence[str], references: References) -> float:
     """Share of predictions whose first line names a reference's label (case and end punctuation ignored)."""
-    refs = _ref_lists(predictions, references)
+    refs = reference_lists(predictions, references)
     return sum(_label(p) in {_label(r) for r in rs} for p, rs in zip(predictions, refs)) / len(refs)
 
 
@@ -221,7 +193,7 @@ def sacrebleu_bleu(predictions: Sequence[str], references: References) -> float:
     """sacreBLEU corpus BLEU (0-100) with its defaults: 13a tokens, case-sensitive, exp smoothing, all references."""
     import sacrebleu
 
-    refs = _ref_lists(predictions, references)
+    refs = reference_lists(predictions, references)
     width = max(len(r) for r in refs)
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]  # sacrebleu skips the None
     return float(sacrebleu.corpus_bleu(list(predictions), streams).score)

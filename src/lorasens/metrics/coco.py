@@ -18,9 +18,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import locale
+import logging
 import os
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -29,7 +31,9 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from lorasens.evaluation.mteval import tokenize as mteval_tokenize
+from lorasens.metrics.mteval import tokenize as mteval_tokenize
+
+logger = logging.getLogger(__name__)
 
 # Characters Java's line reader treats as line ends: inside one caption they would shift every later line of the
 # tokeniser's output onto the wrong caption, so they become spaces first.
@@ -113,11 +117,31 @@ class _Stopped:
         pass
 
 
+@contextlib.contextmanager
+def _java_stderr_to_log(what: str):
+    """The Java tool's stderr (e.g. `PTBLexer ... Untokenizable` lines) goes to the debug log (run.log), not the
+    terminal: file descriptor 2 is pointed at a temporary file while it runs."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                logger.debug("%s: %s", what, line)
+
+
 def ptb_tokenize(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[dict, dict]:
     """({i: [prediction tokens]}, {i: [reference tokens, ...]}) from one run of the PTB tokeniser."""
     captions = {("h", i): [{"caption": _LINE_BREAKS.sub(" ", p)}] for i, p in enumerate(predictions)}
     captions.update({("r", i): [{"caption": _LINE_BREAKS.sub(" ", r)} for r in rs] for i, rs in enumerate(references)})
-    with _java_utf8():
+    with _java_utf8(), _java_stderr_to_log("PTB tokeniser"):
         tokens = PTBTokenizer().tokenize(captions)
     expected = len(predictions) + sum(len(rs) for rs in references)
     if sum(len(v) for v in tokens.values()) != expected:

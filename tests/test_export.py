@@ -1,0 +1,67 @@
+"""`lorasens export`: the recommendation in PEFT, axolotl and LLaMA-Factory syntax; each builds the same LoRA model.
+
+The keys checked are the tools' documented ones: axolotl's config reference (docs/config.qmd: `base_model`,
+`adapter: lora`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules` as a list) and LLaMA-Factory's
+`FinetuningArguments` / `ModelArguments` (`model_name_or_path`, `stage`, `finetuning_type`, `lora_rank`,
+`lora_alpha` (int), `lora_dropout`, `lora_target`: comma-separated module names).
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from peft import LoraConfig, get_peft_model
+
+from lorasens.analysis.sensitivity import recommended_lora_config
+from lorasens.cli import main
+from lorasens.models import build_tiny_random_llama
+from lorasens.module_map import build_module_map
+
+AXOLOTL_KEYS = {"base_model", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
+LLAMAFACTORY_KEYS = {"model_name_or_path", "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout",
+                     "lora_target"}
+
+
+def lora_modules(config: LoraConfig) -> set[str]:
+    model = get_peft_model(build_tiny_random_llama(seed=0).model, config)
+    return {name.removeprefix("base_model.model.") for name, module in model.named_modules()
+            if hasattr(module, "lora_A") and not name.endswith((".lora_A", ".lora_B"))}
+
+
+def test_export_formats_build_the_recommended_model(tmp_path, capsys):
+    module_map = build_module_map(build_tiny_random_llama(seed=0).model)
+    # An irregular selection: v_proj of layers 0-2, down_proj of layer 3.
+    selected = [m for m in module_map.modules if (m.module_type == "v_proj" and m.layer < 3)
+                or (m.module_type == "down_proj" and m.layer == 3)]
+    expected = {m.name for m in selected}
+    (tmp_path / "recommended_lora_config.json").write_text(json.dumps(
+        recommended_lora_config(selected, module_map, 4, 8.0, 0.05)))
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"model": "smollm2-135m"}}))
+
+    assert main(["export", str(tmp_path), "--format", "peft"]) == 0
+    peft = json.loads((tmp_path / "lora_config.peft.json").read_text())
+    assert peft["target_modules"] == [m.name for m in selected]  # explicit names, not a regex
+    assert lora_modules(LoraConfig(**peft)) == expected
+
+    assert main(["export", str(tmp_path), "--format", "axolotl"]) == 0
+    axolotl = yaml.safe_load((tmp_path / "lora.axolotl.yaml").read_text())
+    assert set(axolotl) == AXOLOTL_KEYS and axolotl["adapter"] == "lora"
+    assert axolotl["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (axolotl["lora_r"], axolotl["lora_alpha"], axolotl["lora_dropout"]) == (4, 8.0, 0.05)
+    assert lora_modules(LoraConfig(r=axolotl["lora_r"], lora_alpha=axolotl["lora_alpha"],
+                                   target_modules=axolotl["lora_target_modules"])) == expected
+
+    out = tmp_path / "lf.yaml"
+    assert main(["export", str(tmp_path), "--format", "llamafactory", "--output", str(out)]) == 0
+    lf = yaml.safe_load(out.read_text())
+    assert set(lf) == LLAMAFACTORY_KEYS and lf["finetuning_type"] == "lora" and lf["lora_alpha"] == 8
+    assert isinstance(lf["lora_target"], str)
+    assert lora_modules(LoraConfig(r=lf["lora_rank"], target_modules=lf["lora_target"].split(","))) == expected
+    assert capsys.readouterr().out.splitlines()[-1] == str(out)
+
+
+def test_export_of_a_run_without_recommendation_is_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--format", "axolotl"]) == 2
+    assert "run the analysis first" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--format", "axolotll"]) == 2
