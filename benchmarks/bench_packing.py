@@ -72,7 +72,7 @@ def run(dataset: str, data_dir: Path, mode: str, steps: int, out: Path) -> tuple
         "overwrite": True, "seed": 0})
     timer = CpuStepTimer()
     try:
-        summary = run_experiment(cfg, callbacks=[timer]).summary
+        summary = run_experiment(cfg, callbacks=[timer], after_training=()).summary  # training only
     finally:
         training.packed_collator = original
     log = [json.loads(line) for line in (out / name / "train_log.jsonl").read_text().splitlines()]
