@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 PLAN_FILE = files.VALIDATION_PLAN
 TEST_SCORES = files.VALIDATION_TEST_SCORES
 TEST_SEED = 0  # the test subset is the same for every arm and seed
+TEST_MAX_LENGTH = 8192  # test prompts are scored uncut (a longer one is an error, not a silently shorter test)
 
 
 @dataclass
@@ -310,10 +311,10 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
         ensure_meteor_ready()
     sizes = {k: ModuleSize(k, *v) for k, v in budget["module_sizes"].items()}
     tokenizer = load_model(cfg.model.model, cfg.model.precision, seed=cfg.training.seed).tokenizer
-    features, _ = build_features(examples, tokenizer, cfg.data.max_length, "test")
-    if len(features) != len(examples):
-        raise UserError(f"{len(examples) - len(features)} test prompt(s) do not fit --max_length {cfg.data.max_length}; "
-                        "validate the run after training it with a larger --max_length")
+    # Scored whole: the test loss is over every target token of every test prompt, whatever length training cut to.
+    features, stats = build_features(examples, tokenizer, TEST_MAX_LENGTH, "test")
+    if stats.truncated or stats.dropped:
+        raise UserError(f"{stats.truncated + stats.dropped} test prompt(s) are longer than {TEST_MAX_LENGTH} tokens")
     outcome: dict[str, str] = {}
     chosen: dict[str, float] = {}
     sweep: list[Job] = []
