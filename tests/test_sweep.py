@@ -110,6 +110,8 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
     assert json.loads((second / "summary.json").read_text())["steps"] == 2
     manifest = json.loads((out / "t_sweep.json").read_text())
     assert {r["name"]: r["outcome"] for r in manifest["runs"]} == {"t_seed1": "skipped (complete)", "t_seed2": "done"}
-    assert "--overwrite true" in (out / "t_sweep_logs" / "t_seed2.log").read_text().splitlines()[0]
+    # The log is appended to: the killed run's command line first, then the rerun's, which replaces its folder.
+    commands = [line for line in (out / "t_sweep_logs" / "t_seed2.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and "--overwrite true" not in commands[0] and "--overwrite true" in commands[1]
     rows = (out / "t_comparison" / "comparison.csv").read_text().splitlines()
     assert len(rows) == 2 and ",2,1 2," in rows[1]  # one configuration, two seeds

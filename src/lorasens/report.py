@@ -128,8 +128,11 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
     diverged = (summary or {}).get("diverged")
     if isinstance(diverged, dict):
         status = f"DIVERGED at step {diverged.get('step')}"
-        missing.insert(0, f"training diverged at step {diverged.get('step')} ({diverged.get('reason')}): the "
-                          "measures are not finite, so no sensitivity analysis or recommendation was made")
+        note = (f"training diverged at step {diverged.get('step')} ({diverged.get('reason')}): the measures are not "
+                "finite, so no sensitivity analysis or recommendation was made")
+        missing.insert(0, note)
+        text, lines = body[0]
+        body[0] = (f'<p class="missing"><b>{esc(note)}</b></p>' + text, lines)  # on top, above the answer
     page = render_page(
         title=f"lorasens report — {run_dir.name}",
         subtitle=f"{run_dir.resolve()} · {status} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
