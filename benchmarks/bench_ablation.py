@@ -23,11 +23,14 @@ delta_loss values (target: <= 1e-5). Target: shared <= 0.5x of the uncached pass
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import time
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/common.py
+from common import lora_model_with_features  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 96  # the quickstart's
@@ -83,17 +86,8 @@ def main() -> None:
 
     loaded = load_model(args.model, "fp32")
     tokenizer = loaded.tokenizer
-    module_map = build_module_map(loaded.model)
-    torch.manual_seed(0)
-    model = apply_lora(loaded.model, module_map.modules, 8, 16.0, 0.0).eval()
-    lora = lora_parameters(model, module_map)
-    with torch.no_grad():
-        for lp in lora:
-            lp.B.normal_(0, 0.02)
-    data_dir = args.data_dir if args.dataset == "e2e" else None
-    examples = load_examples(args.dataset, "validation", data_dir, seed=42, limit=args.examples)
-    features = build_features(examples, tokenizer, args.max_length, "validation")[0]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, module_map, lora, features, pad = lora_model_with_features(loaded, args)
+    model.eval()
     singles = [lp.module for lp in lora[:: max(1, len(lora) // max(1, args.singles))][: args.singles]]
     padded = validation_batches(features, 16, pad, "cpu")
     packed = validation_batches(features, None, pad, "cpu", packing=True,

@@ -19,12 +19,15 @@ difference between the two estimates (target: equal to 1e-5 relative).
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import time
 from pathlib import Path
 from unittest import mock
 
 import torch
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/common.py
+from common import lora_model_with_features  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,17 +56,7 @@ def main() -> None:
 
     loaded = load_model(args.model, "fp32")
     tokenizer = loaded.tokenizer
-    module_map = build_module_map(loaded.model)
-    torch.manual_seed(0)
-    model = apply_lora(loaded.model, module_map.modules, 8, 16.0, 0.0)
-    lora = lora_parameters(model, module_map)
-    with torch.no_grad():
-        for lp in lora:
-            lp.B.normal_(0, 0.02)
-    data_dir = args.data_dir if args.dataset == "e2e" else None
-    examples = load_examples(args.dataset, "validation", data_dir, seed=42, limit=args.examples)
-    features = build_features(examples, tokenizer, args.max_length, "validation")[0]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, module_map, lora, features, pad = lora_model_with_features(loaded, args)
     batches = validation_batches(features, None, pad, "cpu", max_tokens=4096)
     train_batch = padded_collator(tokenizer)([{"input_ids": f["input_ids"], "labels": f["labels"]}
                                               for f in features[: args.batch_size]])

@@ -28,3 +28,29 @@ class StepTimer(TrainerCallback):
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def lora_model_with_features(loaded, args):
+    """The model with LoRA on every module and small random B (a trained-looking adapter), and the dataset's
+    validation features: the setup the ablation and first-order benchmarks share. Returns
+    (model, module_map, lora, features, pad_token_id)."""
+    import torch
+
+    from lorasens.data.features import build_features
+    from lorasens.data.registry import load_examples
+    from lorasens.lora import apply_lora, lora_parameters
+    from lorasens.module_map import build_module_map
+
+    module_map = build_module_map(loaded.model)
+    torch.manual_seed(0)
+    model = apply_lora(loaded.model, module_map.modules, 8, 16.0, 0.0)
+    lora = lora_parameters(model, module_map)
+    with torch.no_grad():
+        for lp in lora:
+            lp.B.normal_(0, 0.02)
+    data_dir = args.data_dir if args.dataset == "e2e" else None
+    examples = load_examples(args.dataset, "validation", data_dir, seed=42, limit=args.examples)
+    features = build_features(examples, loaded.tokenizer, args.max_length, "validation")[0]
+    tokenizer = loaded.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, module_map, lora, features, pad
