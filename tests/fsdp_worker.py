@@ -1,6 +1,6 @@
 """FSDP2 worker for tests/test_fsdp.py: `fully_shard` on the tiny Llama with LoRA, under torchrun (gloo, CPU) or as
 one plain process (no process group). Writes OUT/rank{R}.pt: per-step gradient norms and importance from
-lorasens.sharding, ||delta W|| from the gathered factors, and the LoRA weights after each optimizer step.
+lorasens.analysis.sharding, ||delta W|| from the gathered factors, and the LoRA weights after each optimizer step.
 
 Step 1 trains every module; steps 2-3 freeze the MLP modules through lora.set_trainable (a phase switch)."""
 
@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from lorasens.analysis.measures import update_magnitudes
-from lorasens.lora import LoraParams, apply_lora, lora_parameters, set_trainable, targets_for
-from lorasens.models import build_tiny_random_llama
-from lorasens.module_map import build_module_map
-from lorasens.sharding import full, sharded_importance, sharded_norms
+from lorasens.model.lora import LoraParams, apply_lora, lora_parameters, set_trainable, targets_for
+from lorasens.model.loading import build_tiny_random_llama
+from lorasens.model.module_map import build_module_map
+from lorasens.analysis.sharding import full, sharded_importance, sharded_norms
 
 out = sys.argv[1]
 world = int(os.environ.get("WORLD_SIZE", "1"))

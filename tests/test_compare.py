@@ -11,7 +11,7 @@ import pytest
 from report_helpers import png_size, write_evaluation
 
 from lorasens.cli import main
-from lorasens.compare import compare_runs, mean_std
+from lorasens.experiment.compare import compare_runs, mean_std
 from lorasens.config import ExperimentConfig
 from lorasens.errors import UserError
 

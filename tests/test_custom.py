@@ -146,7 +146,7 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    from lorasens.models import load_model
+    from lorasens.model.loading import load_model
 
     return load_model("smollm2-135m").tokenizer
 

@@ -49,18 +49,18 @@ from lorasens.analysis.stats import (
     spearman,
 )
 from lorasens.config import ExperimentConfig, with_overrides
-from lorasens.context import RunContext
+from lorasens.training.context import RunContext
 from lorasens.data.features import build_features
 from lorasens.data.registry import training_splits
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import UserError
-from lorasens.lora import LoraParams
-from lorasens.module_map import ModuleMap
+from lorasens.model.lora import LoraParams
+from lorasens.model.module_map import ModuleMap
 from lorasens.rundir import files
 from lorasens.rundir.files import CONFIG_FILE, unknown_fields
 from lorasens.rundir.load import load_run, read_run_config, require_known
 from lorasens.safeio import read_json, write_json
-from lorasens.training import decide_packing
+from lorasens.training.trainer import decide_packing
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorasens.config import ExperimentConfig
-from lorasens.context import RunContext
+from lorasens.training.context import RunContext
 from lorasens.data.features import prompt_input
 from lorasens.data.registry import EvaluationSpec, Example, get_dataset_spec, group_by_prompt, load_examples, subset
 from lorasens.data.templates import apply_prompt_template

@@ -11,9 +11,9 @@ from safetensors import safe_open
 
 from lorasens.config import ExperimentConfig, config_from_dict
 from lorasens.errors import UserError
-from lorasens.lora import LoraParams, lora_parameters
-from lorasens.models import load_model
-from lorasens.module_map import ModuleMap, build_module_map
+from lorasens.model.lora import LoraParams, lora_parameters
+from lorasens.model.loading import load_model
+from lorasens.model.module_map import ModuleMap, build_module_map
 from lorasens.rundir import files
 from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL, unknown_fields
 from lorasens.safeio import read_json

@@ -36,15 +36,15 @@ from lorasens.errors import UserError
 from lorasens.metrics import ensure_meteor_ready
 from lorasens.evaluation.predictions import read_rows
 from lorasens.evaluation.runner import evaluate_model, settings_from_config
-from lorasens.models import load_model
-from lorasens.module_map import ModuleMap, build_module_map
+from lorasens.model.loading import load_model
+from lorasens.model.module_map import ModuleMap, build_module_map
 from lorasens.rundir import files, run_status
 from lorasens.rundir.load import load_run, read_run_config
-from lorasens.run import run_experiment
+from lorasens.experiment.run import run_experiment
 from lorasens.safeio import read_json, write_json
-from lorasens.validation import arms as A
-from lorasens.validation import peers
-from lorasens.validation.outputs import Finished, write_outputs
+from lorasens.experiment.validation import arms as A
+from lorasens.experiment.validation import peers
+from lorasens.experiment.validation.outputs import Finished, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def module_sizes(model: torch.nn.Module, module_map: ModuleMap) -> dict[str, Mod
 
 def recommended_ranks(run_dir: Path, model: torch.nn.Module, module_map: ModuleMap) -> dict[str, int]:
     """The modules (and ranks) of RUN_DIR/recommended_lora_config.json, resolved with PEFT's own matchers."""
-    from lorasens.lora import load_placement
+    from lorasens.model.lora import load_placement
 
     path = run_dir / files.RECOMMENDED_CONFIG
     if not path.exists():
@@ -467,7 +467,7 @@ def _run_job(cfg: ExperimentConfig, job: Job, out: Path, outcome: dict, label: s
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    from lorasens.training import latest_checkpoint
+    from lorasens.training.trainer import latest_checkpoint
 
     return latest_checkpoint(run_dir) is not None
 
@@ -508,7 +508,7 @@ def _score(job: Job, features: list[dict], examples: list[Example], cfg: Experim
 
 def _update_report(run_dir: Path, out: Path) -> None:
     """Redraw the run's report.html so it shows the validation section (only when validating into the run)."""
-    from lorasens.report import write_report
+    from lorasens.presentation.report import write_report
 
     if out.resolve() != (run_dir / files.VALIDATION_DIR).resolve():
         return

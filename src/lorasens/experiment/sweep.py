@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorasens.errors import Interrupted, UserError
-from lorasens.compare import compare_runs
+from lorasens.experiment.compare import compare_runs
 from lorasens.config import build_config, fields_with
 from lorasens.rundir import RunStatus, run_status
 from lorasens.rundir.lock import live_holder

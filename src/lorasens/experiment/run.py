@@ -14,31 +14,31 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import set_seed
 
-from lorasens import report
+from lorasens.presentation import report
 from lorasens.analysis import post
-from lorasens.callbacks import SensitivityCallback
+from lorasens.experiment.script_callback import SensitivityCallback
 from lorasens.config import ExperimentConfig, resumable_fields, save_config
-from lorasens.context import AfterTrainingStep, RunContext
+from lorasens.training.context import AfterTrainingStep, RunContext
 from lorasens.data.features import FeatureStats, build_features
 from lorasens.data.registry import get_dataset_spec, load_examples, training_splits
 from lorasens.data.templates import apply_prompt_template
 from lorasens.errors import Interrupted, TrainingDiverged, UserError
 from lorasens.evaluation import runner
-from lorasens.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
-from lorasens.lora import (Placement, apply_lora, apply_placement, load_placement, lora_parameters, set_trainable,
+from lorasens.experiment.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
+from lorasens.model.lora import (Placement, apply_lora, apply_placement, load_placement, lora_parameters, set_trainable,
                            targets_for)
 from lorasens.metrics import ensure_meteor_ready
-from lorasens.models import LoadedModel, load_model
-from lorasens.module_map import ModuleMap, build_module_map
-from lorasens.peft_methods import AdaLoraAllocationCallback, adalora_effective_params, initialize_eva, kept_ranks
-from lorasens.phases import PhaseScheduleCallback
+from lorasens.model.loading import LoadedModel, load_model
+from lorasens.model.module_map import ModuleMap, build_module_map
+from lorasens.training.peft_methods import AdaLoraAllocationCallback, adalora_effective_params, initialize_eva, kept_ranks
+from lorasens.training.phases import PhaseScheduleCallback
 from lorasens.rundir import check_run_dir, replace_run_dir
 from lorasens.rundir.files import ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL
 from lorasens.rundir.load import adapter_problem, read_run_config
 from lorasens.rundir.lock import hold_run_lock
-from lorasens.schedule import Schedule, parse_schedule_from_config
-from lorasens.tensorboard_scalars import tensorboard_callbacks
-from lorasens.training import (
+from lorasens.model.schedule import Schedule, parse_schedule_from_config
+from lorasens.presentation.tensorboard_scalars import tensorboard_callbacks
+from lorasens.training.trainer import (
     BestAdapterCallback,
     DivergenceCallback,
     RunState,
@@ -265,7 +265,7 @@ def _train(ctx: RunContext, checkpoint: Path | None) -> tuple[str, float]:
 def _gather_sharded_adapter(ctx: RunContext, inputs: RunInputs, best: BestAdapterCallback) -> None:
     """The LoRA factors are sharded: gather them on every rank (a collective), then rank 0 evaluates and analyses
     an unsharded copy of the base with the gathered adapter (the base itself never changed)."""
-    from lorasens.sharding import full
+    from lorasens.analysis.sharding import full
 
     cfg, placement = ctx.cfg, inputs.placement
     state = {k: full(v).detach().clone() for k, v in get_peft_model_state_dict(ctx.model).items()}

@@ -10,10 +10,10 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer
 
 from lorasens.config import ExperimentConfig
-from lorasens.lora import LoraParams
-from lorasens.module_map import ModuleMap
-from lorasens.schedule import Schedule
-from lorasens.training import RunState
+from lorasens.model.lora import LoraParams
+from lorasens.model.module_map import ModuleMap
+from lorasens.model.schedule import Schedule
+from lorasens.training.trainer import RunState
 
 
 @dataclass
