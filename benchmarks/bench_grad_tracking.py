@@ -91,7 +91,8 @@ def main() -> None:
     try:
         import lorasens.presentation.report
 
-        lorasens.presentation.report.report_after_training = lambda context: {}  # not part of the step time; saves minutes
+        # not part of the step time; saves minutes
+        lorasens.presentation.report.report_after_training = lambda context: {}
     except ModuleNotFoundError:
         pass
 

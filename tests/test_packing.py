@@ -173,8 +173,9 @@ def test_group_by_length_gives_the_trainer_a_length_grouped_sampler(tmp_path):
 
 
 def test_packed_samsum_batches_give_the_padded_loss_and_gradients_with_attention_per_example():
-    """SAMSum dialogues (long, very different lengths) in one packed row: the per-example SDPA (`lorasens.training.packing`)
-    gives the loss and LoRA gradients of the padded batch, as the block-diagonal mask over the whole row does."""
+    """SAMSum dialogues (long, very different lengths) in one packed row: the per-example SDPA
+    (`lorasens.training.packing`) gives the loss and LoRA gradients of the padded batch, as the block-diagonal mask
+    over the whole row does."""
     from peft import LoraConfig, get_peft_model
 
     from lorasens.data.features import build_features

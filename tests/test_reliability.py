@@ -152,7 +152,8 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch, c
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(lorasens.rundir.lock, "_try_create", read_only)
-    monkeypatch.setattr(lorasens.experiment.run, "load_model", lambda *a, **k: pytest.fail("model loaded before the write check"))
+    monkeypatch.setattr(lorasens.experiment.run, "load_model",
+                        lambda *a, **k: pytest.fail("model loaded before the write check"))
     assert train(tmp_path, "ro", "--max_steps", "2") == 2
     line = last_line(capsys)
     assert line.startswith("error: cannot write to") and "Read-only file system" in line

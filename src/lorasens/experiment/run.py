@@ -30,7 +30,8 @@ from lorasens.model.lora import (Placement, apply_lora, apply_placement, load_pl
 from lorasens.metrics import ensure_meteor_ready
 from lorasens.model.loading import LoadedModel, load_model
 from lorasens.model.module_map import ModuleMap, build_module_map
-from lorasens.training.peft_methods import AdaLoraAllocationCallback, adalora_effective_params, initialize_eva, kept_ranks
+from lorasens.training.peft_methods import (AdaLoraAllocationCallback, adalora_effective_params, initialize_eva,
+                                            kept_ranks)
 from lorasens.training.phases import PhaseScheduleCallback
 from lorasens.rundir import check_run_dir, replace_run_dir
 from lorasens.rundir.files import ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL

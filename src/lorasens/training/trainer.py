@@ -69,8 +69,8 @@ class PackedCollator:
     """
 
     def __init__(self, flash_attention: bool = False):
-        # flash-attention's varlen kernel and the per-example SDPA (`lorasens.training.packing`) take the sequence boundaries
-        # directly (cu_seq_lens): no mask at all.
+        # flash-attention's varlen kernel and the per-example SDPA (`lorasens.training.packing`) take the sequence
+        # boundaries directly (cu_seq_lens): no mask at all.
         self.flatten = DataCollatorWithFlattening(return_tensors="pt", return_flash_attn_kwargs=flash_attention)
 
     def __call__(self, features: list[dict]) -> dict:
@@ -86,9 +86,9 @@ def padded_collator(tokenizer) -> DataCollatorForSeq2Seq:
 
 def packed_collator(model: torch.nn.Module, segments: bool = True) -> PackedCollator:
     """The packed collator for `model`. With `segments` (default) an SDPA model is switched to attention computed
-    per packed example (`lorasens.training.packing`; identical for every other call), which on CPU is what makes packing pay
-    on long examples; `segments=False` keeps the block-diagonal mask over the whole row (the earlier behaviour,
-    kept for the benchmark)."""
+    per packed example (`lorasens.training.packing`; identical for every other call), which on CPU is what makes
+    packing pay on long examples; `segments=False` keeps the block-diagonal mask over the whole row (the earlier
+    behaviour, kept for the benchmark)."""
     segmented = segments and use_segment_attention(model)
     implementation = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
     return PackedCollator(flash_attention=segmented or implementation.startswith("flash_attention"))
