@@ -49,7 +49,7 @@ from lorasens.analysis.stats import (
     spearman,
 )
 from lorasens.config import ExperimentConfig, with_overrides
-from lorasens.training.context import RunContext
+from lorasens.training.context import RunContext, load_run
 from lorasens.data.features import build_features
 from lorasens.data.registry import training_splits
 from lorasens.data.templates import apply_prompt_template
@@ -58,7 +58,7 @@ from lorasens.model.lora import LoraParams
 from lorasens.model.module_map import ModuleMap
 from lorasens.rundir import files
 from lorasens.rundir.files import CONFIG_FILE, unknown_fields
-from lorasens.rundir.load import load_run, read_run_config, require_known
+from lorasens.rundir.load import read_run_config, require_known
 from lorasens.safeio import read_json, write_json
 from lorasens.training.trainer import decide_packing
 

@@ -39,9 +39,10 @@ from lorasens.evaluation.runner import evaluate_model, settings_from_config
 from lorasens.model.loading import load_model
 from lorasens.model.module_map import ModuleMap, build_module_map
 from lorasens.rundir import files, run_status
-from lorasens.rundir.load import load_run, read_run_config
+from lorasens.rundir.load import read_run_config
 from lorasens.experiment.run import run_experiment
 from lorasens.safeio import read_json, write_json
+from lorasens.training.context import load_run
 from lorasens.experiment.validation import arms as A
 from lorasens.experiment.validation import peers
 from lorasens.experiment.validation.outputs import Finished, write_outputs
