@@ -50,9 +50,7 @@ from lorasens.analysis.stats import (
 )
 from lorasens.config import ExperimentConfig, with_overrides
 from lorasens.training.context import RunContext, load_run
-from lorasens.data.features import build_features
-from lorasens.data.registry import training_splits
-from lorasens.data.templates import apply_prompt_template
+from lorasens.data.prepare import prepare
 from lorasens.errors import UserError
 from lorasens.model.lora import LoraParams
 from lorasens.model.module_map import ModuleMap
@@ -378,8 +376,5 @@ def analyze_run(run_dir: str | Path, overrides: dict | None = None, probe: str |
                       "validation_data to the callback")
         logger.warning("%s: data unknown to lorasens; first-order estimate and ablation not recomputed", run_dir)
         return analyze(run_dir, cfg, loaded.model, loaded.module_map, loaded.lora, None, loaded.tokenizer, probe_dir)
-    _, examples = training_splits(cfg.data.dataset, cfg.data.data_dir, cfg.training.seed, cfg.data.train_samples,
-                                  cfg.data.analysis_samples, options=cfg.data)
-    examples = apply_prompt_template(examples, cfg.data.prompt_template, cfg.data.dataset)
-    features, _ = build_features(examples, loaded.tokenizer, cfg.data.max_length, "analysis")
+    features = prepare(cfg.data, loaded.tokenizer, cfg.training.seed, ("analysis",)).features["analysis"]
     return analyze(run_dir, cfg, loaded.model, loaded.module_map, loaded.lora, features, loaded.tokenizer, probe_dir)

@@ -19,9 +19,9 @@ from lorasens.analysis import post
 from lorasens.experiment.script_callback import SensitivityCallback
 from lorasens.config import ExperimentConfig, resumable_fields, save_config
 from lorasens.training.context import AfterTrainingStep, RunContext
-from lorasens.data.features import FeatureStats, build_features
-from lorasens.data.registry import get_dataset_spec, load_examples, training_splits
-from lorasens.data.templates import apply_prompt_template
+from lorasens.data.features import FeatureStats
+from lorasens.data.prepare import TRAINING_SPLITS, prepare
+from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import Interrupted, TrainingDiverged, UserError
 from lorasens.evaluation import runner
 from lorasens.experiment.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
@@ -175,18 +175,9 @@ def _load_inputs(cfg: ExperimentConfig) -> RunInputs:
     else:
         lora_modules = targets_for(module_map, cfg.lora.target)
     # The analysis split (ablation, first-order estimate) is held out of train, disjoint from validation and test.
-    train_examples, analysis_examples = training_splits(cfg.data.dataset, cfg.data.data_dir, cfg.training.seed,
-                                                        cfg.data.train_samples, cfg.data.analysis_samples,
-                                                        options=cfg.data)
-    val_examples = load_examples(cfg.data.dataset, "validation", cfg.data.data_dir, cfg.training.seed, cfg.data.eval_samples,
-                                 options=cfg.data)
-    # --prompt_template: the same prompts for training, validation loss and evaluation.
-    train_examples = apply_prompt_template(train_examples, cfg.data.prompt_template, cfg.data.dataset)
-    val_examples = apply_prompt_template(val_examples, cfg.data.prompt_template, cfg.data.dataset)
-    analysis_examples = apply_prompt_template(analysis_examples, cfg.data.prompt_template, cfg.data.dataset)
-    train_features, train_stats = build_features(train_examples, loaded.tokenizer, cfg.data.max_length, "train")
-    val_features, val_stats = build_features(val_examples, loaded.tokenizer, cfg.data.max_length, "validation")
-    analysis_features, _ = build_features(analysis_examples, loaded.tokenizer, cfg.data.max_length, "analysis")
+    prepared = prepare(cfg.data, loaded.tokenizer, cfg.training.seed)
+    train_features, val_features, analysis_features = (prepared.features[s] for s in TRAINING_SPLITS)
+    train_stats, val_stats = prepared.stats["train"], prepared.stats["validation"]
     if not train_features:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
     if cfg.evaluation.evaluate and get_dataset_spec(cfg.data.dataset).evaluation.needs_meteor:

@@ -30,8 +30,9 @@ from lorasens.analysis.budget import ModuleSize
 from lorasens.analysis.sensitivity import key_of
 from lorasens.config import ExperimentConfig, check_environment, config_from_dict
 from lorasens.data.features import build_features
-from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, load_examples, subset, training_splits
-from lorasens.data.templates import apply_prompt_template
+from lorasens.data.prepare import examples as split_examples
+from lorasens.data.prepare import prepare
+from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, subset
 from lorasens.errors import UserError
 from lorasens.metrics import ensure_meteor_ready
 from lorasens.evaluation.predictions import read_rows
@@ -250,12 +251,7 @@ def planned_params(arm: A.Arm, sizes: dict[str, ModuleSize]) -> int:
 def _train_features(cfg: ExperimentConfig, tokenizer) -> list[dict]:
     """The training examples of the run's first seed, in file order, as the trainings see them (EVA's and GoRA's
     planning passes read the first batches)."""
-    data = cfg.data
-    train, _ = training_splits(data.dataset, data.data_dir, cfg.training.seed, data.train_samples,
-                               data.analysis_samples, options=data)
-    features, _ = build_features(apply_prompt_template(train, data.prompt_template, data.dataset), tokenizer,
-                                 data.max_length, "train")
-    return features
+    return prepare(cfg.data, tokenizer, cfg.training.seed, ("train",)).features["train"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,15 +262,10 @@ def held_out_examples(cfg: ExperimentConfig, seeds: tuple[int, ...], test_sample
     """Distinct test prompts that no training, validation or analysis split holds (for any seed), one example per
     prompt with all its references (its first reference is the loss target)."""
     data = cfg.data
-
-    def prompts(examples: list[Example]) -> set[str]:
-        return {ex.prompt for ex in apply_prompt_template(examples, data.prompt_template, data.dataset)}
-
-    seen = prompts(load_examples(data.dataset, "train", data.data_dir, TEST_SEED, options=data))
+    seen = {ex.prompt for ex in split_examples(data, "train", TEST_SEED)}
     for seed in sorted(set(seeds) | {cfg.training.seed}):
-        seen |= prompts(load_examples(data.dataset, "validation", data.data_dir, seed, data.eval_samples, options=data))
-    test = apply_prompt_template(load_examples(data.dataset, "test", data.data_dir, TEST_SEED, options=data),
-                                 data.prompt_template, data.dataset)
+        seen |= {ex.prompt for ex in split_examples(data, "validation", seed, data.eval_samples)}
+    test = split_examples(data, "test", TEST_SEED)
     grouped = group_by_prompt(test)
     fresh = [ex for ex in grouped if ex.prompt not in seen]
     if not fresh:
