@@ -15,9 +15,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lorasens.analysis.sharding import sharded_importance, sharded_norms
 from lorasens.model.lora import apply_lora, lora_parameters, targets_for
 from lorasens.model.module_map import build_module_map
-from lorasens.analysis.sharding import sharded_importance, sharded_norms
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=3)

@@ -20,11 +20,11 @@ from transformers import AutoModelForCausalLM, TrainerState
 
 from lorasens.analysis.gradient_recorder import GradientTrackingCallback
 from lorasens.analysis.measures import update_magnitudes
-from lorasens.config import TrackingConfig
-from lorasens.model.lora import LoraParams, apply_lora, lora_parameters, set_trainable, targets_for
-from lorasens.model.loading import build_tiny_random_llama
-from lorasens.model.module_map import build_module_map
 from lorasens.analysis.sharding import full, sharded_importance, sharded_norms
+from lorasens.config import TrackingConfig
+from lorasens.model.loading import build_tiny_random_llama
+from lorasens.model.lora import LoraParams, apply_lora, lora_parameters, set_trainable, targets_for
+from lorasens.model.module_map import build_module_map
 from lorasens.training.trainer import RunState
 
 out = sys.argv[1]

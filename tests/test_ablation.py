@@ -13,8 +13,8 @@ from lorasens.analysis.ablation import (
     run_ablation,
     validation_batches,
 )
-from lorasens.model.lora import apply_lora, lora_parameters
 from lorasens.model.loading import build_tiny_random_llama, byte_level_tokenizer
+from lorasens.model.lora import apply_lora, lora_parameters
 from lorasens.model.module_map import build_module_map
 
 

@@ -25,9 +25,9 @@ from lorasens.config import TrackingConfig, build_config
 from lorasens.data.features import IGNORE_INDEX, build_features
 from lorasens.data.registry import load_examples, training_splits
 from lorasens.errors import UserError
+from lorasens.experiment.run import run_experiment
 from lorasens.model.loading import load_model
 from lorasens.rundir import files
-from lorasens.experiment.run import run_experiment
 
 SEED = 7
 STEPS = 6

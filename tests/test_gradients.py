@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from lorasens.rundir import files
-from lorasens.analysis.gradient_recorder import GradientTrackingCallback
 from lorasens.analysis.csvlog import BufferedCsv, cell
+from lorasens.analysis.gradient_recorder import GradientTrackingCallback
 from lorasens.analysis.measures import foreach_norms, taylor_importance, taylor_importance_in
 from lorasens.config import build_config
-from lorasens.presentation.report import report_after_training
 from lorasens.experiment.run import DEFAULT_STEPS, run_experiment
+from lorasens.presentation.report import report_after_training
+from lorasens.rundir import files
 
 from conftest import run_ddp
 

@@ -12,8 +12,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, TrainerCallback
 
 from lorasens.config import build_config
-from lorasens.model.loading import build_tiny_random_llama, byte_level_tokenizer
 from lorasens.experiment.run import run_experiment
+from lorasens.model.loading import build_tiny_random_llama, byte_level_tokenizer
 from lorasens.training.trainer import PackedCollator, decide_packing, padded_collator
 
 

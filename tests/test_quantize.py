@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("bitsandbytes")  # an optional extra (lorasens[qlora]); installed in the tested environment
 
 from lorasens.config import build_config  # noqa: E402
-from lorasens.model.lora import apply_lora, lora_parameters, targets_for  # noqa: E402
 from lorasens.model.loading import build_tiny_random_llama  # noqa: E402
+from lorasens.model.lora import apply_lora, lora_parameters, targets_for  # noqa: E402
 from lorasens.model.module_map import build_module_map  # noqa: E402
 from lorasens.model.quantize import dequantized_weight, prepare_for_kbit_training, quantize_4bit  # noqa: E402
 from lorasens.rundir import files  # noqa: E402

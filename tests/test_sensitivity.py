@@ -14,8 +14,8 @@ from lorasens.analysis.ablation import lora_switched_off, run_ablation, validati
 from lorasens.analysis.budget import select_within_budget
 from lorasens.analysis.measures import update_magnitudes
 from lorasens.analysis.sensitivity import agreement, combined_scores, module_sizes, recommended_lora_config
-from lorasens.model.lora import LoraParams, apply_lora, lora_parameters
 from lorasens.model.loading import build_tiny_random_llama
+from lorasens.model.lora import LoraParams, apply_lora, lora_parameters
 from lorasens.model.module_map import build_module_map
 from lorasens.rundir import files
 

@@ -22,10 +22,10 @@ from lorasens.analysis.sensitivity import key_of
 from lorasens.cli import main
 from lorasens.config import build_config
 from lorasens.errors import UserError
-from lorasens.model.module_map import build_module_map
 from lorasens.experiment.validation import arms as A
 from lorasens.experiment.validation import stats
 from lorasens.experiment.validation.driver import ValidateSettings, example_losses, module_sizes, parse_seeds
+from lorasens.model.module_map import build_module_map
 
 # The probe: a few optimizer steps of the tiny model; the validation machinery is what is tested, not the training.
 TINY = ["--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps", "4", "--max_length", "160",

@@ -30,13 +30,13 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
-from lorasens.rundir import files
-from lorasens.analysis.sharding import full as gathered, is_sharded, sharded_importance, sharded_norms
 from lorasens.analysis.csvlog import BufferedCsv, cell, read_rows
 from lorasens.analysis.measures import foreach_norms, taylor_importance_in, update_magnitudes
+from lorasens.analysis.sharding import full as gathered, is_sharded, sharded_importance, sharded_norms
 from lorasens.config import TrackingConfig
 from lorasens.model.lora import LoraParams
 from lorasens.model.module_map import GROUPS
+from lorasens.rundir import files
 from lorasens.training.trainer import RunState
 
 logger = logging.getLogger(__name__)

@@ -49,7 +49,6 @@ from lorasens.analysis.stats import (
     spearman,
 )
 from lorasens.config import ExperimentConfig, with_overrides
-from lorasens.training.context import RunContext, load_run
 from lorasens.data.prepare import prepare
 from lorasens.errors import UserError
 from lorasens.model.lora import LoraParams
@@ -58,6 +57,7 @@ from lorasens.rundir import files
 from lorasens.rundir.files import CONFIG_FILE, unknown_fields
 from lorasens.rundir.load import read_run_config, require_known
 from lorasens.safeio import read_json, write_json
+from lorasens.training.context import RunContext, load_run
 from lorasens.training.trainer import decide_packing
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorasens.config import ExperimentConfig
-from lorasens.training.context import RunContext
 from lorasens.data.features import prompt_input
 from lorasens.data.prepare import examples as split_examples
 from lorasens.data.prepare import templated
@@ -26,6 +25,7 @@ from lorasens.evaluation.generation import generate, label_loglikelihoods
 from lorasens.evaluation.predictions import score_rows, write_rows
 from lorasens.rundir.files import evaluation_file, predictions_file
 from lorasens.safeio import write_json
+from lorasens.training.context import RunContext
 
 logger = logging.getLogger(__name__)
 

@@ -14,31 +14,31 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import set_seed
 
-from lorasens.presentation import report
 from lorasens.analysis import post
-from lorasens.experiment.script_callback import SensitivityCallback
 from lorasens.config import ExperimentConfig, resumable_fields, save_config
-from lorasens.training.context import AfterTrainingStep, RunContext
 from lorasens.data.features import FeatureStats
 from lorasens.data.prepare import TRAINING_SPLITS, prepare
 from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import Interrupted, TrainingDiverged, UserError
 from lorasens.evaluation import runner
 from lorasens.experiment.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
-from lorasens.model.lora import (Placement, apply_lora, apply_placement, load_placement, lora_parameters, set_trainable,
-                           targets_for)
+from lorasens.experiment.script_callback import SensitivityCallback
 from lorasens.metrics import ensure_meteor_ready
 from lorasens.model.loading import LoadedModel, load_model
+from lorasens.model.lora import (Placement, apply_lora, apply_placement, load_placement, lora_parameters, set_trainable,
+                           targets_for)
 from lorasens.model.module_map import ModuleMap, build_module_map
-from lorasens.training.peft_methods import (AdaLoraAllocationCallback, adalora_effective_params, initialize_eva,
-                                            kept_ranks)
-from lorasens.training.phases import PhaseScheduleCallback
+from lorasens.model.schedule import Schedule, parse_schedule_from_config
+from lorasens.presentation import report
+from lorasens.presentation.tensorboard_scalars import tensorboard_callbacks
 from lorasens.rundir import check_run_dir, replace_run_dir
 from lorasens.rundir.files import ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL
 from lorasens.rundir.load import adapter_problem, read_run_config
 from lorasens.rundir.lock import hold_run_lock
-from lorasens.model.schedule import Schedule, parse_schedule_from_config
-from lorasens.presentation.tensorboard_scalars import tensorboard_callbacks
+from lorasens.training.context import AfterTrainingStep, RunContext
+from lorasens.training.peft_methods import (AdaLoraAllocationCallback, adalora_effective_params, initialize_eva,
+                                            kept_ranks)
+from lorasens.training.phases import PhaseScheduleCallback
 from lorasens.training.trainer import (
     BestAdapterCallback,
     DivergenceCallback,

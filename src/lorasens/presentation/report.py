@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasens.config import key_settings
-from lorasens.training.context import RunContext
 from lorasens.errors import UserError
-from lorasens.safeio import write_text_atomic
 from lorasens.presentation.plots import RUN_PLOTS, plot_run
 from lorasens.rundir.files import (
     CONFIG_FILE,
@@ -39,6 +37,8 @@ from lorasens.rundir.files import (
     unknown_fields,
 )
 from lorasens.safeio import read_json, read_jsonl
+from lorasens.safeio import write_text_atomic
+from lorasens.training.context import RunContext
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from transformers.trainer_callback import ProgressCallback
 from lorasens.config import ExperimentConfig
 from lorasens.data.features import IGNORE_INDEX
 from lorasens.errors import UserError
-from lorasens.training.packing import use_segment_attention
+from lorasens.model.tensors import foreach_norms
 from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, EVAL_LOG, TRAIN_LOG, TRAINER_STATE
 from lorasens.rundir.load import adapter_problem
 from lorasens.safeio import dumps, read_json, read_jsonl
-from lorasens.model.tensors import foreach_norms
+from lorasens.training.packing import use_segment_attention
 
 logger = logging.getLogger(__name__)
 

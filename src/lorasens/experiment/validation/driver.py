@@ -34,19 +34,19 @@ from lorasens.data.prepare import examples as split_examples
 from lorasens.data.prepare import prepare
 from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, subset
 from lorasens.errors import UserError
-from lorasens.metrics import ensure_meteor_ready
 from lorasens.evaluation.predictions import read_rows
 from lorasens.evaluation.runner import evaluate_model, settings_from_config
+from lorasens.experiment.run import run_experiment
+from lorasens.experiment.validation import arms as A
+from lorasens.experiment.validation import peers
+from lorasens.experiment.validation.outputs import Finished, write_outputs
+from lorasens.metrics import ensure_meteor_ready
 from lorasens.model.loading import load_model
 from lorasens.model.module_map import ModuleMap, build_module_map
 from lorasens.rundir import files, run_status
 from lorasens.rundir.load import read_run_config
-from lorasens.experiment.run import run_experiment
 from lorasens.safeio import read_json, write_json
 from lorasens.training.context import load_run
-from lorasens.experiment.validation import arms as A
-from lorasens.experiment.validation import peers
-from lorasens.experiment.validation.outputs import Finished, write_outputs
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lorasens.rundir import files
-from lorasens.safeio import read_json, write_csv_rows, write_json
 from lorasens.experiment.validation import arms as A
 from lorasens.experiment.validation import stats
+from lorasens.rundir import files
+from lorasens.safeio import read_json, write_csv_rows, write_json
 
 logger = logging.getLogger(__name__)
 
