@@ -80,9 +80,9 @@ def main() -> None:
         ablation_max_tokens, ablation_sets, count_layer_runs, layer_plan, run_ablation, validation_batches)
     from lorasens.data.features import build_features
     from lorasens.data.registry import load_examples
-    from lorasens.lora import apply_lora, lora_parameters
-    from lorasens.models import load_model
-    from lorasens.module_map import build_module_map
+    from lorasens.model.lora import apply_lora, lora_parameters
+    from lorasens.model.loading import load_model
+    from lorasens.model.module_map import build_module_map
 
     loaded = load_model(args.model, "fp32")
     tokenizer = loaded.tokenizer

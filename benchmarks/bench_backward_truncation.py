@@ -48,7 +48,7 @@ class WallAndCpuTimer(TrainerCallback):
 
 def run(steps_per_phase: int, pairs: int, batch: int, max_length: int, checkpointing: bool, out: Path):
     from lorasens.config import build_config
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     phases = [ALL, LATE] * pairs
     ends = [steps_per_phase * (i + 1) for i in range(len(phases) - 1)]

@@ -49,10 +49,10 @@ def main() -> None:
     from lorasens.analysis.ablation import validation_batches
     from lorasens.data.features import build_features
     from lorasens.data.registry import load_examples
-    from lorasens.lora import apply_lora, lora_parameters
-    from lorasens.models import load_model
-    from lorasens.module_map import build_module_map
-    from lorasens.training import padded_collator
+    from lorasens.model.lora import apply_lora, lora_parameters
+    from lorasens.model.loading import load_model
+    from lorasens.model.module_map import build_module_map
+    from lorasens.training.trainer import padded_collator
 
     loaded = load_model(args.model, "fp32")
     tokenizer = loaded.tokenizer

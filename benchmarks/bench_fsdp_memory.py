@@ -1,6 +1,6 @@
 """FSDP2 on CPU: a 1.1B Llama (TinyLlama-1.1B's shape, random weights) with LoRA on every linear module, sharded
 over the processes of `torchrun --nproc_per_node N` (gloo), a few training steps with the gradient measures of
-lorasens.sharding at every step. Prints wall time per step and each rank's peak resident memory.
+lorasens.analysis.sharding at every step. Prints wall time per step and each rank's peak resident memory.
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/bench_fsdp_memory.py [--steps 3]
 
@@ -15,9 +15,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorasens.lora import apply_lora, lora_parameters, targets_for
-from lorasens.module_map import build_module_map
-from lorasens.sharding import sharded_importance, sharded_norms
+from lorasens.analysis.sharding import sharded_importance, sharded_norms
+from lorasens.model.lora import apply_lora, lora_parameters, targets_for
+from lorasens.model.module_map import build_module_map
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=3)

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
     from lorasens.data.registry import group_by_prompt, load_examples, subset
     from lorasens.evaluation.generation import generate
-    from lorasens.models import load_model
+    from lorasens.model.loading import load_model
 
     loaded = load_model(args.model, "fp32")
     model, tok = loaded.model.to(args.device).eval(), loaded.tokenizer

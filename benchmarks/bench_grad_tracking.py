@@ -40,14 +40,14 @@ class TrackingTimer:
         self.calls = 0
 
     def install(self):
-        from lorasens.analysis.callbacks import GradientTrackingCallback as C
+        from lorasens.analysis.gradient_recorder import GradientTrackingCallback as C
 
         self._originals = {name: getattr(C, name) for name in ("_record_gradients", "on_step_end")}
         for name, original in self._originals.items():
             setattr(C, name, self._timed(original))
 
     def uninstall(self):
-        from lorasens.analysis.callbacks import GradientTrackingCallback as C
+        from lorasens.analysis.gradient_recorder import GradientTrackingCallback as C
 
         for name, original in self._originals.items():
             setattr(C, name, original)
@@ -66,7 +66,7 @@ class TrackingTimer:
 
 def train(out: Path, name: str, steps: int, batch: int, max_length: int, tracking: bool, interval: int = 1):
     from lorasens.config import build_config
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     cfg = build_config(cli_overrides={
         "model": "smollm2-135m", "dataset": "synthetic", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
@@ -89,9 +89,10 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=64)
     args = parser.parse_args()
     try:
-        import lorasens.report
+        import lorasens.presentation.report
 
-        lorasens.report.report_after_training = lambda context: {}  # not part of the step time; saves minutes
+        # not part of the step time; saves minutes
+        lorasens.presentation.report.report_after_training = lambda context: {}
     except ModuleNotFoundError:
         pass
 

@@ -55,9 +55,9 @@ MODES = ("padded", "mask", "segments")  # --packing false; packed with the whole
 
 
 def run(dataset: str, data_dir: Path, mode: str, steps: int, out: Path) -> tuple[float, float, int, float, dict]:
-    import lorasens.training as training
+    import lorasens.training.trainer as training
     from lorasens.config import build_config
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     packing = mode != "padded"
     name = f"{dataset}_{mode}"

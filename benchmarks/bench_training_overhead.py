@@ -36,7 +36,7 @@ def run_plain(steps: int, out: Path, tracking: bool = False) -> tuple[list[float
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
-    from lorasens.models import load_model
+    from lorasens.model.loading import load_model
 
     set_seed(0)
     loaded = load_model("smollm2-135m", "fp32")
@@ -58,7 +58,7 @@ def run_plain(steps: int, out: Path, tracking: bool = False) -> tuple[list[float
 
 def run_lorasens(steps: int, out: Path, tracking: bool) -> tuple[list[float], int]:
     from lorasens.config import build_config
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     cfg = build_config(cli_overrides={
         "model": "smollm2-135m", "dataset": "synthetic", "target": "both", "r": 8, "lora_alpha": 16,

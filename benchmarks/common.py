@@ -38,8 +38,8 @@ def lora_model_with_features(loaded, args):
 
     from lorasens.data.features import build_features
     from lorasens.data.registry import load_examples
-    from lorasens.lora import apply_lora, lora_parameters
-    from lorasens.module_map import build_module_map
+    from lorasens.model.lora import apply_lora, lora_parameters
+    from lorasens.model.module_map import build_module_map
 
     module_map = build_module_map(loaded.model)
     torch.manual_seed(0)

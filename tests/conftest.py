@@ -31,7 +31,7 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture
 def tiny_llama():
-    from lorasens.models import build_tiny_random_llama
+    from lorasens.model.loading import build_tiny_random_llama
 
     return build_tiny_random_llama(seed=0)
 

@@ -13,7 +13,7 @@ import torch
 
 
 def main() -> int:
-    import lorasens.run as run_module
+    import lorasens.experiment.run as run_module
     from lorasens.cli import setup_logging
     from lorasens.config import build_config
 

@@ -25,7 +25,7 @@ def tiny_run_dir(tmp_path_factory) -> Path:
         import torch
 
         from lorasens.config import build_config
-        from lorasens.run import run_experiment
+        from lorasens.experiment.run import run_experiment
 
         out = tmp_path_factory.mktemp("tiny_runs")
         cfg = build_config(None, None, {**TINY_RUN, "output_dir": str(out), "experiment_name": "tiny"})

@@ -13,9 +13,9 @@ from lorasens.analysis.ablation import (
     run_ablation,
     validation_batches,
 )
-from lorasens.lora import apply_lora, lora_parameters
-from lorasens.models import build_tiny_random_llama, byte_level_tokenizer
-from lorasens.module_map import build_module_map
+from lorasens.model.loading import build_tiny_random_llama, byte_level_tokenizer
+from lorasens.model.lora import apply_lora, lora_parameters
+from lorasens.model.module_map import build_module_map
 
 
 def with_trained_lora(model, seed=0, modules=None):

@@ -107,7 +107,7 @@ def test_answer_box_is_on_the_first_screen_and_draws_the_grid(report, tmp_path):
 
     from report_helpers import copy_run
 
-    from lorasens.report import write_report
+    from lorasens.presentation.report import write_report
 
     run = copy_run(report.parent, tmp_path / "run")
     (run / "validation").mkdir(exist_ok=True)

@@ -89,8 +89,8 @@ def test_rank_allocation_config_creates_exactly_the_stated_ranks_in_peft():
     from peft import LoraConfig, get_peft_model
 
     from lorasens.analysis.sensitivity import recommended_lora_config
-    from lorasens.models import build_tiny_random_llama
-    from lorasens.module_map import build_module_map
+    from lorasens.model.loading import build_tiny_random_llama
+    from lorasens.model.module_map import build_module_map
 
     loaded = build_tiny_random_llama(seed=0, num_layers=14)  # layers 3 and 13 both exist
     module_map = build_module_map(loaded.model)

@@ -25,9 +25,9 @@ from lorasens.config import TrackingConfig, build_config
 from lorasens.data.features import IGNORE_INDEX, build_features
 from lorasens.data.registry import load_examples, training_splits
 from lorasens.errors import UserError
-from lorasens.models import load_model
+from lorasens.experiment.run import run_experiment
+from lorasens.model.loading import load_model
 from lorasens.rundir import files
-from lorasens.run import run_experiment
 
 SEED = 7
 STEPS = 6
@@ -226,7 +226,7 @@ def test_compare_reads_the_script_folder_beside_a_lorasens_run(plain_runs, tmp_p
 
 
 def test_module_map_sees_through_peft_wrapped_layers(tiny_llama):
-    from lorasens.module_map import build_module_map
+    from lorasens.model.module_map import build_module_map
 
     before = build_module_map(tiny_llama.model)
     model = get_peft_model(tiny_llama.model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
@@ -325,7 +325,7 @@ def test_bad_schedule_and_ends_are_refused_when_built():
 
 
 def test_trainer_is_found_on_the_stack_only_if_it_holds_the_callback():
-    from lorasens.callbacks import find_trainer
+    from lorasens.experiment.script_callback import find_trainer
 
     callback = SensitivityCallback("unused")
     assert find_trainer(callback) is None  # no Trainer event is running

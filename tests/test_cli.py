@@ -57,7 +57,7 @@ def test_acceptance_command_on_real_e2e_writes_every_file(e2e_dir, tmp_path, mon
 
     from peft import PeftModel
 
-    from lorasens.models import build_tiny_random_llama
+    from lorasens.model.loading import build_tiny_random_llama
 
     base = build_tiny_random_llama(seed=42).model
     model = PeftModel.from_pretrained(base, run / "final_model")
@@ -257,7 +257,7 @@ def test_cli_names_checked_before_heavy_imports(capsys):
 
 
 def test_train_without_model_or_data_runs_the_offline_quickstart(monkeypatch, capsys):
-    import lorasens.run
+    import lorasens.experiment.run
 
     seen = {}
 
@@ -268,7 +268,7 @@ def test_train_without_model_or_data_runs_the_offline_quickstart(monkeypatch, ca
         seen["cfg"] = cfg
         return Result()
 
-    monkeypatch.setattr(lorasens.run, "run_experiment", fake_run)
+    monkeypatch.setattr(lorasens.experiment.run, "run_experiment", fake_run)
     assert main(["train", "--max_steps", "3"]) == 0
     assert (seen["cfg"].model.model, seen["cfg"].data.dataset, seen["cfg"].training.max_steps) == (
         "smollm2-135m", "synthetic", 3)

@@ -11,9 +11,9 @@ import pytest
 from report_helpers import png_size, write_evaluation
 
 from lorasens.cli import main
-from lorasens.compare import compare_runs, mean_std
 from lorasens.config import ExperimentConfig
 from lorasens.errors import UserError
+from lorasens.experiment.compare import compare_runs, mean_std
 
 
 def make_run(root: Path, name: str, seed: int, bleu: float, rouge: float, target: str = "both",

@@ -14,8 +14,8 @@ from lorasens.config import DataConfig, TextMetric, build_config
 from lorasens.data.features import IGNORE_INDEX, build_features, chat_prompt_ids
 from lorasens.data.registry import Example, load_examples
 from lorasens.errors import UserError
-from lorasens.metrics import TEXT_METRIC_FUNCTIONS, sacrebleu_bleu, text_metrics
 from lorasens.evaluation.predictions import score_rows
+from lorasens.metrics import TEXT_METRIC_FUNCTIONS, sacrebleu_bleu, text_metrics
 from lorasens.rundir.files import (ABLATION, CONFIG_FILE, LAYER_NORMS, PHASES, RECOMMENDED_CONFIG, REPORT_FILE,
                                    SENSITIVITY, SUMMARY_FILE)
 
@@ -146,7 +146,7 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    from lorasens.models import load_model
+    from lorasens.model.loading import load_model
 
     return load_model("smollm2-135m").tokenizer
 

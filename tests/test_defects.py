@@ -267,7 +267,7 @@ def test_corrupt_sensitivity_json_is_reported_corrupt_not_missing(tmp_path, caps
 
 
 def test_validate_budget_on_a_truncated_sensitivity_json_is_one_line(tmp_path, capsys):
-    from lorasens.validation.driver import _sensitivity
+    from lorasens.experiment.validation.driver import _sensitivity
     from lorasens.errors import UserError
     run = make_analysed_run(tmp_path)
     with pytest.raises(UserError, match=r"sensitivity\.json:1: the run's sensitivity is corrupt"):

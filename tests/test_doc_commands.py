@@ -120,7 +120,7 @@ def test_doc_command_is_accepted(command, capsys):
     if parsed.command == "train":
         build_config(parsed.preset, parsed.config, config_overrides(parsed))
     elif parsed.command == "sweep":
-        from lorasens.sweep import plan_sweep, split_list, split_strategies
+        from lorasens.experiment.sweep import plan_sweep, split_list, split_strategies
         plan_sweep(parsed.preset, parsed.config, config_overrides(parsed), split_strategies(parsed.strategies),
                    split_list(parsed.targets, "targets"), split_list(parsed.seeds, "seeds"), parsed.sweep_name)
 

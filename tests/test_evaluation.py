@@ -28,9 +28,9 @@ def lora_model():
 
 def _lora_model(seed: int = 0, perturb: bool = True):
     """tiny-random-llama with LoRA on every module; B set non-zero so the adapter changes the outputs."""
-    from lorasens.lora import apply_lora, targets_for
-    from lorasens.models import load_model
-    from lorasens.module_map import build_module_map
+    from lorasens.model.lora import apply_lora, targets_for
+    from lorasens.model.loading import load_model
+    from lorasens.model.module_map import build_module_map
 
     loaded = load_model("tiny-random-llama", "fp32", seed=seed)
     model = apply_lora(loaded.model, targets_for(build_module_map(loaded.model), "both"), 8, 16.0, 0.0)
@@ -107,7 +107,7 @@ def _cfg(dataset: str, data_dir=None, **evaluation) -> ExperimentConfig:
 @pytest.mark.slow
 def test_evaluate_after_training_writes_files_and_baseline(tmp_path, lora_model):
     from lorasens.evaluation.runner import evaluate_after_training
-    from lorasens.models import load_model
+    from lorasens.model.loading import load_model
 
     model, tok = lora_model
     cfg = _cfg("synthetic", baseline=True)

@@ -15,8 +15,8 @@ from peft import LoraConfig, get_peft_model
 
 from lorasens.analysis.sensitivity import recommended_lora_config
 from lorasens.cli import main
-from lorasens.models import build_tiny_random_llama
-from lorasens.module_map import build_module_map
+from lorasens.model.loading import build_tiny_random_llama
+from lorasens.model.module_map import build_module_map
 
 AXOLOTL_KEYS = {"base_model", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
 LLAMAFACTORY_KEYS = {"model_name_or_path", "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout",

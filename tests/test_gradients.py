@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from lorasens.rundir import files
-from lorasens.analysis.callbacks import GradientTrackingCallback
 from lorasens.analysis.csvlog import BufferedCsv, cell
+from lorasens.analysis.gradient_recorder import GradientTrackingCallback
 from lorasens.analysis.measures import foreach_norms, taylor_importance, taylor_importance_in
 from lorasens.config import build_config
-from lorasens.report import report_after_training
-from lorasens.run import DEFAULT_STEPS, run_experiment
+from lorasens.experiment.run import DEFAULT_STEPS, run_experiment
+from lorasens.presentation.report import report_after_training
+from lorasens.rundir import files
 
 from conftest import run_ddp
 
@@ -262,7 +262,7 @@ def test_resume_continues_every_csv_without_gaps_or_duplicates(tmp_path):
 
 
 def test_bias_corrected_ema_on_a_known_sequence():
-    from lorasens.analysis.callbacks import ema_bias_corrected
+    from lorasens.analysis.gradient_recorder import ema_bias_corrected
 
     beta, ema = 0.5, 0.0
     corrected = []
@@ -335,9 +335,9 @@ def test_clipping_wrapper_is_per_instance_and_removed(tmp_path, tiny_llama):
     from accelerate import Accelerator
 
     from lorasens.config import TrackingConfig
-    from lorasens.lora import apply_lora, lora_parameters
-    from lorasens.module_map import build_module_map
-    from lorasens.training import RunState
+    from lorasens.model.lora import apply_lora, lora_parameters
+    from lorasens.model.module_map import build_module_map
+    from lorasens.training.trainer import RunState
 
     module_map = build_module_map(tiny_llama.model)
     torch.manual_seed(0)

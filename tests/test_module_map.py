@@ -10,8 +10,8 @@ from transformers import (
 )
 
 from lorasens.errors import UserError
-from lorasens.lora import apply_lora, lora_parameters, targets_for
-from lorasens.module_map import build_module_map
+from lorasens.model.lora import apply_lora, lora_parameters, targets_for
+from lorasens.model.module_map import build_module_map
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 

@@ -12,9 +12,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, TrainerCallback
 
 from lorasens.config import build_config
-from lorasens.models import build_tiny_random_llama, byte_level_tokenizer
-from lorasens.run import run_experiment
-from lorasens.training import PackedCollator, decide_packing, padded_collator
+from lorasens.experiment.run import run_experiment
+from lorasens.model.loading import build_tiny_random_llama, byte_level_tokenizer
+from lorasens.training.trainer import PackedCollator, decide_packing, padded_collator
 
 
 def features(tokenizer, n=6):
@@ -76,7 +76,7 @@ def test_probe_falls_back_to_padding_when_attention_ignores_packed_positions(cap
     model = PositionBlindLlama(tiny.config)
     model.load_state_dict(tiny.state_dict())
     tokenizer = byte_level_tokenizer()
-    with caplog.at_level(logging.WARNING, logger="lorasens.training"):
+    with caplog.at_level(logging.WARNING, logger="lorasens.training.trainer"):
         decision = decide_packing(model, tokenizer, features(tokenizer), True, 4)
     assert not decision.enabled and "padding instead" in decision.reason
     assert "packing off" in caplog.text
@@ -158,7 +158,7 @@ def test_packed_and_padded_runs_record_the_same_gradients_and_analysis(tmp_path)
 def test_group_by_length_gives_the_trainer_a_length_grouped_sampler(tmp_path):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from lorasens.training import build_trainer
+    from lorasens.training.trainer import build_trainer
 
     loaded = build_tiny_random_llama(seed=0)
     feats = features(loaded.tokenizer, n=12)
@@ -173,14 +173,15 @@ def test_group_by_length_gives_the_trainer_a_length_grouped_sampler(tmp_path):
 
 
 def test_packed_samsum_batches_give_the_padded_loss_and_gradients_with_attention_per_example():
-    """SAMSum dialogues (long, very different lengths) in one packed row: the per-example SDPA (`lorasens.packing`)
-    gives the loss and LoRA gradients of the padded batch, as the block-diagonal mask over the whole row does."""
+    """SAMSum dialogues (long, very different lengths) in one packed row: the per-example SDPA
+    (`lorasens.training.packing`) gives the loss and LoRA gradients of the padded batch, as the block-diagonal mask
+    over the whole row does."""
     from peft import LoraConfig, get_peft_model
 
     from lorasens.data.features import build_features
     from lorasens.data.registry import load_examples
-    from lorasens.packing import SEGMENT_ATTENTION
-    from lorasens.training import packed_collator
+    from lorasens.training.packing import SEGMENT_ATTENTION
+    from lorasens.training.trainer import packed_collator
 
     loaded = build_tiny_random_llama(seed=0)
     fixtures = Path(__file__).parent / "fixtures" / "samsum"

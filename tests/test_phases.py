@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
 
-import lorasens.run as run_module
+import lorasens.experiment.run as run_module
 from lorasens.config import build_config
-from lorasens.lora import PEFT_PREFIX
+from lorasens.model.lora import PEFT_PREFIX
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -321,9 +321,9 @@ def test_cli_black_box_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_lisa_switches_whole_layers_every_interval(monkeypatch, tmp_path):
-    from lorasens.module_map import build_module_map
-    from lorasens.models import build_tiny_random_llama
-    from lorasens.schedule import parse_schedule
+    from lorasens.model.module_map import build_module_map
+    from lorasens.model.loading import build_tiny_random_llama
+    from lorasens.model.schedule import parse_schedule
 
     run_dir, rec = train(monkeypatch, tmp_path, "run", phase_strategy="lisa:layers=2,interval=3", max_steps=9)
     module_map = build_module_map(build_tiny_random_llama(seed=0).model)

@@ -111,7 +111,7 @@ def assert_close(actual, expected, where: str = "") -> None:
 @pytest.fixture(scope="module")
 def pinned_digest(tmp_path_factory) -> dict:
     from lorasens.config import build_config
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     out = tmp_path_factory.mktemp("pinned")
     cfg = build_config(None, None, {**SETTINGS, "output_dir": str(out), "experiment_name": "pinned"})

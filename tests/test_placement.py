@@ -9,7 +9,7 @@ import torch
 
 from lorasens.analysis.ablation import lora_switched_off, validation_batches, validation_loss
 from lorasens.analysis.first_order import first_order_estimates
-from lorasens.lora import PEFT_PREFIX
+from lorasens.model.lora import PEFT_PREFIX
 from test_sensitivity import features, tiny_lora
 
 
@@ -151,7 +151,7 @@ def test_ablation_plot_draws_ci_error_bars_and_heatmap_marks_wide_rank_intervals
     import json
 
     from lorasens.rundir import files
-    from lorasens.plots import run_plots
+    from lorasens.presentation.plots import run_plots
 
     figures = {}
     monkeypatch.setattr(run_plots, "save", lambda fig, path: figures.setdefault(path.name, fig) and path)
@@ -187,7 +187,7 @@ def test_ablation_plot_draws_ci_error_bars_and_heatmap_marks_wide_rank_intervals
 
 def test_trainer_eval_loss_is_the_token_weighted_loss_of_the_ablation(tmp_path):
     from lorasens.config import build_config
-    from lorasens.training import build_trainer
+    from lorasens.training.trainer import build_trainer
 
     model, _, lora, tokenizer = tiny_lora()
     with torch.no_grad():

@@ -8,8 +8,8 @@ import math
 import pytest
 from report_helpers import copy_run, png_size, tiny_run_dir
 
-from lorasens.plots import RUN_PLOTS, plot_run, plot_sensitivity_heatmap
-from lorasens.plots.common import frozen_spans, phase_boundaries, read_table, step_edges
+from lorasens.presentation.plots import RUN_PLOTS, plot_run, plot_sensitivity_heatmap
+from lorasens.presentation.plots.common import frozen_spans, phase_boundaries, read_table, step_edges
 
 EXPECTED = ("training_loss.png", "gradient_norms.png", "layer_heatmap.png", "layer_comparison.png",
             "gradient_evolution.png", "sensitivity_heatmap.png", "ablation.png")

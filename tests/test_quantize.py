@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("bitsandbytes")  # an optional extra (lorasens[qlora]); installed in the tested environment
 
 from lorasens.config import build_config  # noqa: E402
-from lorasens.lora import apply_lora, lora_parameters, targets_for  # noqa: E402
-from lorasens.models import build_tiny_random_llama  # noqa: E402
-from lorasens.module_map import build_module_map  # noqa: E402
-from lorasens.quantize import dequantized_weight, prepare_for_kbit_training, quantize_4bit  # noqa: E402
+from lorasens.model.loading import build_tiny_random_llama  # noqa: E402
+from lorasens.model.lora import apply_lora, lora_parameters, targets_for  # noqa: E402
+from lorasens.model.module_map import build_module_map  # noqa: E402
+from lorasens.model.quantize import dequantized_weight, prepare_for_kbit_training, quantize_4bit  # noqa: E402
 from lorasens.rundir import files  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def test_nf4_layers_dequantize_close_and_train_the_same_after_an_eval_pass():
 
 @pytest.mark.slow
 def test_train_quantize_4bit_writes_all_files_with_nonzero_norms(tmp_path):
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     cfg = build_config(cli_overrides={
         "model": "tiny-random-llama", "dataset": "synthetic", "quantize": "4bit", "max_steps": 4, "batch_size": 2,

@@ -145,14 +145,15 @@ def test_hold_run_lock_is_released_on_any_exit_and_reentrant(tmp_path):
 
 
 def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    import lorasens.run
+    import lorasens.experiment.run
     import lorasens.rundir.lock
 
     def read_only(path, record):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(lorasens.rundir.lock, "_try_create", read_only)
-    monkeypatch.setattr(lorasens.run, "load_model", lambda *a, **k: pytest.fail("model loaded before the write check"))
+    monkeypatch.setattr(lorasens.experiment.run, "load_model",
+                        lambda *a, **k: pytest.fail("model loaded before the write check"))
     assert train(tmp_path, "ro", "--max_steps", "2") == 2
     line = last_line(capsys)
     assert line.startswith("error: cannot write to") and "Read-only file system" in line
@@ -224,7 +225,7 @@ def test_json_outputs_are_standard_json(tmp_path):
 
 
 def test_best_adapter_ignores_a_non_finite_validation_loss():
-    from lorasens.training import BestAdapterCallback
+    from lorasens.training.trainer import BestAdapterCallback
 
     best = BestAdapterCallback(lambda: {"w": torch.ones(1)})
     state = type("S", (), {"global_step": 1})()
@@ -321,7 +322,7 @@ def test_kill_9_leaves_a_stale_lock_and_a_torn_checkpoint_then_resume_works(tmp_
 def test_checkpoint_validation(tmp_path):
     from safetensors.torch import save_file
 
-    from lorasens.training import checkpoint_problem, latest_checkpoint
+    from lorasens.training.trainer import checkpoint_problem, latest_checkpoint
 
     folder = tmp_path / "checkpoints"
     for step in (2, 4, 6):
@@ -401,7 +402,7 @@ def test_malformed_mnli_tsv(tmp_path):
 
 
 def test_torn_last_line_of_train_log_is_dropped_on_resume(tmp_path, caplog):
-    from lorasens.training import JsonlWriter
+    from lorasens.training.trainer import JsonlWriter
 
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
@@ -420,7 +421,7 @@ def finished_run(tmp_path_factory):
     """A finished 2-step run (config, logs, gradient CSVs, final_model, summary), without the evaluation, analysis
     and report steps, which these tests do not need."""
     from lorasens.config import build_config
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     out = tmp_path_factory.mktemp("runs")
     flags = dict(zip(FAST[::2], FAST[1::2]))
@@ -478,8 +479,8 @@ def test_non_numeric_gradient_cell_and_no_gradient_csvs(run_copy, capsys):
 
 @pytest.mark.slow
 def test_corrupt_summary_is_called_corrupt_by_compare_and_report(run_copy, tmp_path):
-    from lorasens.compare import load_run_record
-    from lorasens.report import write_report
+    from lorasens.experiment.compare import load_run_record
+    from lorasens.presentation.report import write_report
 
     (run_copy / "summary.json").write_text('{"steps": 2, "fin')
     assert "summary.json is corrupt" in load_run_record(run_copy).missing
@@ -618,7 +619,7 @@ def test_bad_config_files(tmp_path, capsys, text, suffix, message):
 
 @pytest.mark.slow
 def test_comparison_md_escapes_html_from_configs(run_copy, tmp_path):
-    from lorasens.compare import compare_runs
+    from lorasens.experiment.compare import compare_runs
 
     config = json.loads((run_copy / "config.json").read_text())
     config["schedule"]["phase_strategy"] = "<img src=x onerror=alert(1)>"

@@ -12,7 +12,7 @@ from report_helpers import copy_run, png_size, tiny_run_dir, write_evaluation
 
 from lorasens.cli import main
 from lorasens.errors import UserError
-from lorasens.report import SECTIONS, fmt, write_report
+from lorasens.presentation.report import SECTIONS, fmt, write_report
 
 
 class Links(HTMLParser):
@@ -55,7 +55,7 @@ def test_report_written_at_the_end_of_the_run(run_dir):
 def test_report_states_the_metrics_note(run_dir, tmp_path):
     # Without Java the E2E scorer reports stand-ins under other names and a note; the report must say so.
     from lorasens.metrics.coco import NO_JAVA
-    from lorasens.report import write_report
+    from lorasens.presentation.report import write_report
 
     copy = copy_run(run_dir, tmp_path / "run")
     write_evaluation(copy, {"bleu": 12.5, "meteor_nltk": 20.0, "metrics_note": NO_JAVA})

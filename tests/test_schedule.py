@@ -8,8 +8,8 @@ import pytest
 
 from lorasens.config import build_config
 from lorasens.errors import UserError
-from lorasens.module_map import build_module_map
-from lorasens.schedule import NAMED_STRATEGIES, parse_schedule
+from lorasens.model.module_map import build_module_map
+from lorasens.model.schedule import NAMED_STRATEGIES, parse_schedule
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -18,7 +18,7 @@ ALL = ATTN + MLP
 
 @pytest.fixture(scope="module")
 def module_map():
-    from lorasens.models import build_tiny_random_llama
+    from lorasens.model.loading import build_tiny_random_llama
 
     return build_module_map(build_tiny_random_llama(seed=0).model)  # 4 layers x 7 linear modules
 

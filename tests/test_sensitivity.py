@@ -14,9 +14,9 @@ from lorasens.analysis.ablation import lora_switched_off, run_ablation, validati
 from lorasens.analysis.budget import select_within_budget
 from lorasens.analysis.measures import update_magnitudes
 from lorasens.analysis.sensitivity import agreement, combined_scores, module_sizes, recommended_lora_config
-from lorasens.lora import LoraParams, apply_lora, lora_parameters
-from lorasens.models import build_tiny_random_llama
-from lorasens.module_map import build_module_map
+from lorasens.model.loading import build_tiny_random_llama
+from lorasens.model.lora import LoraParams, apply_lora, lora_parameters
+from lorasens.model.module_map import build_module_map
 from lorasens.rundir import files
 
 
@@ -207,7 +207,7 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     from lorasens.config import build_config
     from lorasens.analysis.post import analyze_after_training
     from lorasens.evaluation.runner import evaluate_after_training
-    from lorasens.run import run_experiment
+    from lorasens.experiment.run import run_experiment
 
     cfg = build_config(cli_overrides=dict(
         model="tiny-random-llama", dataset="synthetic", r=4, batch_size=4, max_length=128, eval_steps=0,
@@ -235,7 +235,7 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     # The ablation ran on the analysis split (12 examples held out of train), with a CI per delta and rank intervals.
     from lorasens.data.features import build_features
     from lorasens.data.registry import training_splits
-    from lorasens.models import byte_level_tokenizer
+    from lorasens.model.loading import byte_level_tokenizer
 
     train_examples, held = training_splits("synthetic", None, cfg.training.seed, None, 12)
     assert len(held) == 12 and not {ex.prompt for ex in held} & {ex.prompt for ex in train_examples}

@@ -14,7 +14,7 @@ import pytest
 
 from lorasens.cli import main
 from lorasens.errors import UserError
-from lorasens.sweep import plan_sweep, split_strategies, train_command
+from lorasens.experiment.sweep import plan_sweep, split_strategies, train_command
 
 # Two optimizer steps of the tiny model, no generation, tracking or ablation: the sweep machinery is what is tested.
 TINY = ["--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps", "2", "--max_length", "160",

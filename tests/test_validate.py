@@ -22,10 +22,10 @@ from lorasens.analysis.sensitivity import key_of
 from lorasens.cli import main
 from lorasens.config import build_config
 from lorasens.errors import UserError
-from lorasens.module_map import build_module_map
-from lorasens.validation import arms as A
-from lorasens.validation import stats
-from lorasens.validation.driver import ValidateSettings, example_losses, module_sizes, parse_seeds
+from lorasens.experiment.validation import arms as A
+from lorasens.experiment.validation import stats
+from lorasens.experiment.validation.driver import ValidateSettings, example_losses, module_sizes, parse_seeds
+from lorasens.model.module_map import build_module_map
 
 # The probe: a few optimizer steps of the tiny model; the validation machinery is what is tested, not the training.
 TINY = ["--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps", "4", "--max_length", "160",
@@ -104,7 +104,7 @@ def test_adalora_schedule_follows_the_training_length():
 
 
 def test_arm_configs_build_exactly_their_ranks_and_method_in_peft(tiny_llama, tmp_path):
-    from lorasens.lora import apply_placement, load_placement, lora_parameters
+    from lorasens.model.lora import apply_placement, load_placement, lora_parameters
 
     module_map = build_module_map(tiny_llama.model)
     sizes = module_sizes(tiny_llama.model, module_map)
@@ -128,7 +128,7 @@ def test_arm_configs_build_exactly_their_ranks_and_method_in_peft(tiny_llama, tm
 
 
 def test_placement_files_refuse_methods_that_rewrite_the_base(tiny_llama, tmp_path):
-    from lorasens.lora import load_placement
+    from lorasens.model.lora import load_placement
 
     module_map = build_module_map(tiny_llama.model)
     path = tmp_path / "p.json"
@@ -142,8 +142,8 @@ def test_placement_files_refuse_methods_that_rewrite_the_base(tiny_llama, tmp_pa
 
 def test_eva_initialisation_differs_from_the_default_and_follows_the_inputs(tiny_llama, tmp_path):
     from lorasens.data.features import IGNORE_INDEX
-    from lorasens.lora import apply_placement, load_placement, lora_parameters
-    from lorasens.peft_methods import initialize_eva
+    from lorasens.model.lora import apply_placement, load_placement, lora_parameters
+    from lorasens.training.peft_methods import initialize_eva
 
     module_map = build_module_map(tiny_llama.model)
     path = tmp_path / "eva.json"
@@ -240,7 +240,7 @@ def test_settings_and_bad_input_are_one_line_and_exit_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_e2e_test_split_is_the_whole_devset_and_disjoint_from_every_other_split(e2e_dir):
     from lorasens.data.registry import load_examples, training_splits
-    from lorasens.validation.driver import held_out_examples
+    from lorasens.experiment.validation.driver import held_out_examples
 
     test = load_examples("e2e", "test", str(e2e_dir), 0)
     assert len(test) == 4672 and len({ex.prompt for ex in test}) == 547

@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 # Resolved on first use (PEP 562): `import lorasens` also runs for `lorasens --help`, which must not pay for
 # importing torch and transformers (seconds); the callbacks need both.
 _LAZY = {
-    "SensitivityCallback": "lorasens.callbacks",
-    "PhaseScheduleCallback": "lorasens.phases",
+    "SensitivityCallback": "lorasens.experiment.script_callback",
+    "PhaseScheduleCallback": "lorasens.training.phases",
 }
 
 __all__ = ["SensitivityCallback", "PhaseScheduleCallback", "__version__"]

@@ -364,7 +364,7 @@ class ExperimentConfig:
         if self.schedule.phase_strategy:
             # Not at the top: config is imported by `lorasens --help`, and the schedule's module map imports torch
             # (seconds of start-up, see cli.py).
-            from lorasens.schedule import parse_schedule
+            from lorasens.model.schedule import parse_schedule
 
             s = self.schedule
             parse_schedule(s.phase_strategy, self.training.max_steps, s.phase_ends, s.phase1_end, s.phase2_end)
@@ -375,7 +375,7 @@ class ExperimentConfig:
 
 def check_environment(cfg: ExperimentConfig) -> ExperimentConfig:
     """What a valid config can still get wrong on this machine: unknown dataset or model, a missing package."""
-    from lorasens.models import check_model_name  # imports torch: not at start-up (see cli.py)
+    from lorasens.model.loading import check_model_name  # imports torch: not at start-up (see cli.py)
 
     get_dataset_spec(cfg.data.dataset)
     check_model_name(cfg.model.model)
@@ -425,7 +425,7 @@ def _check_run_name(name: str | None) -> None:
 
 def _check_placement(cfg: ExperimentConfig) -> None:
     """The placement file exists, and its r/alpha are the ones config.json records as --r/--lora_alpha."""
-    from lorasens.lora import read_placement_file  # imports torch/peft: not at start-up (see cli.py)
+    from lorasens.model.lora import read_placement_file  # imports torch/peft: not at start-up (see cli.py)
 
     data = read_placement_file(cfg.lora.placement)
     adalora = str(data.get("peft_type", "LORA")).upper() == "ADALORA"

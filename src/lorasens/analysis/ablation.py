@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lorasens.data.features import IGNORE_INDEX
-from lorasens.lora import PEFT_PREFIX, LoraParams
-from lorasens.module_map import GROUPS, LoraModule
+from lorasens.model.lora import PEFT_PREFIX, LoraParams
+from lorasens.model.module_map import GROUPS, LoraModule
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lorasens.analysis.ablation import EvalBatch, _final_norm, _lm_logits, _scored
 from lorasens.data.features import IGNORE_INDEX
-from lorasens.lora import LoraParams
+from lorasens.model.lora import LoraParams
 
 
 def first_order_estimates(model: torch.nn.Module, lora: Sequence[LoraParams],

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from lorasens.lora import LoraParams
-from lorasens.tensors import accumulation_dtype, foreach_norms, groups_by, in_input_order
+from lorasens.model.lora import LoraParams
+from lorasens.model.tensors import accumulation_dtype, foreach_norms, groups_by, in_input_order
 
 __all__ = ["foreach_norms", "taylor_importance", "taylor_importance_in", "update_magnitudes"]
 

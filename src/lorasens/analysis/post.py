@@ -49,18 +49,16 @@ from lorasens.analysis.stats import (
     spearman,
 )
 from lorasens.config import ExperimentConfig, with_overrides
-from lorasens.context import RunContext
-from lorasens.data.features import build_features
-from lorasens.data.registry import training_splits
-from lorasens.data.templates import apply_prompt_template
+from lorasens.data.prepare import prepare
 from lorasens.errors import UserError
-from lorasens.lora import LoraParams
-from lorasens.module_map import ModuleMap
+from lorasens.model.lora import LoraParams
+from lorasens.model.module_map import ModuleMap
 from lorasens.rundir import files
 from lorasens.rundir.files import CONFIG_FILE, unknown_fields
-from lorasens.rundir.load import load_run, read_run_config, require_known
+from lorasens.rundir.load import read_run_config, require_known
 from lorasens.safeio import read_json, write_json
-from lorasens.training import decide_packing
+from lorasens.training.context import RunContext, load_run
+from lorasens.training.trainer import decide_packing
 
 logger = logging.getLogger(__name__)
 
@@ -378,8 +376,5 @@ def analyze_run(run_dir: str | Path, overrides: dict | None = None, probe: str |
                       "validation_data to the callback")
         logger.warning("%s: data unknown to lorasens; first-order estimate and ablation not recomputed", run_dir)
         return analyze(run_dir, cfg, loaded.model, loaded.module_map, loaded.lora, None, loaded.tokenizer, probe_dir)
-    _, examples = training_splits(cfg.data.dataset, cfg.data.data_dir, cfg.training.seed, cfg.data.train_samples,
-                                  cfg.data.analysis_samples, options=cfg.data)
-    examples = apply_prompt_template(examples, cfg.data.prompt_template, cfg.data.dataset)
-    features, _ = build_features(examples, loaded.tokenizer, cfg.data.max_length, "analysis")
+    features = prepare(cfg.data, loaded.tokenizer, cfg.training.seed, ("analysis",)).features["analysis"]
     return analyze(run_dir, cfg, loaded.model, loaded.module_map, loaded.lora, features, loaded.tokenizer, probe_dir)

@@ -27,8 +27,8 @@ import numpy as np
 from lorasens.analysis.budget import ModuleSize
 from lorasens.analysis.csvlog import read_numeric_rows, read_rows
 from lorasens.analysis.stats import spearman
-from lorasens.lora import LoraParams
-from lorasens.module_map import LoraModule, ModuleMap
+from lorasens.model.lora import LoraParams
+from lorasens.model.module_map import LoraModule, ModuleMap
 from lorasens.rundir import files
 
 MEASURES = ("grad_norm", "importance", "update_magnitude", "first_order", "ablation")
@@ -128,7 +128,7 @@ def recommended_lora_config(selected: Sequence[LoraModule], module_map: ModuleMa
     """
     config: dict = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none", "task_type": "CAUSAL_LM"}
     if module_map.architecture == "gpt2":
-        config["fan_in_fan_out"] = True  # GPT-2's Conv1D weights, as lorasens.lora.apply_lora does
+        config["fan_in_fan_out"] = True  # GPT-2's Conv1D weights, as lorasens.model.lora.apply_lora does
     types = list(dict.fromkeys(m.module_type for m in module_map.modules if m in set(selected)))
     layers = sorted({m.layer for m in selected})
     pairs = {(m.layer, m.module_type) for m in selected}

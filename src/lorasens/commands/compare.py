@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     # Imported when the command runs, not at start-up: matplotlib and pandas cost seconds (measured:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
-    from lorasens.compare import compare_runs
+    from lorasens.experiment.compare import compare_runs
 
     result = compare_runs(args.run_dirs, args.out)
     print((result.out_dir / "comparison.md").read_text())

@@ -27,7 +27,8 @@ def run(args) -> int:
     # Imported when the command runs, not at start-up: torch, transformers and peft cost seconds (measured:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
     from lorasens.evaluation.runner import evaluate_model, settings_from_config
-    from lorasens.rundir.load import load_run, require_known
+    from lorasens.rundir.load import require_known
+    from lorasens.training.context import load_run
     from lorasens.rundir.lock import hold_run_lock
 
     require_known(args.run_dir, {"data.dataset"}, "`lorasens eval` scores a run on its own dataset; score its "

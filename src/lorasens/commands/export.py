@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorasens.export import FORMATS, export
+from lorasens.presentation.export import FORMATS, export
 
 
 def add_parser(sub) -> None:

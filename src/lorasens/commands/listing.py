@@ -31,7 +31,7 @@ def list_datasets(args) -> int:
 def list_strategies(args) -> int:
     # Imported when the command runs, not at start-up: torch (through the module map) cost seconds (measured:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
-    from lorasens.schedule import NAMED_STRATEGIES
+    from lorasens.model.schedule import NAMED_STRATEGIES
 
     for name, expansion in NAMED_STRATEGIES.items():
         print(f"{name:18s} {expansion}")

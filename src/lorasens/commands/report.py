@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     # Imported when the command runs, not at start-up: matplotlib and pandas cost seconds (measured:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
-    from lorasens.report import write_report
+    from lorasens.presentation.report import write_report
 
     for run_dir in args.run_dirs:
         result = write_report(run_dir, redraw=not args.keep_plots)

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     # Imported when the command runs, not at start-up: torch, transformers and peft cost seconds (measured:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
-    from lorasens.sweep import plan_sweep, run_sweep, split_list, split_strategies, train_command
+    from lorasens.experiment.sweep import plan_sweep, run_sweep, split_list, split_strategies, train_command
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")

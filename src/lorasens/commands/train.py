@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     # Imported when the command runs, not at start-up: torch, transformers and peft cost seconds (measured:
     # `lorasens --help` 0.6 s with them deferred, 55 s wall / 9 s CPU with them at the top, loaded 2-core machine).
-    from lorasens.run import device_summary, run_experiment
+    from lorasens.experiment.run import device_summary, run_experiment
 
     overrides = config_overrides(args)
     preset = args.preset
@@ -36,7 +36,7 @@ def run(args) -> int:
 
 
 def print_summary(run_dir, summary: dict, wall: float) -> None:
-    from lorasens.answer import build_answer
+    from lorasens.presentation.answer import build_answer
 
     losses = [f"{label} {summary[key]:.4g}" for key, label in (
         ("final_train_loss", "final train loss"), ("final_eval_loss", "final validation loss"))

@@ -54,7 +54,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 def run(args) -> int:
     # Imported when the command runs, not at start-up (torch, transformers and peft cost seconds).
     from lorasens.errors import UserError
-    from lorasens.validation.driver import ValidateSettings, parse_seeds, validate_run
+    from lorasens.experiment.validation.driver import ValidateSettings, parse_seeds, validate_run
 
     extra_seeds, extra_arms = (), ()
     if args.extra_seeds:

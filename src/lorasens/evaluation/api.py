@@ -25,10 +25,10 @@ from lorasens.config import DataConfig, EvaluationConfig, ExperimentConfig, Trai
 from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import UserError
 from lorasens.evaluation.runner import evaluate_model, settings_from_config
-from lorasens.models import load_model
+from lorasens.model.loading import load_model
 from lorasens.rundir.files import ADAPTER_CONFIG, CONFIG_FILE, FINAL_MODEL
-from lorasens.rundir.load import load_run
 from lorasens.safeio import read_json
+from lorasens.training.context import load_run
 
 
 def _load(model_path: str | None, base_model_id: str | None, precision: str):

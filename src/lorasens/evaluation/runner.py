@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorasens.config import ExperimentConfig
-from lorasens.context import RunContext
 from lorasens.data.features import prompt_input
-from lorasens.data.registry import EvaluationSpec, Example, get_dataset_spec, group_by_prompt, load_examples, subset
-from lorasens.data.templates import apply_prompt_template
+from lorasens.data.prepare import examples as split_examples
+from lorasens.data.prepare import templated
+from lorasens.data.registry import EvaluationSpec, Example, get_dataset_spec, group_by_prompt, subset
 from lorasens.errors import UserError, unknown_choice
 from lorasens.evaluation.generation import generate, label_loglikelihoods
 from lorasens.evaluation.predictions import score_rows, write_rows
 from lorasens.rundir.files import evaluation_file, predictions_file
 from lorasens.safeio import write_json
+from lorasens.training.context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,7 @@ def settings_from_config(cfg: ExperimentConfig, split: str = "test", num_samples
 
 def eval_examples(cfg, split: str, num_samples: int, seed: int, examples: list[Example] | None = None) -> list[Example]:
     """`num_samples` distinct prompts of `split` (all references of each), a seeded subset in file order."""
-    if examples is None:
-        examples = load_examples(cfg.data.dataset, split, cfg.data.data_dir, seed, options=cfg.data)
-    examples = apply_prompt_template(examples, cfg.data.prompt_template, cfg.data.dataset)
+    examples = split_examples(cfg.data, split, seed) if examples is None else templated(cfg.data, examples)
     return subset(group_by_prompt(examples), num_samples, seed)
 
 

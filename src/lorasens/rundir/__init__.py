@@ -1,8 +1,9 @@
 """The run directory: created safely, never deleted by accident.
 
 The package owns everything about a run's folder: its file names and readers (`rundir.files`), the figures
-computed from its logs (`rundir.metrics.read_run_metrics`) and rebuilding a finished run's model
-(`rundir.load.load_run`). This module decides whether a folder may be used for a run.
+computed from its logs (`rundir.metrics.read_run_metrics`) and what a finished run's folder says before its model
+is loaded (`rundir.load`; `training.context.load_run` rebuilds the run). This module decides whether a folder may
+be used for a run.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Writers (run, training callbacks, analysis, evaluation, report) and readers (plots, report, compare, sweep,
 `load_run`) import the names from here, so a file can never be written under one name and looked for under another.
-Plot PNG names are the keys of `lorasens.plots.RUN_PLOTS` (the plot registry owns them).
+Plot PNG names are the keys of `lorasens.presentation.plots.RUN_PLOTS` (the plot registry owns them).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lorasens.errors import is_disk_error
-from lorasens.plots.common import (
+from lorasens.presentation.plots.common import (
     ABLATION,
     EVAL_LOG,
     GROUP_NORMS,

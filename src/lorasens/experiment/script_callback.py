@@ -39,9 +39,8 @@ from typing import get_args
 import torch
 from transformers import Trainer, TrainerCallback
 
-from lorasens import report
 from lorasens.analysis import post
-from lorasens.analysis.callbacks import GradientTrackingCallback, RowListener
+from lorasens.analysis.gradient_recorder import GradientTrackingCallback, RowListener
 from lorasens.config import (
     EvaluationConfig,
     ExperimentConfig,
@@ -54,16 +53,17 @@ from lorasens.config import (
     DataConfig,
     field_type,
 )
-from lorasens.context import AfterTrainingStep, RunContext
 from lorasens.errors import UserError
-from lorasens.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
-from lorasens.lora import LoraParams, ModuleMapSpec, lora_of_model, lora_target
-from lorasens.module_map import ModuleMap
-from lorasens.phases import PhaseScheduleCallback
+from lorasens.experiment.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
+from lorasens.model.lora import LoraParams, ModuleMapSpec, lora_of_model, lora_target
+from lorasens.model.module_map import ModuleMap
+from lorasens.presentation import report
 from lorasens.rundir import replace_run_dir
 from lorasens.rundir.files import CONFIG_FILE, PHASES, RECORDED_BY
 from lorasens.safeio import write_json
-from lorasens.training import DivergenceCallback, RunState, TrainLogCallback
+from lorasens.training.context import AfterTrainingStep, RunContext
+from lorasens.training.phases import PhaseScheduleCallback
+from lorasens.training.trainer import DivergenceCallback, RunState, TrainLogCallback
 
 logger = logging.getLogger(__name__)
 

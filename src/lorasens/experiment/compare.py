@@ -31,9 +31,9 @@ from pathlib import Path
 from lorasens.analysis.stats import jaccard, random_jaccard, spearman
 from lorasens.config import SECTIONS, fields_with, key_settings
 from lorasens.errors import UserError
-from lorasens.plots.common import MissingInput
-from lorasens.plots.compare_plots import COMPARE_PLOTS
-from lorasens.report import esc, image_tag, missing_box, render_page, table
+from lorasens.presentation.plots.common import MissingInput
+from lorasens.presentation.plots.compare_plots import COMPARE_PLOTS
+from lorasens.presentation.report import esc, image_tag, missing_box, render_page, table
 from lorasens.rundir.files import (
     CONFIG_FILE,
     EVALUATION_SUFFIX,

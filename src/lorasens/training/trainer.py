@@ -1,7 +1,7 @@
 """LoRA training through the Hugging Face Trainer, extended only through callbacks.
 
 This module owns the TrainingArguments mapping and the generic callbacks (train log, best adapter, progress).
-Phase switching (`lorasens.phases`) and gradient tracking (`lorasens.analysis`) are callbacks of their own.
+Phase switching (`lorasens.training.phases`) and gradient tracking (`lorasens.analysis`) are callbacks of their own.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from transformers.trainer_callback import ProgressCallback
 from lorasens.config import ExperimentConfig
 from lorasens.data.features import IGNORE_INDEX
 from lorasens.errors import UserError
-from lorasens.packing import use_segment_attention
+from lorasens.model.tensors import foreach_norms
 from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, EVAL_LOG, TRAIN_LOG, TRAINER_STATE
 from lorasens.rundir.load import adapter_problem
 from lorasens.safeio import dumps, read_json, read_jsonl
-from lorasens.tensors import foreach_norms
+from lorasens.training.packing import use_segment_attention
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class PackedCollator:
     """
 
     def __init__(self, flash_attention: bool = False):
-        # flash-attention's varlen kernel and the per-example SDPA (`lorasens.packing`) take the sequence boundaries
-        # directly (cu_seq_lens): no mask at all.
+        # flash-attention's varlen kernel and the per-example SDPA (`lorasens.training.packing`) take the sequence
+        # boundaries directly (cu_seq_lens): no mask at all.
         self.flatten = DataCollatorWithFlattening(return_tensors="pt", return_flash_attn_kwargs=flash_attention)
 
     def __call__(self, features: list[dict]) -> dict:
@@ -86,9 +86,9 @@ def padded_collator(tokenizer) -> DataCollatorForSeq2Seq:
 
 def packed_collator(model: torch.nn.Module, segments: bool = True) -> PackedCollator:
     """The packed collator for `model`. With `segments` (default) an SDPA model is switched to attention computed
-    per packed example (`lorasens.packing`; identical for every other call), which on CPU is what makes packing pay
-    on long examples; `segments=False` keeps the block-diagonal mask over the whole row (the earlier behaviour,
-    kept for the benchmark)."""
+    per packed example (`lorasens.training.packing`; identical for every other call), which on CPU is what makes
+    packing pay on long examples; `segments=False` keeps the block-diagonal mask over the whole row (the earlier
+    behaviour, kept for the benchmark)."""
     segmented = segments and use_segment_attention(model)
     implementation = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
     return PackedCollator(flash_attention=segmented or implementation.startswith("flash_attention"))

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasens.config import key_settings
-from lorasens.context import RunContext
 from lorasens.errors import UserError
-from lorasens.safeio import write_text_atomic
-from lorasens.plots import RUN_PLOTS, plot_run
+from lorasens.presentation.plots import RUN_PLOTS, plot_run
 from lorasens.rundir.files import (
     CONFIG_FILE,
     EVALUATION_SUFFIX,
@@ -39,6 +37,8 @@ from lorasens.rundir.files import (
     unknown_fields,
 )
 from lorasens.safeio import read_json, read_jsonl
+from lorasens.safeio import write_text_atomic
+from lorasens.training.context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def write_report(run_dir: str | Path, redraw: bool = True, summary: dict | None 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# HTML building blocks (shared with lorasens.compare)
+# HTML building blocks (shared with lorasens.experiment.compare)
 
 
 def esc(value) -> str:
@@ -218,7 +218,7 @@ def _section(name: str, files: tuple[str, ...], build, *args) -> tuple[str, list
 
 def _answer_section(run_dir: Path) -> tuple[str, list[str]]:
     """Where the LoRA goes, in words, with the evidence and the verdict; the layer × module grid beside it."""
-    from lorasens.answer import build_answer, grid_html
+    from lorasens.presentation.answer import build_answer, grid_html
 
     answer = build_answer(run_dir)
     lines = answer.lines()

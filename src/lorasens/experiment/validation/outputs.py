@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasens.experiment.validation import arms as A
+from lorasens.experiment.validation import stats
 from lorasens.rundir import files
 from lorasens.safeio import read_json, write_csv_rows, write_json
-from lorasens.validation import arms as A
-from lorasens.validation import stats
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def write_outputs(finished: Finished, jobs: list) -> dict:
     write_csv_rows(out / files.VALIDATION_SWEEP_CSV, ["arm", "lr", "steps", "validation_loss", "chosen"], sweep_rows)
     write_json(out / files.VALIDATION_JSON, summary)
     if rows:
-        from lorasens.plots.validation_plots import plot_placement_validation
+        from lorasens.presentation.plots.validation_plots import plot_placement_validation
 
         plot_placement_validation(out)
     logger.info("validate: %s", summary["verdict"])

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from lorasens.analysis.budget import ModuleSize, allocate_ranks, rank_allocation_config
 from lorasens.errors import UserError
-from lorasens.module_map import ModuleMap
+from lorasens.model.module_map import ModuleMap
 
 MATCH_TOLERANCE = 0.05  # every matched arm holds the budget's LoRA parameters within 5% at training time
 RANDOM_TRIES = 2000

@@ -4,8 +4,8 @@
 `run_plots` the plots of one run, `compare_plots` the overlays of several runs.
 """
 
-from lorasens.plots.common import PALETTE, MissingInput, mark_phases, phase_boundaries, read_jsonl
-from lorasens.plots.run_plots import (
+from lorasens.presentation.plots.common import PALETTE, MissingInput, mark_phases, phase_boundaries, read_jsonl
+from lorasens.presentation.plots.run_plots import (
     RUN_PLOTS,
     plot_ablation,
     plot_gradient_evolution,

@@ -9,7 +9,7 @@ import csv
 import json
 from pathlib import Path
 
-from lorasens.plots.common import OKABE_ITO, MissingInput, new_figure, save
+from lorasens.presentation.plots.common import OKABE_ITO, MissingInput, new_figure, save
 from lorasens.rundir.files import VALIDATION_CSV as CSV_FILE
 from lorasens.rundir.files import VALIDATION_JSON as JSON_FILE
 from lorasens.rundir.files import VALIDATION_PNG as PNG_FILE

@@ -68,7 +68,7 @@ def select_dtype(precision: str) -> torch.dtype:
 
 
 def load_model(name: str, precision: str = "auto", seed: int = 0, quantize: str = "none") -> LoadedModel:
-    """`quantize="4bit"`: the base's linear layers in NF4, prepared for k-bit training (lorasens.quantize)."""
+    """`quantize="4bit"`: the base's linear layers in NF4, prepared for k-bit training (lorasens.model.quantize)."""
     check_model_name(name)
     dtype = select_dtype(precision)
     if name == "tiny-random-llama":
@@ -83,7 +83,7 @@ def load_model(name: str, precision: str = "auto", seed: int = 0, quantize: str 
         # Padding positions are masked out of attention and loss, so which token pads does not matter.
         tok.pad_token = tok.eos_token or tok.unk_token
     if quantize == "4bit":
-        from lorasens.quantize import prepare_for_kbit_training, quantize_4bit
+        from lorasens.model.quantize import prepare_for_kbit_training, quantize_4bit
 
         quantize_4bit(loaded.model, dtype)
         # Checkpointing is switched on later by the Trainer (non-reentrant: no input gradients needed).

@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorasens.errors import Interrupted, UserError
-from lorasens.compare import compare_runs
 from lorasens.config import build_config, fields_with
+from lorasens.errors import Interrupted, UserError
+from lorasens.experiment.compare import compare_runs
 from lorasens.rundir import RunStatus, run_status
 from lorasens.rundir.lock import live_holder
 from lorasens.safeio import write_json

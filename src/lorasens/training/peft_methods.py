@@ -14,7 +14,7 @@ from peft import PeftModel
 from peft.tuners.lora.eva import initialize_lora_eva_weights
 from transformers import TrainerCallback
 
-from lorasens.training import padded_collator
+from lorasens.training.trainer import padded_collator
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ device/dtype group); the measurements of a step stay on the device until `on_ste
 concatenated and moved to the host once. Rows are buffered and appended to the CSVs at checkpoints and at the end.
 Only the main process records (after the all-reduce every rank holds the same gradients). Under FSDP2 the LoRA
 matrices and their gradients are sharded: every rank measures its shards and the ranks add them up in one
-all-reduce per logging step (`lorasens.sharding`: exact norms, nothing big gathered); rank 0 writes.
+all-reduce per logging step (`lorasens.analysis.sharding`: exact norms, nothing big gathered); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
-from lorasens.rundir import files
-from lorasens.sharding import full as gathered, is_sharded, sharded_importance, sharded_norms
 from lorasens.analysis.csvlog import BufferedCsv, cell, read_rows
 from lorasens.analysis.measures import foreach_norms, taylor_importance_in, update_magnitudes
+from lorasens.analysis.sharding import full as gathered, is_sharded, sharded_importance, sharded_norms
 from lorasens.config import TrackingConfig
-from lorasens.lora import LoraParams
-from lorasens.module_map import GROUPS
-from lorasens.training import RunState
+from lorasens.model.lora import LoraParams
+from lorasens.model.module_map import GROUPS
+from lorasens.rundir import files
+from lorasens.training.trainer import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class GradientTrackingCallback(TrainerCallback):
         parts = [t for t in ((pending.grad_norms, pending.importance) if pending else ()) if t is not None]
         if record_update:
             lora = self.lora
-            if is_sharded([lp.A for lp in lora]):  # the small LoRA factors gathered (see lorasens.sharding)
+            if is_sharded([lp.A for lp in lora]):  # the small LoRA factors gathered (see lorasens.analysis.sharding)
                 lora = [LoraParams(lp.module, gathered(lp.A.detach()), gathered(lp.B.detach()), lp.scaling) for lp in lora]
             parts.append(update_magnitudes(lora))
         if self._follower:

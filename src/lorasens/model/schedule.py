@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from lorasens.errors import UserError
-from lorasens.module_map import GROUPS, LoraModule, ModuleMap
+from lorasens.model.module_map import GROUPS, LoraModule, ModuleMap
 
 NAMED_STRATEGIES = {
     "both->mlp->attn": "both->mlp->attn",

@@ -14,12 +14,12 @@ import logging
 import time
 from pathlib import Path
 
-from lorasens.context import AfterTrainingStep, RunContext
-from lorasens.module_map import ModuleMap
-from lorasens.plots import plot_training_loss
+from lorasens.model.module_map import ModuleMap
+from lorasens.presentation.plots import plot_training_loss
 from lorasens.rundir.files import FINAL_MODEL, RECORDED_BY, RUN_LOG, SUMMARY_FILE
 from lorasens.rundir.metrics import read_run_metrics
 from lorasens.safeio import write_json
+from lorasens.training.context import AfterTrainingStep, RunContext
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -14,31 +14,32 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import set_seed
 
-from lorasens import report
 from lorasens.analysis import post
-from lorasens.callbacks import SensitivityCallback
 from lorasens.config import ExperimentConfig, resumable_fields, save_config
-from lorasens.context import AfterTrainingStep, RunContext
-from lorasens.data.features import FeatureStats, build_features
-from lorasens.data.registry import get_dataset_spec, load_examples, training_splits
-from lorasens.data.templates import apply_prompt_template
+from lorasens.data.features import FeatureStats
+from lorasens.data.prepare import TRAINING_SPLITS, prepare
+from lorasens.data.registry import get_dataset_spec
 from lorasens.errors import Interrupted, TrainingDiverged, UserError
 from lorasens.evaluation import runner
-from lorasens.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
-from lorasens.lora import (Placement, apply_lora, apply_placement, load_placement, lora_parameters, set_trainable,
-                           targets_for)
+from lorasens.experiment.lifecycle import attach_file_log, detach_file_log, finish, save_final_model, summary_head
+from lorasens.experiment.script_callback import SensitivityCallback
 from lorasens.metrics import ensure_meteor_ready
-from lorasens.models import LoadedModel, load_model
-from lorasens.module_map import ModuleMap, build_module_map
-from lorasens.peft_methods import AdaLoraAllocationCallback, adalora_effective_params, initialize_eva, kept_ranks
-from lorasens.phases import PhaseScheduleCallback
+from lorasens.model.loading import LoadedModel, load_model
+from lorasens.model.lora import (Placement, apply_lora, apply_placement, load_placement, lora_parameters, set_trainable,
+                           targets_for)
+from lorasens.model.module_map import ModuleMap, build_module_map
+from lorasens.model.schedule import Schedule, parse_schedule_from_config
+from lorasens.presentation import report
+from lorasens.presentation.tensorboard_scalars import tensorboard_callbacks
 from lorasens.rundir import check_run_dir, replace_run_dir
 from lorasens.rundir.files import ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL
 from lorasens.rundir.load import adapter_problem, read_run_config
 from lorasens.rundir.lock import hold_run_lock
-from lorasens.schedule import Schedule, parse_schedule_from_config
-from lorasens.tensorboard_scalars import tensorboard_callbacks
-from lorasens.training import (
+from lorasens.training.context import AfterTrainingStep, RunContext
+from lorasens.training.peft_methods import (AdaLoraAllocationCallback, adalora_effective_params, initialize_eva,
+                                            kept_ranks)
+from lorasens.training.phases import PhaseScheduleCallback
+from lorasens.training.trainer import (
     BestAdapterCallback,
     DivergenceCallback,
     RunState,
@@ -174,18 +175,9 @@ def _load_inputs(cfg: ExperimentConfig) -> RunInputs:
     else:
         lora_modules = targets_for(module_map, cfg.lora.target)
     # The analysis split (ablation, first-order estimate) is held out of train, disjoint from validation and test.
-    train_examples, analysis_examples = training_splits(cfg.data.dataset, cfg.data.data_dir, cfg.training.seed,
-                                                        cfg.data.train_samples, cfg.data.analysis_samples,
-                                                        options=cfg.data)
-    val_examples = load_examples(cfg.data.dataset, "validation", cfg.data.data_dir, cfg.training.seed, cfg.data.eval_samples,
-                                 options=cfg.data)
-    # --prompt_template: the same prompts for training, validation loss and evaluation.
-    train_examples = apply_prompt_template(train_examples, cfg.data.prompt_template, cfg.data.dataset)
-    val_examples = apply_prompt_template(val_examples, cfg.data.prompt_template, cfg.data.dataset)
-    analysis_examples = apply_prompt_template(analysis_examples, cfg.data.prompt_template, cfg.data.dataset)
-    train_features, train_stats = build_features(train_examples, loaded.tokenizer, cfg.data.max_length, "train")
-    val_features, val_stats = build_features(val_examples, loaded.tokenizer, cfg.data.max_length, "validation")
-    analysis_features, _ = build_features(analysis_examples, loaded.tokenizer, cfg.data.max_length, "analysis")
+    prepared = prepare(cfg.data, loaded.tokenizer, cfg.training.seed)
+    train_features, val_features, analysis_features = (prepared.features[s] for s in TRAINING_SPLITS)
+    train_stats, val_stats = prepared.stats["train"], prepared.stats["validation"]
     if not train_features:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
     if cfg.evaluation.evaluate and get_dataset_spec(cfg.data.dataset).evaluation.needs_meteor:
@@ -265,7 +257,7 @@ def _train(ctx: RunContext, checkpoint: Path | None) -> tuple[str, float]:
 def _gather_sharded_adapter(ctx: RunContext, inputs: RunInputs, best: BestAdapterCallback) -> None:
     """The LoRA factors are sharded: gather them on every rank (a collective), then rank 0 evaluates and analyses
     an unsharded copy of the base with the gathered adapter (the base itself never changed)."""
-    from lorasens.sharding import full
+    from lorasens.analysis.sharding import full
 
     cfg, placement = ctx.cfg, inputs.placement
     state = {k: full(v).detach().clone() for k, v in get_peft_model_state_dict(ctx.model).items()}

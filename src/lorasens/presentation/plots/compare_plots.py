@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lorasens.plots.common import (
+from lorasens.presentation.plots.common import (
     EVAL_LOG,
     GROUP_NORMS,
     OKABE_ITO,

@@ -30,21 +30,23 @@ from lorasens.analysis.budget import ModuleSize
 from lorasens.analysis.sensitivity import key_of
 from lorasens.config import ExperimentConfig, check_environment, config_from_dict
 from lorasens.data.features import build_features
-from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, load_examples, subset, training_splits
-from lorasens.data.templates import apply_prompt_template
+from lorasens.data.prepare import examples as split_examples
+from lorasens.data.prepare import prepare
+from lorasens.data.registry import Example, get_dataset_spec, group_by_prompt, subset
 from lorasens.errors import UserError
-from lorasens.metrics import ensure_meteor_ready
 from lorasens.evaluation.predictions import read_rows
 from lorasens.evaluation.runner import evaluate_model, settings_from_config
-from lorasens.models import load_model
-from lorasens.module_map import ModuleMap, build_module_map
+from lorasens.experiment.run import run_experiment
+from lorasens.experiment.validation import arms as A
+from lorasens.experiment.validation import peers
+from lorasens.experiment.validation.outputs import Finished, write_outputs
+from lorasens.metrics import ensure_meteor_ready
+from lorasens.model.loading import load_model
+from lorasens.model.module_map import ModuleMap, build_module_map
 from lorasens.rundir import files, run_status
-from lorasens.rundir.load import load_run, read_run_config
-from lorasens.run import run_experiment
+from lorasens.rundir.load import read_run_config
 from lorasens.safeio import read_json, write_json
-from lorasens.validation import arms as A
-from lorasens.validation import peers
-from lorasens.validation.outputs import Finished, write_outputs
+from lorasens.training.context import load_run
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ def module_sizes(model: torch.nn.Module, module_map: ModuleMap) -> dict[str, Mod
 
 def recommended_ranks(run_dir: Path, model: torch.nn.Module, module_map: ModuleMap) -> dict[str, int]:
     """The modules (and ranks) of RUN_DIR/recommended_lora_config.json, resolved with PEFT's own matchers."""
-    from lorasens.lora import load_placement
+    from lorasens.model.lora import load_placement
 
     path = run_dir / files.RECOMMENDED_CONFIG
     if not path.exists():
@@ -249,12 +251,7 @@ def planned_params(arm: A.Arm, sizes: dict[str, ModuleSize]) -> int:
 def _train_features(cfg: ExperimentConfig, tokenizer) -> list[dict]:
     """The training examples of the run's first seed, in file order, as the trainings see them (EVA's and GoRA's
     planning passes read the first batches)."""
-    data = cfg.data
-    train, _ = training_splits(data.dataset, data.data_dir, cfg.training.seed, data.train_samples,
-                               data.analysis_samples, options=data)
-    features, _ = build_features(apply_prompt_template(train, data.prompt_template, data.dataset), tokenizer,
-                                 data.max_length, "train")
-    return features
+    return prepare(cfg.data, tokenizer, cfg.training.seed, ("train",)).features["train"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,15 +262,10 @@ def held_out_examples(cfg: ExperimentConfig, seeds: tuple[int, ...], test_sample
     """Distinct test prompts that no training, validation or analysis split holds (for any seed), one example per
     prompt with all its references (its first reference is the loss target)."""
     data = cfg.data
-
-    def prompts(examples: list[Example]) -> set[str]:
-        return {ex.prompt for ex in apply_prompt_template(examples, data.prompt_template, data.dataset)}
-
-    seen = prompts(load_examples(data.dataset, "train", data.data_dir, TEST_SEED, options=data))
+    seen = {ex.prompt for ex in split_examples(data, "train", TEST_SEED)}
     for seed in sorted(set(seeds) | {cfg.training.seed}):
-        seen |= prompts(load_examples(data.dataset, "validation", data.data_dir, seed, data.eval_samples, options=data))
-    test = apply_prompt_template(load_examples(data.dataset, "test", data.data_dir, TEST_SEED, options=data),
-                                 data.prompt_template, data.dataset)
+        seen |= {ex.prompt for ex in split_examples(data, "validation", seed, data.eval_samples)}
+    test = split_examples(data, "test", TEST_SEED)
     grouped = group_by_prompt(test)
     fresh = [ex for ex in grouped if ex.prompt not in seen]
     if not fresh:
@@ -467,7 +459,7 @@ def _run_job(cfg: ExperimentConfig, job: Job, out: Path, outcome: dict, label: s
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    from lorasens.training import latest_checkpoint
+    from lorasens.training.trainer import latest_checkpoint
 
     return latest_checkpoint(run_dir) is not None
 
@@ -508,7 +500,7 @@ def _score(job: Job, features: list[dict], examples: list[Example], cfg: Experim
 
 def _update_report(run_dir: Path, out: Path) -> None:
     """Redraw the run's report.html so it shows the validation section (only when validating into the run)."""
-    from lorasens.report import write_report
+    from lorasens.presentation.report import write_report
 
     if out.resolve() != (run_dir / files.VALIDATION_DIR).resolve():
         return

@@ -1,6 +1,6 @@
 """With `--report_to tensorboard`: group and layer gradient norms as TensorBoard scalars, next to loss and lr.
 
-The values are the ones the gradient-tracking callback (`lorasens.analysis.callbacks.GradientTrackingCallback`)
+The values are the ones the gradient-tracking callback (`lorasens.analysis.gradient_recorder.GradientTrackingCallback`)
 measures for gradient_analysis.group_norms.csv and layer_norms.csv: every row it adds to those files is also
 written, at the step it was measured, to the Trainer's own TensorBoard writer (the same event file as the loss).
 Nothing is measured twice, and a frozen group (an empty cell, NaN) gets no point rather than a zero.
@@ -16,8 +16,8 @@ import math
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
-from lorasens.analysis.callbacks import GradientTrackingCallback
-from lorasens.context import RunContext
+from lorasens.analysis.gradient_recorder import GradientTrackingCallback
+from lorasens.training.context import RunContext
 
 logger = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from lorasens.errors import UserError
-from lorasens.lora import LoraParams, ModuleMapSpec, lora_of_model, set_trainable
-from lorasens.module_map import ModuleMap
+from lorasens.model.lora import LoraParams, ModuleMapSpec, lora_of_model, set_trainable
+from lorasens.model.module_map import ModuleMap
+from lorasens.model.schedule import Schedule, parse_phases, parse_schedule
 from lorasens.rundir.files import PHASES, module_key
 from lorasens.safeio import read_json, write_json
-from lorasens.schedule import Schedule, parse_phases, parse_schedule
-from lorasens.training import RunState
+from lorasens.training.trainer import RunState
 
 logger = logging.getLogger(__name__)
 

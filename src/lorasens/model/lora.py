@@ -13,7 +13,7 @@ from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from lorasens.errors import UserError
-from lorasens.module_map import GROUPS, LoraModule, ModuleMap, build_module_map
+from lorasens.model.module_map import GROUPS, LoraModule, ModuleMap, build_module_map
 
 # An explicit module map for an architecture the module map does not know: {"attn": [...], "mlp": [...]}.
 ModuleMapSpec = ModuleMap | Mapping[str, Sequence[str]] | None
