@@ -320,9 +320,13 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
     tests: list[Job] = []
     finished = Finished(out, arms, budget, test_info, settings, chosen, sweep, cfg, run_dir, started)
     # The arms with extra seeds (the main comparison) go first, sweep and seeds, so that a long validation has a
-    # complete core comparison early; then the rest.
+    # complete core comparison early; then lorasens' own variants (what to change if the recommendation loses:
+    # ranks, value, EVA initialisation); then the controls and the other peers.
     core = {"recommended", *settings.extra_seed_arms}
-    for stage in ([a for a in arms if a.arm in core], [a for a in arms if a.arm not in core]):
+    variants = {"ranks", "value", "eva_init"} - core
+    stages = ([a for a in arms if a.arm in core], [a for a in arms if a.arm in variants],
+              [a for a in arms if a.arm not in core | variants])
+    for stage in stages:
         if not stage:
             continue
         chosen.update(_tune_rates(cfg, stage, settings, sweep_steps, out, outcome, sweep))
