@@ -379,3 +379,26 @@ def test_killed_validate_resumes_without_redoing_finished_trainings(validated, t
     assert json.loads((run / "validation" / "placement_validation.json").read_text())["complete"] is True
     # Other settings on the same folder are refused rather than mixed in.
     assert main(["validate", str(run), "--seeds", "1", "--test_samples", "6"]) == 2
+
+
+def test_a_best_rate_at_the_grids_end_extends_the_grid_past_it(monkeypatch, tmp_path):
+    """The sweep's rule: an arm whose best validation loss sits at an end of lr_grid trains half a decade further,
+    up to two more rates, until a worse rate lies on both sides; an arm with an inner best trains the grid only."""
+    from types import SimpleNamespace
+
+    from lorasens.experiment.validation import driver
+
+    loss = {("up", 3e-4): 2.0, ("up", 1e-3): 1.8, ("up", 3e-3): 1.5, ("up", 1e-2): 1.6,
+            ("down", 3e-4): 1.0, ("down", 1e-3): 1.2, ("down", 3e-3): 1.3, ("down", 1e-4): 0.9, ("down", 3e-5): 0.8,
+            ("inner", 3e-4): 1.5, ("inner", 1e-3): 1.4, ("inner", 3e-3): 1.6}
+    trained = []
+    monkeypatch.setattr(driver, "_run_job", lambda cfg, job, out, outcome, label: trained.append((job.arm.name, job.lr)))
+    monkeypatch.setattr(driver, "_sweep_loss", lambda out, arm, lr: loss[arm.name, lr])
+    arms = [SimpleNamespace(name=name, arm=name) for name in ("up", "down", "inner")]
+    sweep = []
+    chosen = driver._tune_rates(None, arms, SimpleNamespace(lr_grid=[3e-4, 1e-3, 3e-3], seeds=[1]), 10, tmp_path, {},
+                                sweep)
+    assert chosen == {"up": 3e-3, "down": 3e-5, "inner": 1e-3}  # "down": still falling after two extensions
+    assert trained[9:] == [("up", 1e-2), ("down", 1e-4), ("down", 3e-5)]
+    assert [j.run_dir.name for j in sweep][9:] == ["up_lr0.01", "down_lr0.0001", "down_lr3e-05"]
+    assert driver.half_decade(3e-3, up=True) == 1e-2 and driver.half_decade(1e-2, up=False) == 3e-3

@@ -34,7 +34,7 @@ def tables(task: str) -> str:
         lines.append(f"Probe: {p['steps']} steps, final validation loss {fmt(p.get('final_eval_loss'))}, "
                      f"wall time {fmt(p.get('wall_time_s'), 0)} s.")
     if not summary_path.exists():
-        return "\n".join(lines + ["", "No validation training has finished yet."])
+        return "\n".join(lines + sweep_table(folder) + ["", "No test training has finished yet."])
     s = json.loads(summary_path.read_text())
     metrics = sorted({m for e in s["arms"].values() for m in (e.get("metrics") or {}) if m in ("bleu", "rouge_l",
                       "logical_form_accuracy")})
@@ -54,20 +54,7 @@ def tables(task: str) -> str:
                fmt(e.get("units")), fmt(e.get("validation_loss")), fmt(e.get("test_loss")),
                *[fmt((e.get("metrics") or {}).get(m), 2) for m in metrics], diff, verdict]
         lines.append("| " + " | ".join(row) + " |")
-    sweep = folder / "sweep.csv"
-    if sweep.exists():
-        rows = list(csv.DictReader(sweep.open(newline="")))
-        if rows:
-            rates = sorted({r["lr"] for r in rows}, key=float)
-            lines += ["", "Learning-rate sweep (validation loss after the sweep's steps; chosen in bold):", "",
-                      "| arm | " + " | ".join(rates) + " |", "|---|" + "---|" * len(rates)]
-            for arm in dict.fromkeys(r["arm"] for r in rows):
-                cells = []
-                for lr in rates:
-                    hit = [r for r in rows if r["arm"] == arm and r["lr"] == lr]
-                    value = fmt(float(hit[0]["validation_loss"])) if hit and hit[0]["validation_loss"] else "–"
-                    cells.append(f"**{value}**" if hit and hit[0]["chosen"] == "True" else value)
-                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += sweep_table(folder)
     costs = s.get("costs") or {}
     if costs.get("training_s"):
         parts = [f"{k.removesuffix('_fraction_of_training').replace('_', ' ')} {v:.2f}×"
@@ -75,6 +62,29 @@ def tables(task: str) -> str:
         lines += ["", f"Costs as fractions of one training of the recommendation ({fmt(costs['training_s'], 0)} s): "
                   + ", ".join(parts) + "."]
     return "\n".join(lines)
+
+
+def sweep_table(folder: Path) -> list[str]:
+    """Validation loss per arm and rate, from every finished sweep training's summary.json (so the table grows while
+    the sweep runs); the chosen rate in bold once sweep.csv names it."""
+    losses: dict[str, dict[float, float | None]] = {}
+    for summary in sorted((folder / "sweep").glob("*_lr*/summary.json")):
+        arm, lr = summary.parent.name.rsplit("_lr", 1)
+        losses.setdefault(arm, {})[float(lr)] = json.loads(summary.read_text()).get("final_eval_loss")
+    if not losses:
+        return []
+    chosen = set()
+    if (folder / "sweep.csv").exists():
+        chosen = {(r["arm"], float(r["lr"])) for r in csv.DictReader((folder / "sweep.csv").open(newline=""))
+                  if r["chosen"] == "True"}
+    rates = sorted({lr for by_rate in losses.values() for lr in by_rate})
+    lines = ["", "Learning-rate sweep, seed 1 (validation loss at the sweep's last step; the chosen rate in bold):", "",
+             "| arm | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
+    for arm, by_rate in losses.items():
+        cells = [fmt(by_rate[lr]) if lr in by_rate else "–" for lr in rates]
+        cells = [f"**{c}**" if (arm, lr) in chosen else c for c, lr in zip(cells, rates)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> int:

@@ -313,17 +313,16 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
     tests: list[Job] = []
     finished = Finished(out, arms, budget, test_info, settings, chosen, sweep, cfg, run_dir, started)
     # The arms with extra seeds (the main comparison) go first, sweep and seeds, so that a long validation has a
-    # complete core comparison early; then the rest.
+    # complete core comparison early; then lorasens' own variants (what to change if the recommendation loses:
+    # ranks, value, EVA initialisation); then the controls and the other peers.
     core = {"recommended", *settings.extra_seed_arms}
-    for stage in ([a for a in arms if a.arm in core], [a for a in arms if a.arm not in core]):
+    variants = {"ranks", "value", "eva_init"} - core
+    stages = ([a for a in arms if a.arm in core], [a for a in arms if a.arm in variants],
+              [a for a in arms if a.arm not in core | variants])
+    for stage in stages:
         if not stage:
             continue
-        stage_sweep = _sweep_jobs(stage, settings, sweep_steps, out)
-        sweep.extend(stage_sweep)
-        for index, job in enumerate(stage_sweep, 1):
-            _run_job(cfg, job, out, outcome, f"sweep {index}/{len(stage_sweep)}")
-        chosen.update({_lr_key(a): min(settings.lr_grid, key=lambda lr, a=a: _sweep_loss(out, a, lr))
-                       for a in stage if a.arm != "random" or a.name == "random_1"})
+        chosen.update(_tune_rates(cfg, stage, settings, sweep_steps, out, outcome, sweep))
         stage_tests = _test_jobs(stage, settings, chosen, max_steps, out)
         tests.extend(stage_tests)
         write_outputs(finished, tests)
@@ -346,10 +345,48 @@ def _lr_key(arm: A.Arm) -> str:
     return "random" if arm.arm == "random" else arm.name
 
 
-def _sweep_jobs(arms: list[A.Arm], settings: ValidateSettings, steps: int, out: Path) -> list[Job]:
-    swept = [a for a in arms if a.arm != "random" or a.name == "random_1"]
-    return [Job(a, settings.seeds[0], lr, steps, out / "sweep" / f"{a.name}_lr{lr:g}", "sweep")
-            for a in swept for lr in settings.lr_grid]
+# An arm whose best rate is an end of the grid gets up to this many more rates past that end, half a decade apart.
+MAX_GRID_EXTENSIONS = 2
+
+
+def _swept(arms: list[A.Arm]) -> list[A.Arm]:
+    return [a for a in arms if a.arm != "random" or a.name == "random_1"]
+
+
+def _sweep_job(arm: A.Arm, settings: ValidateSettings, lr: float, steps: int, out: Path) -> Job:
+    return Job(arm, settings.seeds[0], lr, steps, out / "sweep" / f"{arm.name}_lr{lr:g}", "sweep")
+
+
+def _tune_rates(cfg: ExperimentConfig, arms: list[A.Arm], settings: ValidateSettings, steps: int, out: Path,
+                outcome: dict, sweep: list[Job]) -> dict[str, float]:
+    """Each swept arm's rate, by validation loss. A best rate at an end of `lr_grid` is not known to be the best (the
+    loss may still fall past it), so that arm's grid grows past that end, half a decade a step, until the best rate
+    has a worse one on both sides or MAX_GRID_EXTENSIONS rates were added."""
+    jobs = [_sweep_job(a, settings, lr, steps, out) for a in _swept(arms) for lr in settings.lr_grid]
+    sweep.extend(jobs)
+    for index, job in enumerate(jobs, 1):
+        _run_job(cfg, job, out, outcome, f"sweep {index}/{len(jobs)}")
+    chosen = {}
+    for arm in _swept(arms):
+        grid = sorted(settings.lr_grid)
+        for extension in range(1, MAX_GRID_EXTENSIONS + 1):
+            best = min(grid, key=lambda lr: _sweep_loss(out, arm, lr))
+            if len(grid) < 2 or grid[0] < best < grid[-1] or not math.isfinite(_sweep_loss(out, arm, best)):
+                break
+            lr = half_decade(best, up=best == grid[-1])
+            job = _sweep_job(arm, settings, lr, steps, out)
+            sweep.append(job)
+            _run_job(cfg, job, out, outcome, f"sweep {arm.name}: grid extension {extension} (best rate at its end)")
+            grid = sorted([*grid, lr])
+        chosen[_lr_key(arm)] = min(grid, key=lambda lr: _sweep_loss(out, arm, lr))
+    return chosen
+
+
+def half_decade(lr: float, up: bool) -> float:
+    """The next rate on the 1-3-10 ladder above (or below) `lr`: 3e-3 -> 1e-2, 3e-4 -> 1e-4 (down)."""
+    rungs = sorted(m * 10.0**k for k in range(math.floor(math.log10(lr)) - 2, math.floor(math.log10(lr)) + 3)
+                   for m in (1, 3))
+    return float(f"{(min(r for r in rungs if r > lr * 1.01) if up else max(r for r in rungs if r < lr / 1.01)):.1g}")
 
 
 def _test_jobs(arms: list[A.Arm], settings: ValidateSettings, chosen: dict, steps: int, out: Path) -> list[Job]:
