@@ -368,17 +368,17 @@ def _tune_rates(cfg: ExperimentConfig, arms: list[A.Arm], settings: ValidateSett
         _run_job(cfg, job, out, outcome, f"sweep {index}/{len(jobs)}")
     chosen = {}
     for arm in _swept(arms):
-        grid = sorted(settings.lr_grid)
+        loss = {lr: _sweep_loss(out, arm, lr) for lr in sorted(settings.lr_grid)}  # each summary read once
         for extension in range(1, MAX_GRID_EXTENSIONS + 1):
-            best = min(grid, key=lambda lr: _sweep_loss(out, arm, lr))
-            if len(grid) < 2 or grid[0] < best < grid[-1] or not math.isfinite(_sweep_loss(out, arm, best)):
+            grid, best = sorted(loss), min(loss, key=loss.get)
+            if len(grid) < 2 or grid[0] < best < grid[-1] or not math.isfinite(loss[best]):
                 break
             lr = half_decade(best, up=best == grid[-1])
             job = _sweep_job(arm, settings, lr, steps, out)
             sweep.append(job)
             _run_job(cfg, job, out, outcome, f"sweep {arm.name}: grid extension {extension} (best rate at its end)")
-            grid = sorted([*grid, lr])
-        chosen[_lr_key(arm)] = min(grid, key=lambda lr: _sweep_loss(out, arm, lr))
+            loss[lr] = _sweep_loss(out, arm, lr)
+        chosen[_lr_key(arm)] = min(loss, key=loss.get)
     return chosen
 
 
