@@ -13,6 +13,8 @@ NLTK_DATA_DIR := $(CURDIR)/.nltk_data
 export NLTK_DATA := $(NLTK_DATA_DIR)
 STAMP := $(VENV)/.lorasens-installed
 PYTEST_ARGS ?=
+# The suite runs on one pytest-xdist worker per core; a file's tests stay on one worker (they share module fixtures).
+TEST_WORKERS ?= auto
 
 .PHONY: setup demo test test-fast test-all bench clean-venv chromium java
 
@@ -36,10 +38,10 @@ demo: setup java
 	$(PY) -m lorasens train --preset quickstart --output_dir runs --experiment_name quickstart --overwrite
 
 test: setup chromium java
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup java
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 test-all: test
 

@@ -192,6 +192,34 @@ def test_bootstrap_difference_is_the_token_weighted_loss_difference():
     assert same["ci_low"] <= 0 <= same["ci_high"] and same["p_value"] > 0.5
 
 
+def test_bootstrap_equals_the_draw_by_draw_definition_for_loss_and_bleu():
+    """compare() scores all draws at once; each draw must be the one a plain loop makes: the same prompts and units
+    from the same generator, each drawn unit's value of its stats summed over the drawn prompts."""
+    from lorasens.metrics.segments import _bleu_value, bleu_segments
+
+    def by_loop(a, b, value, rng, draws):
+        n, diffs = a[0].stats.shape[0], []
+        for _ in range(draws):
+            prompts = rng.integers(0, n, n)
+            ua = [a[j] for j in rng.integers(0, len(a), len(a))]
+            ub = [b[j] for j in rng.integers(0, len(b), len(b))]
+            diffs.append(stats.score(ua, value, prompts) - stats.score(ub, value, prompts))
+        return np.quantile(diffs, [0.025, 0.975])
+
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(5, 20, 30).astype(float)
+    loss = [stats.UnitScores(np.stack([(2 + rng.normal(0, 0.3, 30)) * tokens, tokens], axis=1)) for _ in range(5)]
+    refs = [["the cat sat on the mat", "a cat sat"], ["it is red", "red it is"], ["we go home now", "home we go"]] * 4
+    words = ["the", "cat", "sat", "red", "it", "is", "home", "go", "we", "a", "mat", "now"]
+    bleu = [stats.UnitScores(bleu_segments([" ".join(rng.choice(words, 5)) for _ in refs], refs).stats)
+            for _ in range(3)]
+    for units, value in ((loss, stats.loss_value), (bleu, _bleu_value)):
+        a, b = units[:2], units[2:]
+        c = stats.compare(a, b, value, np.random.default_rng(7), draws=300)
+        assert [c["ci_low"], c["ci_high"]] == pytest.approx(by_loop(a, b, value, np.random.default_rng(7), 300),
+                                                            rel=1e-9, abs=1e-12)
+
+
 def test_bleu_segments_sum_to_the_official_corpus_bleu():
     from lorasens.metrics import bleu
     from lorasens.metrics.segments import bleu_segments

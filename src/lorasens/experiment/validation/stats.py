@@ -42,16 +42,28 @@ def compare(a: list[UnitScores], b: list[UnitScores], value, rng: np.random.Gene
     """score(a) - score(b) with a percentile bootstrap CI and a two-sided bootstrap p-value (the share of draws on
     the other side of 0, doubled)."""
     n = a[0].stats.shape[0]
-    diffs = np.empty(draws)
+    # The draws first, in the order a draw-by-draw loop makes them (prompts, then each arm's units), so the CIs do
+    # not depend on how the scores are computed; then every unit's score under every draw at once.
+    prompts, picks_a, picks_b = np.empty((draws, n), int), np.empty((draws, len(a)), int), np.empty((draws, len(b)), int)
     for i in range(draws):
-        prompts = rng.integers(0, n, n)
-        ua = [a[j] for j in rng.integers(0, len(a), len(a))]
-        ub = [b[j] for j in rng.integers(0, len(b), len(b))]
-        diffs[i] = score(ua, value, prompts) - score(ub, value, prompts)
+        prompts[i] = rng.integers(0, n, n)
+        picks_a[i] = rng.integers(0, len(a), len(a))
+        picks_b[i] = rng.integers(0, len(b), len(b))
+    counts = np.zeros((draws, n))
+    np.add.at(counts, (np.arange(draws)[:, None], prompts), 1.0)  # how often each prompt is in each draw
+    diffs = (_drawn_scores(a, value, counts, picks_a) - _drawn_scores(b, value, counts, picks_b))
     low, high = np.quantile(diffs, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
     p = min(1.0, 2 * min(float((diffs <= 0).mean()), float((diffs >= 0).mean())))
     return {"difference": score(a, value) - score(b, value), "ci_low": float(low), "ci_high": float(high),
             "p_value": p, "units": [len(a), len(b)], "prompts": n}
+
+
+def _drawn_scores(units: list[UnitScores], value, counts: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """Per draw, the arm's score: the mean over its drawn units of value(stats summed over the drawn prompts)."""
+    totals = np.einsum("dn,unk->duk", counts, np.stack([u.stats for u in units]))
+    values = np.fromiter((value(t) for t in totals.reshape(-1, totals.shape[-1])), float, totals.shape[0] * totals.shape[1])
+    values = values.reshape(totals.shape[:2])
+    return np.take_along_axis(values, picks, axis=1).mean(axis=1)
 
 
 def holm(p_values: dict[str, float]) -> dict[str, float]:
