@@ -19,7 +19,7 @@ import torch
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_sizes", default="16,32", help="Comma list; 16 is the default --eval_batch_size.")
+    parser.add_argument("--batch_sizes", default="32,16", help="Comma list; 32 is the default --eval_batch_size.")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--num_prompts", type=int, default=64)
     parser.add_argument("--model", default="smollm2-135m")

@@ -291,7 +291,7 @@ class TrackingConfig:
 @dataclass
 class EvaluationConfig:
     evaluate: bool = opt(True, "Generate on the held-out split and score it at the end of training.")
-    eval_batch_size: int = opt(16, "Batch size for generation.", not_a_setting=True)
+    eval_batch_size: int = opt(32, "Batch size for generation.", not_a_setting=True)
     max_new_tokens: int | None = opt(None, "Generation length; default: the dataset's own.")
     num_beams: int = opt(1, "Beam search width (1 = greedy).")
     baseline: bool = opt(False, "Also score the base model without LoRA.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from functools import lru_cache
 from pathlib import Path
 
 from lorasens.data.e2e import EVALUATION as E2E_EVALUATION
@@ -66,6 +67,11 @@ def _split_of(mr_text: str) -> str:
 
 def generate(split: str, seed: int = 0) -> list[tuple[str, str]]:
     """(mr, ref) pairs for `split`: SPLIT_SIZES[split] distinct MRs, three references each."""
+    return list(_generated(split, seed))
+
+
+@lru_cache(maxsize=16)  # a split takes ~50 ms to draw; validate and sweeps load the same ones for every training
+def _generated(split: str, seed: int) -> tuple[tuple[str, str], ...]:
     rng = random.Random(f"lorasens-synthetic-{seed}")
     seen: set[str] = set()
     pairs: list[tuple[str, str]] = []
@@ -78,7 +84,7 @@ def generate(split: str, seed: int = 0) -> list[tuple[str, str]]:
             continue
         seen.add(mr)
         pairs.extend((mr, _describe(slots, style)) for style in range(3))
-    return pairs
+    return tuple(pairs)
 
 
 def load(split: str, data_dir: Path | None, seed: int) -> list[Example]:
