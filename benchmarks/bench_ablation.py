@@ -9,8 +9,9 @@ round by round in one process so that they see the same machine load:
   (`method="decoder"`, what lorasens did before the cached engine);
 - `decoder`: the same whole passes over the engine's padding-free batches (isolates the caching);
 - `replay`: the cached engine as it was: per set, layers L..N-1 from the cached input of its first layer L;
-- `shared`: what `lorasens train` runs now (`run_ablation`, method auto): sets that switch off the same modules in
-  layers 0..L share those layers.
+- `branch`: sets that switch off the same modules in layers 0..L share those layers, LoRA through PEFT's branch;
+- `shared`: what `lorasens train` runs (`run_ablation`, method auto): `branch` with each replayed layer's LoRA folded
+  into its weights.
 
 Reports CPU time (one thread, so other jobs on the machine inflate it less than wall time), wall time, ratios
 against `before` and `decoder`, the layer runs each arm needs, and the largest difference between the arms'
@@ -97,6 +98,7 @@ def main() -> None:
     n = module_map.num_layers
     runs_needed = {"before": n * len(sets), "decoder": n * len(sets),
                    "replay": n + sum(n - s.first_layer for s in sets if s.modules),
+                   "branch": n + count_layer_runs(layer_plan(sets, n)),
                    "shared": n + count_layer_runs(layer_plan(sets, n))}
     print(f"{args.model}, {args.dataset}: {len(features)} examples, {sum(lengths)} tokens; padded: "
           f"{sum(b.num_tokens for b in padded)} positions in {len(padded)} batch(es); packed: "
@@ -112,11 +114,11 @@ def main() -> None:
             return [r.delta_loss for r in run_ablation(model, lora, packed, singles, method="decoder", **common).rows()]
         if name == "replay":
             return per_set_replay(model, lora, packed, singles, **common)
-        result = run_ablation(model, lora, packed, singles, **common)
+        result = run_ablation(model, lora, packed, singles, fold=name == "shared", **common)
         assert result.method == "cached", result.method_reason
         return [r.delta_loss for r in result.rows()]
 
-    names = ("before", "decoder", "replay", "shared")
+    names = ("before", "decoder", "replay", "branch", "shared")
     cpu = dict.fromkeys(names, 0.0)
     wall = dict.fromkeys(names, 0.0)
     deltas = {}

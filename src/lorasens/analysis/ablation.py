@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lorasens.analysis.folded_lora import FoldedLora, folding_problem
 from lorasens.data.features import IGNORE_INDEX
 from lorasens.model.lora import PEFT_PREFIX, LoraParams
 from lorasens.model.module_map import GROUPS, LoraModule
@@ -433,14 +434,15 @@ class LayerCache:
         args, kwargs = self._with_hidden(self.args[index], self.kwargs[index], hidden)
         return self._output(self.layers[index](*args, **kwargs))
 
-    def replay(self, start: int) -> torch.Tensor:
-        """The last layer's output when layers start..N-1 run again (start = N: the cached all-on output)."""
+    def replay(self, start: int, folded: FoldedLora | None = None) -> torch.Tensor:
+        """The last layer's output when layers start..N-1 run again (start = N: the cached all-on output), with
+        their LoRA folded into the weights if `folded` is given."""
         if start >= len(self.layers):
             return self.last_output
         hidden = self._hidden(self.args[start], self.kwargs[start])
         for i in range(start, len(self.layers)):
-            args, kwargs = self._with_hidden(self.args[i], self.kwargs[i], hidden)
-            hidden = self._output(self.layers[i](*args, **kwargs))
+            with folded.layer(i) if folded else nullcontext():
+                hidden = self.run_layer(i, hidden)
         return hidden
 
 
@@ -476,10 +478,11 @@ def layers_path_of(lora: Sequence[LoraParams]) -> str | None:
 
 def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Sequence[EvalBatch],
                  singles: Sequence[LoraModule], method: Method = "auto", layers_path: str | None = None,
-                 num_examples: int | None = None) -> AblationResult:
+                 num_examples: int | None = None, fold: bool = True) -> AblationResult:
     """Per-example validation losses for every ablation set; `singles` are the (layer, module) pairs ablated one by
     one. `method`: auto (cached when the probe says it is exact, else whole-model passes), cached, decoder (every
-    set through the whole decoder and the head at labelled positions: the engine before caching), model."""
+    set through the whole decoder and the head at labelled positions: the engine before caching), model. `fold`:
+    cached replays compute with the LoRA folded into the weights where that is exact to float rounding."""
     started = time.perf_counter()
     sets = ablation_sets(lora, singles)
     num_examples = num_examples if num_examples is not None else 1 + max(int(b.example.max()) for b in batches)
@@ -490,7 +493,7 @@ def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Se
     model.eval()
     try:
         with torch.no_grad():
-            chosen, reason = _choose_method(model, base, layers, batches, method)
+            chosen, reason, folded = _choose_method(model, base, layers, batches, method, lora, fold)
             logger.info("ablation: %d sets over %d validation batches (%d examples), %s passes: %s",
                         len(sets), len(batches), num_examples, chosen, reason)
             sums = torch.zeros((len(sets), num_examples), dtype=torch.float64)
@@ -511,7 +514,7 @@ def run_ablation(model: torch.nn.Module, lora: Sequence[LoraParams], batches: Se
                         cache = LayerCache(layers)
                         cache.capture(lambda: base.get_decoder()(**batch.inputs, use_cache=False))
                         bar.update(num_layers)
-                        results = _shared_prefix_passes(model, base, cache, sets, plan, batch, bar)
+                        results = _shared_prefix_passes(model, base, cache, sets, plan, batch, bar, folded)
                     else:
                         results = _whole_passes(model, base, sets, batch, chosen, bar, num_layers)
                     for index, nll in results:
@@ -563,8 +566,8 @@ def count_layer_runs(plan: Sequence[tuple[LayerKey, ...]]) -> int:
     return len(nodes)
 
 
-def _shared_prefix_passes(model, base, cache: LayerCache, sets: Sequence[AblationSet], plan, batch: EvalBatch, bar
-                          ) -> Iterator[tuple[int, torch.Tensor]]:
+def _shared_prefix_passes(model, base, cache: LayerCache, sets: Sequence[AblationSet], plan, batch: EvalBatch, bar,
+                          folded: FoldedLora | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(set index, token losses) for every set, from the cached all-on pass.
 
     Sets that switch off the same modules in layers 0..L share the computation of those layers: the sets form a
@@ -573,6 +576,8 @@ def _shared_prefix_passes(model, base, cache: LayerCache, sets: Sequence[Ablatio
     that switches nothing off reads the cached output of the last layer. Depth first, so at most one hidden state
     per layer is held besides the cache; every layer runs on exactly the inputs the per-set replay would give it
     (same numbers), but e.g. `all_off` and `L0` share layer 0, and the module type `q_proj` shares it with `L0.q_proj`.
+    With `folded`, each layer computes with its LoRA folded into the weights (see folded_lora: same numbers to float
+    rounding) instead of through PEFT's branch with the switched-off modules' scaling at 0.
     """
     num_layers = len(cache.layers)
     by_name = {m.name: m for s in sets for m in s.modules}
@@ -589,7 +594,7 @@ def _shared_prefix_passes(model, base, cache: LayerCache, sets: Sequence[Ablatio
         for index in members:
             children.setdefault(plan[index][layer], []).append(index)
         for key, group in children.items():
-            with lora_switched_off(model, [by_name[name] for name in key]):
+            with folded.layer(layer, key) if folded else lora_switched_off(model, [by_name[name] for name in key]):
                 out = cache.run_layer(layer, hidden)
             bar.update(1)
             if layer == num_layers - 1:
@@ -610,15 +615,18 @@ def _head_nll(base: torch.nn.Module, last_hidden: torch.Tensor, batch: EvalBatch
     return _nll(_lm_logits(base, hidden[:, :-1][scored]), targets)
 
 
-def _cached_pass(base: torch.nn.Module, cache: LayerCache, start: int, batch: EvalBatch) -> torch.Tensor:
+def _cached_pass(base: torch.nn.Module, cache: LayerCache, start: int, batch: EvalBatch,
+                 folded: FoldedLora | None = None) -> torch.Tensor:
     """Token losses when layers start..N-1 run again on their cached inputs (the exactness probe's path)."""
-    return _head_nll(base, cache.replay(start), batch)
+    return _head_nll(base, cache.replay(start, folded), batch)
 
 
-def _choose_method(model, base, layers, batches: Sequence[EvalBatch], method: Method) -> tuple[str, str]:
-    """The pass method and why. `auto` probes the cached shortcut against a whole-model forward on one batch."""
+def _choose_method(model, base, layers, batches: Sequence[EvalBatch], method: Method, lora: Sequence[LoraParams],
+                   fold: bool) -> tuple[str, str, FoldedLora | None]:
+    """The pass method, why, and the folded LoRA the cached replay computes with (None: PEFT's branch). `auto`
+    probes the cached shortcut (folded where `folding_problem` allows, else not) against a whole-model forward."""
     if method in ("decoder", "model"):
-        return method, "requested"
+        return method, "requested", None
     problem = None
     if layers is None or not isinstance(layers, torch.nn.ModuleList):
         problem = "the decoder layers were not found"
@@ -629,23 +637,32 @@ def _choose_method(model, base, layers, batches: Sequence[EvalBatch], method: Me
         batch = batches[0].first_rows(2)
         if not _scored(batch)[1].numel():  # no target in those rows: probe on the whole batch
             batch = batches[0]
+        not_foldable = folding_problem(model, lora) if fold else "folding not requested"
+        candidates = ([FoldedLora(model, lora)] if not_foldable is None else []) + [None]
         cache = LayerCache(layers)
-        try:
-            cache.capture(lambda: base.get_decoder()(**batch.inputs, use_cache=False))
-            shortcut = _cached_pass(base, cache, 0, batch).double().sum().item()
-        except Exception as exc:  # an architecture whose layers cannot be called again as captured
-            problem = f"replaying the decoder layers failed ({type(exc).__name__}: {exc})"
-        else:
-            reference = _model_pass(model, batch).double().sum().item()
-            # Same arithmetic up to the row selection before the head: fp32 agrees to ~1e-7, bf16 to its epsilon.
+        reference = None
+        for folded in candidates:
+            try:
+                if cache.last_output is None:
+                    cache.capture(lambda: base.get_decoder()(**batch.inputs, use_cache=False))
+                shortcut = _cached_pass(base, cache, 0, batch, folded).double().sum().item()
+            except Exception as exc:  # an architecture whose layers cannot be called again as captured
+                problem = f"replaying the decoder layers failed ({type(exc).__name__}: {exc})"
+                continue
+            if reference is None:
+                reference = _model_pass(model, batch).double().sum().item()
+            # Same arithmetic up to the row selection before the head (and, folded, the order of one addition):
+            # fp32 agrees to ~1e-7, bf16 to its epsilon.
             tolerance = max(1e-5, 4 * torch.finfo(next(model.parameters()).dtype).eps) * max(1.0, abs(reference))
-            if not math.isclose(shortcut, reference, rel_tol=0, abs_tol=tolerance):
-                problem = (f"the layer-replay shortcut gives loss sum {shortcut:.6f} on the first batch but the whole "
-                           f"model gives {reference:.6f} ({type(base).__name__} transforms the output in a way the "
-                           "shortcut does not know)")
-    if problem is None:
-        return "cached", "replays layers L..N-1 from the hidden states cached in the all-on pass (probe exact)"
+            if math.isclose(shortcut, reference, rel_tol=0, abs_tol=tolerance):
+                how = ("LoRA folded into the weights of each replayed layer" if folded else
+                       f"LoRA through PEFT's branch: {not_foldable or 'folding was not exact'}")
+                return "cached", ("replays layers L..N-1 from the hidden states cached in the all-on pass (probe "
+                                  f"exact), {how}"), folded
+            problem = (f"the layer-replay shortcut gives loss sum {shortcut:.6f} on the first batch but the whole "
+                       f"model gives {reference:.6f} ({type(base).__name__} transforms the output in a way the "
+                       "shortcut does not know)")
     if method == "cached":
         raise RuntimeError(f"cached ablation is not exact for this model: {problem}")
     logger.warning("ablation: whole-model passes, because %s", problem)
-    return "model", problem
+    return "model", problem, None
