@@ -47,6 +47,18 @@ def test_config_round_trips_through_config_json():
     assert again == cfg
 
 
+def test_resume_on_the_command_line_wins_over_the_saved_overwrite(tmp_path):
+    """A run started with --overwrite saves overwrite: true; `--config RUN/config.json --resume` (the line an
+    interrupted run prints) continues it instead of failing on both flags."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(build_config("quickstart", cli_overrides={"overwrite": "true"}).to_dict()))
+    cfg = build_config(config_file=path, cli_overrides={"resume": "true"})
+    assert (cfg.output.resume, cfg.output.overwrite) == (True, False)
+    assert build_config(config_file=path, cli_overrides={"max_steps": "5"}).output.overwrite is True  # kept otherwise
+    with pytest.raises(UserError, match="--overwrite and --resume exclude each other"):
+        build_config(cli_overrides={"overwrite": "true", "resume": "true"})
+
+
 def test_every_field_has_help_text():
     assert all(f.metadata.get("help") for _, f in field_index().values())
 

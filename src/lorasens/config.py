@@ -596,6 +596,9 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=UniqueKeyLoader)
 
 
+RUN_CONTROL = ("overwrite", "resume")  # what a command does with an existing run folder, not a setting of the run
+
+
 def build_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -611,7 +614,12 @@ def build_config(
     if file_data:
         layers.append(normalise_overrides(file_data, f"config file {str(config_file)!r}"))
     if cli_overrides:
-        layers.append(normalise_overrides(cli_overrides, "command line"))
+        flags = normalise_overrides(cli_overrides, "command line")
+        if any(flags.get(k) for k in RUN_CONTROL):
+            # --resume or --overwrite on the command line says what this invocation does with the run folder; the
+            # other one, saved in a run's config.json (`--config RUN/config.json --resume`), does not carry over.
+            layers = [{k: v for k, v in layer.items() if k not in RUN_CONTROL} for layer in layers]
+        layers.append(flags)
     return config_from_flat({k: v for layer in layers for k, v in layer.items()}, preset=preset)
 
 
