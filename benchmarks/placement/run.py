@@ -6,8 +6,9 @@ controls, at equal LoRA parameters, each arm at its own learning rate, on one ta
     python benchmarks/placement/run.py e2e --smoke   # minutes: tiny steps, a few arms (checks the pipeline)
 
 Everything lands in docs/results/TASK/ (probe/ and validation/; adapters and checkpoints are git-ignored). Rerunning
-the same command continues where it stopped: the probe is skipped once finished and `lorasens validate` skips every
-finished training, so the benchmark can run in parts, across machines, from the committed files.
+the same command continues where it stopped: a killed probe resumes from its last checkpoint (or, killed after
+training, redoes only its analysis), a finished probe is skipped, and `lorasens validate` skips every finished
+training, so the benchmark can run in parts, across machines, from the committed files.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ TASKS = {
 }
 PROBE = {"model": "smollm2-135m", "target": "both", "r": "8", "lora_alpha": "16", "batch_size": "8",
          "max_steps": "100", "lr": "1e-3", "eval_steps": "25", "budget": "0.25", "budget_unit": "params",
-         "ablation_max_single": "32", "evaluate": "false"}
+         "ablation_max_single": "32", "evaluate": "false",
+         # A checkpoint every 25 steps lets a probe killed with the session resume (checkpoints change no number).
+         "save_steps": "25"}
 VALIDATE = {"max_steps": "150", "sweep_steps": "75", "lr_grid": "3e-4,1e-3,3e-3", "random_sets": "6"}
 SMOKE_PROBE = {"max_steps": "4", "eval_steps": "2", "ablation_max_single": "2", "analysis_samples": "16",
-               "eval_samples": "16", "batch_size": "4"}
+               "eval_samples": "16", "batch_size": "4", "save_steps": "2"}
 SMOKE_VALIDATE = {"max_steps": "6", "sweep_steps": "5", "lr_grid": "1e-3,3e-3", "random_sets": "2",
                   "test_samples": "8", "arms": "eva,adalora,qv,random", "seeds": "1", "extra_seeds": "2:recommended"}
 IGNORED = "final_model/\ncheckpoints/\n*.safetensors\n"
@@ -60,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     python = [sys.executable, "-m", "lorasens"]
     probe = {**PROBE, "dataset": task["data"], "data_dir": str(data_dir), "max_length": str(task["max_length"]),
              **(SMOKE_PROBE if args.smoke else {})}
-    if not (out / "probe" / "summary.json").exists():
+    probe_dir = out / "probe"
+    if (probe_dir / "summary.json").exists():
+        pass  # finished (summary.json is written last)
+    elif any(probe_dir.glob("checkpoints/checkpoint-*")):
+        subprocess.run([*python, "train", "--config", str(probe_dir / "config.json"), "--resume"], check=True)
+    else:
         subprocess.run([*python, "train", *flags(probe), "--output_dir", str(out), "--experiment_name", "probe",
                         "--overwrite"], check=True)
     validate = {**VALIDATE, "seeds": task["seeds"], "extra_seeds": task["extra_seeds"],
