@@ -64,13 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     probe = {**PROBE, "dataset": task["data"], "data_dir": str(data_dir), "max_length": str(task["max_length"]),
              **(SMOKE_PROBE if args.smoke else {})}
     probe_dir = out / "probe"
-    if (probe_dir / "summary.json").exists():
-        pass  # finished (summary.json is written last)
-    elif any(probe_dir.glob("checkpoints/checkpoint-*")):
-        subprocess.run([*python, "train", "--config", str(probe_dir / "config.json"), "--resume"], check=True)
-    else:
-        subprocess.run([*python, "train", *flags(probe), "--output_dir", str(out), "--experiment_name", "probe",
-                        "--overwrite"], check=True)
+    if not (probe_dir / "summary.json").exists():  # summary.json is written last
+        if any(probe_dir.glob("checkpoints/checkpoint-*")):
+            subprocess.run([*python, "train", "--config", str(probe_dir / "config.json"), "--resume"], check=True)
+        else:
+            subprocess.run([*python, "train", *flags(probe), "--output_dir", str(out), "--experiment_name", "probe",
+                            "--overwrite"], check=True)
     validate = {**VALIDATE, "seeds": task["seeds"], "extra_seeds": task["extra_seeds"],
                 **(SMOKE_VALIDATE if args.smoke else {})}
     subprocess.run([*python, "validate", str(out / "probe"), *flags(validate), "--out", str(out / "validation")],
