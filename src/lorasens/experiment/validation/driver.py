@@ -320,22 +320,29 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
     variants = {"ranks", "value", "eva_init"} - core
     stages = ([a for a in arms if a.arm in core], [a for a in arms if a.arm in variants],
               [a for a in arms if a.arm not in core | variants])
+    stages = [stage for stage in stages if stage]
     for stage in stages:
-        if not stage:
-            continue
         chosen.update(_tune_rates(cfg, stage, settings, sweep_steps, out, outcome, sweep))
         stage_tests = _test_jobs(stage, settings, chosen, max_steps, out)
         tests.extend(stage_tests)
-        write_outputs(finished, tests)
+        # The outputs are rewritten when they change: before a stage with trainings to do (its arms appear, with
+        # no units yet) and after each seed that trained something. Each write bootstraps every comparison, seconds
+        # that a resumed validation would otherwise spend rewriting the same files.
+        if any(job.status() != "complete" for job in stage_tests):
+            write_outputs(finished, tests)
+        trained_this_seed = False
         for index, job in enumerate(stage_tests, 1):
             if job.status() != "complete":
                 _run_job(cfg, job, out, outcome, f"training {index}/{len(stage_tests)}")
                 _score(job, features, examples, cfg, settings, tokenizer)
                 outcome[job.run_dir.name] = "trained"
+                trained_this_seed = True
             else:
                 outcome[job.run_dir.name] = "skipped (complete)"
             if job is stage_tests[-1] or stage_tests[index].seed != job.seed:
-                write_outputs(finished, tests)
+                if trained_this_seed and not (stage is stages[-1] and job is stage_tests[-1]):  # written below
+                    write_outputs(finished, tests)
+                trained_this_seed = False
     summary = write_outputs(finished, tests)
     _update_report(run_dir, out)
     return ValidationResult(out, summary, outcome)
