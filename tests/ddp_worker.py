@@ -14,13 +14,14 @@ import torch
 
 def main() -> int:
     import lorasens.experiment.run as run_module
-    from lorasens.cli import setup_logging
+    from lorasens.cli import release_process_group, setup_logging
     from lorasens.config import build_config
 
     setup_logging()  # phase transitions go to stderr, as with `lorasens train`
     torch.set_num_threads(1)  # two processes share a small CPU
     cfg = build_config(cli_overrides=json.loads(sys.argv[1]))
     run_module.run_experiment(cfg, after_training=())
+    release_process_group()  # as `lorasens train` does at its end
     return 0
 
 

@@ -128,7 +128,23 @@ DISK_HINTS = {
 }
 
 
+def release_process_group() -> None:
+    """Under torchrun the Trainer's process group lives until the interpreter exits, and gloo's threads torn down
+    during exit can abort a finished run ("terminate called without an active exception", exit -6). The command
+    owns its process, so it closes the group when it is done (torch is only looked up, never imported, here)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        release_process_group()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
