@@ -325,24 +325,21 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
         chosen.update(_tune_rates(cfg, stage, settings, sweep_steps, out, outcome, sweep))
         stage_tests = _test_jobs(stage, settings, chosen, max_steps, out)
         tests.extend(stage_tests)
-        # The outputs are rewritten when they change: before a stage with trainings to do (its arms appear, with
-        # no units yet) and after each seed that trained something. Each write bootstraps every comparison, seconds
-        # that a resumed validation would otherwise spend rewriting the same files.
-        if any(job.status() != "complete" for job in stage_tests):
+        todo = [job for job in stage_tests if job.status() != "complete"]
+        outcome.update({job.run_dir.name: "skipped (complete)" for job in stage_tests if job not in todo})
+        # The outputs are rewritten when they change: before a stage with trainings to do (its arms appear, with no
+        # units yet) and after each seed that trained something, the last one below. Each write bootstraps every
+        # comparison, seconds that a resumed validation would otherwise spend rewriting the same files.
+        if todo:
             write_outputs(finished, tests)
-        trained_this_seed = False
-        for index, job in enumerate(stage_tests, 1):
-            if job.status() != "complete":
-                _run_job(cfg, job, out, outcome, f"training {index}/{len(stage_tests)}")
-                _score(job, features, examples, cfg, settings, tokenizer)
-                outcome[job.run_dir.name] = "trained"
-                trained_this_seed = True
-            else:
-                outcome[job.run_dir.name] = "skipped (complete)"
-            if job is stage_tests[-1] or stage_tests[index].seed != job.seed:
-                if trained_this_seed and not (stage is stages[-1] and job is stage_tests[-1]):  # written below
-                    write_outputs(finished, tests)
-                trained_this_seed = False
+        for index, job in enumerate(todo):
+            _run_job(cfg, job, out, outcome, f"training {stage_tests.index(job) + 1}/{len(stage_tests)}")
+            _score(job, features, examples, cfg, settings, tokenizer)
+            outcome[job.run_dir.name] = "trained"
+            following = todo[index + 1] if index + 1 < len(todo) else None
+            seed_done = following is None or following.seed != job.seed
+            if seed_done and not (following is None and stage is stages[-1]):
+                write_outputs(finished, tests)
     summary = write_outputs(finished, tests)
     _update_report(run_dir, out)
     return ValidationResult(out, summary, outcome)
