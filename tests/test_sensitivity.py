@@ -284,7 +284,16 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     assert len(config["rank_pattern"]) == len(ranked["ranks"]) == ranked["num_selected"]
     assert sorted(config["rank_pattern"].values()) == sorted(ranked["ranks"].values())
     LoraConfig(**config)
+    # A floor: every module keeps at least rank 1, the rest of the same budget goes by sensitivity.
+    assert main(["analyze", str(run), "--budget_unit", "params", "--budget", "0.5", "--allocate", "ranks",
+                 "--min_rank", "1", "--ablation", "false"]) == 0
+    floored = json.loads((run / files.SENSITIVITY).read_text())["budget"]
+    assert floored["min_rank"] == 1 and floored["num_selected"] == floored["num_modules"] == len(sizes)
+    assert set(floored["ranks"].values()) <= {1, 3, 5, 9, 17, 33} and min(floored["ranks"].values()) == 1
+    assert floored["params_used"] <= floored["params_budget"]
+    assert "per-module ranks (at least 1 on every module)" in capsys.readouterr().out
     assert main(["analyze", str(run), "--allocate", "ranks", "--budget_unit", "modules"]) == 2
+    assert main(["analyze", str(run), "--min_rank", "1", "--ablation", "false"]) == 2
     # --probe: the training-time measures come from another run (here: this run's files with grad norms doubled).
     probe = tmp_path / "probe"
     probe.mkdir()

@@ -23,6 +23,7 @@ from lorasens.cli import main
 from lorasens.config import build_config
 from lorasens.errors import UserError
 from lorasens.experiment.validation import arms as A
+from lorasens.experiment.validation import driver
 from lorasens.experiment.validation import stats
 from lorasens.experiment.validation.driver import ValidateSettings, example_losses, module_sizes, parse_seeds
 from lorasens.model.module_map import build_module_map
@@ -85,6 +86,20 @@ def test_controls_keep_what_they_control_for(tiny_llama):
     for module_type in {k.split(".")[1] for k in keys}:
         same = lambda ranks: sorted(r for k, r in ranks.items() if k.endswith("." + module_type) and r)  # noqa: E731
         assert same(shuffled) == same(profile)
+
+
+def test_ranks_floor_arm_covers_every_module_and_holds_the_budget():
+    sizes = smollm_sizes()
+    weights = {k: float(i % 7 == 0) * (1 + i) for i, k in enumerate(sizes)}  # sensitivity on the q_proj modules only
+    target = 606_720  # the E2E benchmark's budget: a quarter of every module at rank 8
+    floor = A.allocated_ranks(sizes, weights, target, min_rank=driver.FLOOR_RANK)
+    plain = A.allocated_ranks(sizes, weights, target)
+    used = sum(sizes[k].params(r) for k, r in floor.items())
+    assert set(floor) == set(sizes) and min(floor.values()) == 1 and len(plain) < len(sizes)
+    # Filled until no weighted module (here every q_proj: 2 ranks x 1152 wide) fits another step.
+    assert target - sizes["L0.q_proj"].params(2) < used <= target
+    # The weighted modules keep the order of the weights on top of the floor.
+    assert {k for k, r in floor.items() if r > 1} <= {k for k, w in weights.items() if w > 0}
 
 
 def test_value_arm_fills_the_budget_by_predicted_loss_reduction_per_parameter():
@@ -423,7 +438,6 @@ def test_a_best_rate_at_the_grids_end_extends_the_grid_past_it(monkeypatch, tmp_
     up to two more rates, until a worse rate lies on both sides; an arm with an inner best trains the grid only."""
     from types import SimpleNamespace
 
-    from lorasens.experiment.validation import driver
 
     loss = {("up", 3e-4): 2.0, ("up", 1e-3): 1.8, ("up", 3e-3): 1.5, ("up", 1e-2): 1.6,
             ("down", 3e-4): 1.0, ("down", 1e-3): 1.2, ("down", 3e-3): 1.3, ("down", 1e-4): 0.9, ("down", 3e-5): 0.8,

@@ -277,13 +277,17 @@ class TrackingConfig:
         "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget.",
         reanalysable=True,
     )
+    min_rank: int = opt(
+        0, "With --allocate ranks: every module first gets this rank, and sensitivity places the rest of the budget "
+        "on top (ranks min_rank + 0,2,4,...). 0: modules with low sensitivity get no LoRA.", reanalysable=True,
+    )
 
     def __post_init__(self):
         _positive("grad_log_interval", self.grad_log_interval)
         if not 0 < self.importance_ema < 1:
             raise UserError(f"--importance_ema must be in (0, 1), got {self.importance_ema}")
         check_budget(self.budget, self.budget_unit)
-        check_allocation(self.allocate, self.budget_unit)
+        check_allocation(self.allocate, self.budget_unit, self.min_rank)
         if self.ablation_max_single < 0:
             raise UserError(f"--ablation_max_single must be >= 0, got {self.ablation_max_single}")
 
@@ -395,9 +399,15 @@ def check_budget(budget: float | None, unit: str) -> None:
         raise UserError(f"--budget must be a whole count of modules (>= 1) or a fraction (< 1), got {budget}")
 
 
-def check_allocation(allocate: str, unit: str) -> None:
+def check_allocation(allocate: str, unit: str, min_rank: int = 0) -> None:
     if allocate == "ranks" and unit != "params":
         raise UserError("--allocate ranks distributes a budget of LoRA parameters; use it with --budget_unit params")
+    if min_rank < 0:
+        raise UserError(f"--min_rank must be >= 0, got {min_rank}")
+    if min_rank and allocate != "ranks":
+        raise UserError(f"--min_rank {min_rank} is a floor of the per-module ranks; use it with --allocate ranks")
+
+
 def is_custom_dataset(name: str) -> bool:
     """Your own data: `custom` (files) or `hf:ORG/NAME[:CONFIG]` (a Hub dataset)."""
     return name == CUSTOM_DATASET or name.startswith(HUB_PREFIX)

@@ -105,8 +105,12 @@ def _score(scores: Mapping[str, float], key: str) -> float:
 
 
 def allocate_ranks(sizes: Sequence[ModuleSize], weights: Mapping[str, float], budget_params: float,
-                   choices: Sequence[int] = RANK_CHOICES) -> dict[str, int]:
+                   choices: Sequence[int] = RANK_CHOICES, min_rank: int = 0) -> dict[str, int]:
     """Per-module ranks from `choices`, proportional to `weights`, holding at most `budget_params` LoRA parameters.
+
+    min_rank > 0: every module (weight 0 included) first gets rank min_rank, and the rest of the budget is allocated
+    as below on top of it (ranks min_rank + choices): a floor that keeps every module adapted, as a uniform placement
+    does, while the weights decide where the extra capacity goes.
 
     1. The continuous allocation: rank t_i = c * w_i (capped at the largest choice), with c chosen so that
        sum t_i * (in_i + out_i) equals the budget (bisection; the capped total is monotone in c).
@@ -115,6 +119,15 @@ def allocate_ranks(sizes: Sequence[ModuleSize], weights: Mapping[str, float], bu
        rounded rank falls furthest short of its continuous rank (largest t_i / next choice; ties: earlier module).
     Negative or NaN weights count as 0; a module with weight 0 gets rank 0. The result never exceeds the budget.
     """
+    if min_rank < 0:
+        raise ValueError(f"min_rank must be >= 0, got {min_rank}")
+    if min_rank:
+        floor = sum(s.params(min_rank) for s in sizes)
+        if floor > budget_params:
+            raise UserError(f"--min_rank {min_rank} on all {len(sizes)} modules takes {floor} LoRA parameters, more "
+                            f"than the budget's {budget_params:.0f}; lower --min_rank or raise --budget")
+        extra = allocate_ranks(sizes, weights, budget_params - floor, choices)
+        return {k: r + min_rank for k, r in extra.items()}
     choices = sorted(set(int(c) for c in choices))
     if not choices or choices[0] < 0:
         raise ValueError(f"rank choices must be >= 0, got {choices}")

@@ -253,7 +253,10 @@ def describe_budget(budget: dict) -> str:
         text += f" of a budget of {budget['params_budget']:.0f} ({100 * budget['params_used'] / budget['params_budget']:.1f}%)"
     else:
         text += f" ({100 * budget['params_used'] / budget['params_total']:.1f}% of all modules' total)"
-    return text + (", per-module ranks" if budget.get("allocate") == "ranks" else "")
+    if budget.get("allocate") != "ranks":
+        return text
+    return text + (f", per-module ranks (at least {budget['min_rank']} on every module)" if budget.get("min_rank")
+                   else ", per-module ranks")
 
 
 LOSS_CONVENTION = ("token-weighted mean next-token cross-entropy over the target tokens (sum of target-token "
@@ -324,10 +327,11 @@ def _recommend(cfg: ExperimentConfig, module_map: ModuleMap, lora: list[LoraPara
     by_key = {key_of(lp.module): lp.module for lp in lora}
     params_total = sum(s.params(r) for s in sizes)
     budget = {"unit": tracking.budget_unit, "value": tracking.budget if tracking.budget is not None else DEFAULT_BUDGET,
-              "allocate": tracking.allocate, "num_modules": len(lora), "params_total": params_total}
+              "allocate": tracking.allocate, "min_rank": tracking.min_rank, "num_modules": len(lora),
+              "params_total": params_total}
     if tracking.allocate == "ranks":
         limit = budget_limit(tracking.budget, "params", sizes, r)
-        ranks = allocate_ranks(sizes, combined, limit)
+        ranks = allocate_ranks(sizes, combined, limit, min_rank=tracking.min_rank)
         chosen = [s.key for s in sizes if ranks[s.key] > 0]
         base = recommended_lora_config([by_key[k] for k in chosen], module_map, r, cfg.lora.lora_alpha,
                                        cfg.lora.lora_dropout)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-ARM_HELP = ("recommended, ranks, value, eva_init (lorasens); eva, adalora, gora, kappa (peers); qv, uniform, mlp, "
+ARM_HELP = ("recommended, ranks, ranks_floor, value, eva_init (lorasens); eva, adalora, gora, kappa (peers); qv, uniform, mlp, "
             "random, random_typed, ranks_shuffled (controls); all (ceiling)")
 
 

@@ -21,6 +21,8 @@ RANDOM_TRIES = 2000
 ARMS = {
     "recommended": ("lorasens", "the probe run's recommendation (its modules at its rank)"),
     "ranks": ("lorasens", "per-module ranks from the combined sensitivity (--allocate ranks)"),
+    "ranks_floor": ("lorasens", "every module at rank 1, the rest of the budget by the combined sensitivity "
+                    "(--allocate ranks --min_rank 1)"),
     "value": ("lorasens", "first-order estimate per LoRA parameter as knapsack value (greedy fill)"),
     "eva_init": ("lorasens", "the recommendation's modules, EVA initialisation (no redistribution)"),
     "eva": ("peer", "PEFT EVA on every module, rank redistribution rho=2, rank budget searched to the parameters"),
@@ -169,9 +171,11 @@ def shuffled_ranks(ranks: dict[str, int], module_map: ModuleMap, rng: random.Ran
     return {k: result[k] for k in ranks_order(module_map) if k in result}
 
 
-def allocated_ranks(sizes: dict[str, ModuleSize], weights: dict[str, float], target: int) -> dict[str, int]:
-    """lorasens' rank allocator (ranks in proportion to `weights`) at the budget; modules at rank 0 get no LoRA."""
-    ranks = allocate_ranks(list(sizes.values()), weights, target)
+def allocated_ranks(sizes: dict[str, ModuleSize], weights: dict[str, float], target: int,
+                    min_rank: int = 0) -> dict[str, int]:
+    """lorasens' rank allocator (ranks in proportion to `weights`, at least `min_rank` everywhere) at the budget;
+    modules at rank 0 get no LoRA."""
+    ranks = allocate_ranks(list(sizes.values()), weights, target, min_rank=min_rank)
     return {k: r for k, r in ranks.items() if r > 0}
 
 

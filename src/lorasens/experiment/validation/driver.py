@@ -171,6 +171,9 @@ def _sensitivity(run_dir: Path) -> dict:
     return read_json(path, "the run's sensitivity")
 
 
+FLOOR_RANK = 1  # the ranks_floor arm's --min_rank
+
+
 def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) -> tuple[list[A.Arm], dict]:
     """Every arm of `settings.arms` at the recommendation's LoRA parameters; (arms, budget facts)."""
     from lorasens.analysis.budget import select_within_budget
@@ -201,6 +204,14 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
             continue
         if name == "ranks" and rank_profile:
             arms.append(A.Arm("ranks", "ranks", rank_profile))
+        elif name == "ranks_floor" and combined:
+            if sum(s.params(FLOOR_RANK) for s in sizes.values()) <= target:
+                weights = {k: (v or 0.0) for k, v in combined.items()}
+                arms.append(A.Arm("ranks_floor", "ranks_floor",
+                                  A.allocated_ranks(sizes, weights, target, min_rank=FLOOR_RANK)))
+            else:
+                logger.info("validate: rank %d on every module exceeds the budget; the ranks_floor arm is left out",
+                            FLOOR_RANK)
         elif name == "value":
             per_param = (sensitivity.get("measures_per_param") or {}).get("first_order")
             if per_param:
