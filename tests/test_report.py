@@ -184,3 +184,24 @@ def test_a_malformed_file_costs_only_its_section(run_dir, tmp_path):
     recommended = json.loads((copy / "recommended_lora_config.json").read_text())
     assert escape(json.dumps(recommended, indent=2)) in html  # the other sections are still there
     assert all(key in parse(html).ids for key, _ in SECTIONS)
+
+
+def test_answer_weighs_a_rank_allocation_by_each_modules_own_rank(tmp_path):
+    from lorasens.presentation.answer import build_answer
+
+    def module(layer, name, group, width):  # lora_params: the run's rank 8
+        return {"key": f"L{layer}.{name}", "layer": layer, "group": group, "module": name, "in_features": width,
+                "out_features": width, "lora_params": 8 * 2 * width}
+
+    modules = [module(0, "q_proj", "attn", 100), module(0, "up_proj", "mlp", 100), module(1, "q_proj", "attn", 100),
+               module(1, "up_proj", "mlp", 100)]
+    ranks = {"L0.q_proj": 1, "L0.up_proj": 9, "L1.q_proj": 1, "L1.up_proj": 1}  # attention 400, MLP 2000 parameters
+    budget = {"selected": list(ranks), "ranks": ranks, "params_total": 4 * 1600, "used_fraction": 1.0}
+    (tmp_path / "sensitivity.json").write_text(json.dumps({"modules": modules, "budget": budget}))
+    answer = build_answer(tmp_path)
+    assert answer.split.startswith("Put LoRA on 4 of 4 modules at ranks 1–9 (38% of the all-module")
+    assert "17% of them on attention (2 of 2 modules), 83% on MLP (2 of 2)" in answer.split
+    assert answer.layers == "Top layers: 0, 1 (100% of the recommended parameters)."
+    del budget["ranks"]  # --allocate modules: every selected module at the run's rank
+    (tmp_path / "sensitivity.json").write_text(json.dumps({"modules": modules, "budget": budget}))
+    assert "50% of them on attention" in build_answer(tmp_path).split

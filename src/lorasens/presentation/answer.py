@@ -38,6 +38,21 @@ def _num(value: float) -> str:
     return f"{value:+.3f}" if abs(value) >= 0.001 else f"{value:+.2g}"
 
 
+def _recommended_params(module: dict, rank: int | None) -> float:
+    """A recommended module's LoRA parameters: at its allocated rank, else at the run's (sensitivity.json's)."""
+    if rank is None:
+        return module.get("lora_params", 0)
+    return rank * (module.get("in_features", 0) + module.get("out_features", 0))
+
+
+def _rank_range(ranks: dict, selected: list[str]) -> str:
+    values = [ranks[k] for k in selected if k in ranks]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    return f" at rank {low}" if low == high else f" at ranks {low}–{high}"
+
+
 def read_group_ablation(run_dir: Path) -> dict[str, dict]:
     """{group: {delta, low, high}} from sensitivity_ablation.csv's group rows (empty without an ablation)."""
     path = run_dir / ABLATION
@@ -87,20 +102,23 @@ def build_answer(run_dir: str | Path) -> Answer:
     modules = {m["key"]: m for m in data.get("modules") or [] if isinstance(m, dict) and "key" in m}
     budget = data.get("budget") if isinstance(data.get("budget"), dict) else {}
     selected = [k for k in budget.get("selected") or [] if k in modules]
+    ranks = budget.get("ranks") or {}  # --allocate ranks: each module's own rank, not the run's
     if selected:
         by_group: dict[str, float] = {}
         by_layer: dict[int, float] = {}
         for key in selected:
             m = modules[key]
-            by_group[m["group"]] = by_group.get(m["group"], 0) + m.get("lora_params", 0)
-            by_layer[m["layer"]] = by_layer.get(m["layer"], 0) + m.get("lora_params", 0)
+            params = _recommended_params(m, ranks.get(key))
+            by_group[m["group"]] = by_group.get(m["group"], 0) + params
+            by_layer[m["layer"]] = by_layer.get(m["layer"], 0) + params
         used = sum(by_group.values())
         counts = {g: (sum(1 for k in selected if modules[k]["group"] == g),
                       sum(1 for m in modules.values() if m["group"] == g)) for g in ("attn", "mlp")}
         fraction = budget.get("used_fraction")
         of_all = _pct(used, budget.get("params_total") or 0)
         answer.split = (
-            f"Put LoRA on {len(selected)} of {len(modules)} modules ({of_all}% of the all-module LoRA parameters): "
+            f"Put LoRA on {len(selected)} of {len(modules)} modules{_rank_range(ranks, selected)} ({of_all}% of the "
+            "all-module LoRA parameters): "
             f"{_pct(by_group.get('attn', 0), used)}% of them on attention ({counts['attn'][0]} of "
             f"{counts['attn'][1]} modules), {_pct(by_group.get('mlp', 0), used)}% on MLP ({counts['mlp'][0]} of "
             f"{counts['mlp'][1]})" + (f"; {round(100 * fraction)}% of the budget is used." if fraction else "."))
