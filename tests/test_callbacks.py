@@ -178,7 +178,9 @@ def test_script_run_has_sensitivity_recommendation_report_and_honest_config(plai
     ablation = read_csv(run / files.ABLATION)
     assert sum(r["kind"] == "module" for r in ablation) == 4  # ablation_max_single
     recommended = json.loads((run / files.RECOMMENDED_CONFIG).read_text())
-    assert recommended["r"] == 4 and recommended["target_modules"]
+    # The default allocation: per-module ranks, each module's scaling alpha/r that of the run (8 / 4)
+    assert recommended["target_modules"] and set(recommended["rank_pattern"].values()) <= {2, 4, 8, 16, 32}
+    assert all(recommended["alpha_pattern"][k] == 2 * r for k, r in recommended["rank_pattern"].items())
     assert (run / files.REPORT_FILE).read_text().startswith("<!DOCTYPE html>")
     assert (run / files.FINAL_MODEL / "adapter_config.json").exists()
     summary = json.loads((run / files.SUMMARY_FILE).read_text())

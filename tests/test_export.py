@@ -65,3 +65,25 @@ def test_export_of_a_run_without_recommendation_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--format", "axolotl"]) == 2
     assert "run the analysis first" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--format", "axolotll"]) == 2
+
+
+def test_per_module_ranks_export_to_peft_and_are_refused_where_a_tool_has_one_rank(tmp_path, capsys):
+    from lorasens.analysis.budget import rank_allocation_config
+
+    module_map = build_module_map(build_tiny_random_llama(seed=0).model)
+    selected = [m for m in module_map.modules if m.module_type in ("v_proj", "down_proj")]
+    ranks = {m.name: (2 if m.module_type == "v_proj" else 8) for m in selected}
+    base = recommended_lora_config(selected, module_map, 4, 8.0, 0.05)
+    (tmp_path / "recommended_lora_config.json").write_text(json.dumps(rank_allocation_config(base, ranks)))
+    assert main(["export", str(tmp_path), "--format", "peft"]) == 0
+    peft = LoraConfig(**json.loads((tmp_path / "lora_config.peft.json").read_text()))
+    model = get_peft_model(build_tiny_random_llama(seed=0).model, peft)
+    built = {name.removeprefix("base_model.model."): module.lora_A["default"].out_features
+             for name, module in model.named_modules() if hasattr(module, "lora_A") and "lora_A" in module._modules}
+    assert built == ranks
+    capsys.readouterr()
+    for fmt in ("axolotl", "llamafactory"):
+        assert main(["export", str(tmp_path), "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert "rank_pattern" in err and "--format peft" in err and len(err.strip().splitlines()) == 1
+        assert not any(tmp_path.glob("lora.*.yaml"))

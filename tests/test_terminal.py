@@ -33,5 +33,8 @@ def test_quickstart_cli_terminal_is_quiet_and_summary_whole(tmp_path):
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert line.rstrip().endswith(", ".join(summary["recommendation"]["modules"]))  # the whole list, not cut
+    recommendation = summary["recommendation"]
+    assert recommendation["allocate"] == "ranks" and recommendation["min_rank"] == 0  # the default
+    listed = ", ".join(f"{m} r{recommendation['ranks'][m]}" for m in recommendation["modules"])
+    assert line.rstrip().endswith(listed)  # the whole list with each module's rank, not cut
     assert re.search(r"\d+% of them on attention .*\d+% on MLP", out) and "Top layers:" in out

@@ -31,7 +31,8 @@ from lorasens.model.module_map import build_module_map
 # The probe: a few optimizer steps of the tiny model; the validation machinery is what is tested, not the training.
 TINY = ["--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps", "4", "--max_length", "160",
         "--batch_size", "2", "--train_samples", "16", "--eval_samples", "4", "--eval_steps", "0",
-        "--evaluate", "false", "--ablation", "false", "--budget", "0.25", "--budget_unit", "params"]
+        "--evaluate", "false", "--ablation", "false", "--budget", "0.25", "--budget_unit", "params",
+        "--allocate", "modules"]  # modules at rank r, as the E2E probe: the ranks arm is then a different placement
 ARMS = "eva,adalora,gora,kappa,eva_init,ranks,qv,random"
 VALIDATE = ["--arms", ARMS, "--seeds", "1,2", "--random_sets", "2", "--lr_grid", "1e-3,3e-3", "--max_steps", "10",
             "--sweep_steps", "5", "--test_samples", "6"]

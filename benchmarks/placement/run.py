@@ -32,6 +32,8 @@ TASKS = {
 }
 PROBE = {"model": "smollm2-135m", "target": "both", "r": "8", "lora_alpha": "16", "batch_size": "8",
          "max_steps": "100", "lr": "1e-3", "eval_steps": "25", "budget": "0.25", "budget_unit": "params",
+         # The committed probes recommend modules at rank 8; the `ranks` arm is lorasens' default recommendation.
+         "allocate": "modules",
          "ablation_max_single": "32", "evaluate": "false",
          # A checkpoint every 25 steps lets a probe killed with the session resume (checkpoints change no number).
          "save_steps": "25"}

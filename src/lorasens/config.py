@@ -272,22 +272,27 @@ class TrackingConfig:
     budget_unit: BudgetUnit = opt(
         "params", "What --budget counts: LoRA parameters r*(in+out) (default), or modules.", reanalysable=True,
     )
-    allocate: Allocate = opt(
-        "modules", "modules: LoRA on or off per module at rank --r; ranks: per-module ranks from 0,2,4,8,16,32 "
-        "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget.",
-        reanalysable=True,
+    allocate: Allocate | None = opt(
+        None, "modules: LoRA on or off per module at rank --r; ranks: per-module ranks (--min_rank plus 0,2,4,8,16,32) "
+        "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget. Default: ranks "
+        "for a budget of parameters, modules for a budget of modules.", reanalysable=True,
     )
     min_rank: int = opt(
         0, "With --allocate ranks: every module first gets this rank, and sensitivity places the rest of the budget "
         "on top (ranks min_rank + 0,2,4,...). 0: modules with low sensitivity get no LoRA.", reanalysable=True,
     )
 
+    @property
+    def allocation(self) -> str:
+        """--allocate as it applies: spreading ranks where the budget counts parameters."""
+        return self.allocate or ("ranks" if self.budget_unit == "params" else "modules")
+
     def __post_init__(self):
         _positive("grad_log_interval", self.grad_log_interval)
         if not 0 < self.importance_ema < 1:
             raise UserError(f"--importance_ema must be in (0, 1), got {self.importance_ema}")
         check_budget(self.budget, self.budget_unit)
-        check_allocation(self.allocate, self.budget_unit, self.min_rank)
+        check_allocation(self.allocation, self.budget_unit, self.min_rank)
         if self.ablation_max_single < 0:
             raise UserError(f"--ablation_max_single must be >= 0, got {self.ablation_max_single}")
 

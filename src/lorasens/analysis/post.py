@@ -150,6 +150,7 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
                            "num_selected": budget["num_selected"], "num_modules": len(lora),
                            "params_used": budget["params_used"], "params_budget": budget["params_budget"],
                            "allocate": budget["allocate"], "target_modules": lora_config["target_modules"],
+                           **({"ranks": budget["ranks"], "min_rank": budget["min_rank"]} if "ranks" in budget else {}),
                            **({"layers_to_transform": lora_config["layers_to_transform"]}
                               if "layers_to_transform" in lora_config else {})},
         "sensitivity_top": top,
@@ -327,11 +328,11 @@ def _recommend(cfg: ExperimentConfig, module_map: ModuleMap, lora: list[LoraPara
     by_key = {key_of(lp.module): lp.module for lp in lora}
     params_total = sum(s.params(r) for s in sizes)
     budget = {"unit": tracking.budget_unit, "value": tracking.budget if tracking.budget is not None else DEFAULT_BUDGET,
-              "allocate": tracking.allocate, "min_rank": tracking.min_rank, "num_modules": len(lora),
-              "params_total": params_total}
-    if tracking.allocate == "ranks":
+              "allocate": tracking.allocation, "num_modules": len(lora), "params_total": params_total}
+    if tracking.allocation == "ranks":
         limit = budget_limit(tracking.budget, "params", sizes, r)
         ranks = allocate_ranks(sizes, combined, limit, min_rank=tracking.min_rank)
+        budget["min_rank"] = tracking.min_rank
         chosen = [s.key for s in sizes if ranks[s.key] > 0]
         base = recommended_lora_config([by_key[k] for k in chosen], module_map, r, cfg.lora.lora_alpha,
                                        cfg.lora.lora_dropout)

@@ -53,9 +53,11 @@ def print_summary(run_dir, summary: dict, wall: float) -> None:
                                                   for k, v in summary["evaluation"].items()))
     recommendation = summary.get("recommendation")
     if isinstance(recommendation, dict):
+        ranks = recommendation.get("ranks") or {}
+        modules = [f"{m} r{ranks[m]}" if m in ranks else m for m in recommendation.get("modules") or []]
         lines.append(f"  recommendation ({recommendation.get('file', RECOMMENDED_CONFIG)}): "
-                     f"{recommendation.get('num_selected')} of {recommendation.get('num_modules')} modules: "
-                     f"{', '.join(recommendation.get('modules') or [])}")
+                     f"{recommendation.get('num_selected')} of {recommendation.get('num_modules')} modules"
+                     f"{' (each at its rank)' if ranks else ''}: {', '.join(modules)}")
     answer = build_answer(run_dir).lines()
     if answer:
         lines.append("  answer:")

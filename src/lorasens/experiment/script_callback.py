@@ -87,7 +87,7 @@ class SensitivityCallback(TrainerCallback):
       first-order estimate (what `lorasens train` computes on its analysis split); default: the Trainer's
       `eval_dataset` when it is tokenised. Without either, both are skipped (the recorded measures still rank).
     - `tracking`: what is measured and how the recommendation is budgeted (`lorasens.config.TrackingConfig`: the
-      `--track_*`, `--ablation*`, `--budget*`, `--allocate` settings).
+      `--track_*`, `--ablation*`, `--budget*`, `--allocate`, `--min_rank` settings).
     - `model_name`: how lorasens can load the base model again (alias, Hub id or path), for `lorasens analyze`;
       default: the model's `name_or_path`.
     - `trainer`: the Trainer, when you have it (else found when training begins, see the module docstring).

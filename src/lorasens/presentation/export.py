@@ -60,6 +60,10 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> P
     if fmt != "peft" and isinstance(targets, str):
         raise UserError(f"{RECOMMENDED_CONFIG} selects its modules with one regular expression (too many to list); "
                         f"{fmt} takes module names only: use --format peft")
+    if fmt != "peft" and lora.get("rank_pattern"):
+        raise UserError(f"{RECOMMENDED_CONFIG} gives each module its own rank (rank_pattern), which {fmt}'s config "
+                        "has no key for: use --format peft (a LoraConfig for your script), or "
+                        f"`lorasens analyze {run_dir} --allocate modules` for one rank on the top modules")
     path = Path(output) if output else run_dir / FORMATS[fmt]
     comment = f"LoRA placement recommended by lorasens for {run_dir.name} ({len(targets)} modules)."
     if fmt == "peft":

@@ -203,7 +203,10 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
         if name == "recommended":
             continue
         if name == "ranks" and rank_profile:
-            arms.append(A.Arm("ranks", "ranks", rank_profile))
+            if rank_profile == rec:  # the run already recommends this allocation (--allocate ranks)
+                logger.info("validate: the recommendation is the ranks allocation; the ranks arm is left out")
+            else:
+                arms.append(A.Arm("ranks", "ranks", rank_profile))
         elif name == "ranks_floor" and combined:
             if sum(s.params(FLOOR_RANK) for s in sizes.values()) <= target:
                 weights = {k: (v or 0.0) for k, v in combined.items()}
