@@ -202,19 +202,8 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
     for name in wanted:
         if name == "recommended":
             continue
-        if name == "ranks" and rank_profile:
-            if rank_profile == rec:  # the run already recommends this allocation (--allocate ranks)
-                logger.info("validate: the recommendation is the ranks allocation; the ranks arm is left out")
-            else:
-                arms.append(A.Arm("ranks", "ranks", rank_profile))
-        elif name == "ranks_floor" and combined:
-            if sum(s.params(FLOOR_RANK) for s in sizes.values()) <= target:
-                weights = {k: (v or 0.0) for k, v in combined.items()}
-                arms.append(A.Arm("ranks_floor", "ranks_floor",
-                                  A.allocated_ranks(sizes, weights, target, min_rank=FLOOR_RANK)))
-            else:
-                logger.info("validate: rank %d on every module exceeds the budget; the ranks_floor arm is left out",
-                            FLOOR_RANK)
+        if name in ("ranks", "ranks_floor"):
+            arms += _rank_arms(name, sizes, combined, rank_profile, rec, target)
         elif name == "value":
             per_param = (sensitivity.get("measures_per_param") or {}).get("first_order")
             if per_param:
@@ -257,6 +246,24 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
     budget = {"lora_params": target, "all_modules_lora_params": sum(s.params(r) for s in sizes.values()),
               "modules": len(rec), "r": r, "module_sizes": {k: [s.in_features, s.out_features] for k, s in sizes.items()}}
     return arms, budget
+
+
+def _rank_arms(name: str, sizes: dict[str, ModuleSize], combined: dict, rank_profile: dict[str, int],
+               rec: dict[str, int], target: int) -> list[A.Arm]:
+    """The `ranks` arm (unless the recommendation already is that allocation) or the `ranks_floor` arm (where rank
+    FLOOR_RANK on every module fits the budget); none without a combined ranking."""
+    if not combined:
+        return []
+    if name == "ranks":
+        if rank_profile == rec:  # the run already recommends this allocation (--allocate ranks)
+            logger.info("validate: the recommendation is the ranks allocation; the ranks arm is left out")
+            return []
+        return [A.Arm("ranks", "ranks", rank_profile)]
+    if sum(s.params(FLOOR_RANK) for s in sizes.values()) > target:
+        logger.info("validate: rank %d on every module exceeds the budget; the ranks_floor arm is left out", FLOOR_RANK)
+        return []
+    weights = {k: (v or 0.0) for k, v in combined.items()}
+    return [A.Arm("ranks_floor", "ranks_floor", A.allocated_ranks(sizes, weights, target, min_rank=FLOOR_RANK))]
 
 
 def planned_params(arm: A.Arm, sizes: dict[str, ModuleSize]) -> int:
