@@ -11,6 +11,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasens.analysis.budget import lora_param_count
 from lorasens.rundir.files import ABLATION, SENSITIVITY, VALIDATION_DIR, VALIDATION_JSON
 from lorasens.safeio import read_json
 
@@ -42,7 +43,7 @@ def _recommended_params(module: dict, rank: int | None) -> float:
     """A recommended module's LoRA parameters: at its allocated rank, else at the run's (sensitivity.json's)."""
     if rank is None:
         return module.get("lora_params", 0)
-    return rank * (module.get("in_features", 0) + module.get("out_features", 0))
+    return lora_param_count(rank, module.get("in_features", 0), module.get("out_features", 0))
 
 
 def _rank_range(ranks: dict, selected: list[str]) -> str:

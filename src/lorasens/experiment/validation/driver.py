@@ -197,13 +197,14 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
     rng = random.Random("lorasens-validate")
     arms: list[A.Arm] = [A.Arm("recommended", "recommended", rec)]
     combined = (sensitivity.get("measures") or {}).get(COMBINED) or {}
-    rank_profile = A.allocated_ranks(sizes, {k: (v or 0.0) for k, v in combined.items()}, target) if combined else {}
+    weights = {k: (v or 0.0) for k, v in combined.items()}  # an unscored module (null) weighs 0
+    rank_profile = A.allocated_ranks(sizes, weights, target) if weights else {}
     random_sets = max(settings.random_sets, len(settings.seeds_of("random")))
     for name in wanted:
         if name == "recommended":
             continue
         if name in ("ranks", "ranks_floor"):
-            arms += _rank_arms(name, sizes, combined, rank_profile, rec, target)
+            arms += _rank_arms(name, sizes, weights, rank_profile, rec, target)
         elif name == "value":
             per_param = (sensitivity.get("measures_per_param") or {}).get("first_order")
             if per_param:
@@ -248,11 +249,11 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
     return arms, budget
 
 
-def _rank_arms(name: str, sizes: dict[str, ModuleSize], combined: dict, rank_profile: dict[str, int],
+def _rank_arms(name: str, sizes: dict[str, ModuleSize], weights: dict[str, float], rank_profile: dict[str, int],
                rec: dict[str, int], target: int) -> list[A.Arm]:
     """The `ranks` arm (unless the recommendation already is that allocation) or the `ranks_floor` arm (where rank
     FLOOR_RANK on every module fits the budget); none without a combined ranking."""
-    if not combined:
+    if not weights:
         return []
     if name == "ranks":
         if rank_profile == rec:  # the run already recommends this allocation (--allocate ranks)
@@ -262,7 +263,6 @@ def _rank_arms(name: str, sizes: dict[str, ModuleSize], combined: dict, rank_pro
     if sum(s.params(FLOOR_RANK) for s in sizes.values()) > target:
         logger.info("validate: rank %d on every module exceeds the budget; the ranks_floor arm is left out", FLOOR_RANK)
         return []
-    weights = {k: (v or 0.0) for k, v in combined.items()}
     return [A.Arm("ranks_floor", "ranks_floor", A.allocated_ranks(sizes, weights, target, min_rank=FLOOR_RANK))]
 
 
