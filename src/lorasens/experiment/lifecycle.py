@@ -48,7 +48,7 @@ def save_final_model(model, tokenizer, run_dir: Path) -> None:
 def summary_head(run_dir: Path, *, model: str, module_map: ModuleMap, lora_modules: int, trainable_params: int,
                  steps: int, final_model_from: str, train_data: dict, validation_data: dict, runtime_s: float,
                  adapter: dict | None = None, analysis_data: dict | None = None, packing: dict | None = None,
-                 recorded_by: dict | None = None) -> dict:
+                 labelled_head: dict | None = None, recorded_by: dict | None = None) -> dict:
     """The summary's entries known when training has ended (draws training_loss.png; the loss figures come from the
     logs, `rundir.metrics`). Optional entries are left out when None."""
     plot_training_loss(run_dir)
@@ -71,9 +71,10 @@ def summary_head(run_dir: Path, *, model: str, module_map: ModuleMap, lora_modul
         "analysis_data": analysis_data,
         "train_runtime_s": round(runtime_s, 2),
         "packing": packing,
+        "labelled_head": labelled_head,
         RECORDED_BY: recorded_by,
     }
-    optional = ("adapter", "analysis_data", "packing", RECORDED_BY)
+    optional = ("adapter", "analysis_data", "packing", "labelled_head", RECORDED_BY)
     return {k: v for k, v in entries.items() if not (k in optional and v is None)}
 
 

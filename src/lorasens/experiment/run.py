@@ -45,6 +45,7 @@ from lorasens.training.trainer import (
     RunState,
     build_trainer,
     checkpoint_step,
+    decide_head,
     decide_packing,
     latest_checkpoint,
 )
@@ -130,9 +131,10 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
         trainer_callbacks, best, divergence, allocation = _trainer_callbacks(ctx, inputs, callbacks)
         packing = decide_packing(ctx.model, ctx.tokenizer, inputs.train_features, cfg.training.packing,
                                  cfg.training.batch_size)
+        head = decide_head(ctx.model, ctx.tokenizer, inputs.train_features, packing)
         ctx.trainer = build_trainer(cfg, run_dir, ctx.model, ctx.tokenizer, inputs.train_features,
                                     inputs.val_features if cfg.training.eval_steps else None, trainer_callbacks,
-                                    packing)
+                                    packing, head)
         final_source, runtime = _train(ctx, checkpoint)
         if divergence.step is not None:
             raise TrainingDiverged(
@@ -152,7 +154,8 @@ def _run_experiment(cfg: ExperimentConfig, callbacks: list | tuple, after_traini
             trainable_params=sum(lp.numel() for lp in ctx.lora),
             adapter=_adapter_summary(inputs.placement, ctx.model, allocation), steps=ctx.trainer.state.global_step,
             final_model_from=final_source, train_data=inputs.train_stats.as_dict(),
-            validation_data=inputs.val_stats.as_dict(), runtime_s=runtime, packing=packing.as_dict()))
+            validation_data=inputs.val_stats.as_dict(), runtime_s=runtime, packing=packing.as_dict(),
+            labelled_head=head.as_dict()))
         return RunResult(run_dir, finish(ctx, after_training, started))
     finally:
         detach_file_log(log_handler)

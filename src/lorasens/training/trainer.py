@@ -30,6 +30,13 @@ from lorasens.model.tensors import foreach_norms
 from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, EVAL_LOG, TRAIN_LOG, TRAINER_STATE
 from lorasens.rundir.load import adapter_problem
 from lorasens.safeio import dumps, read_json, read_jsonl
+from lorasens.training.labelled_head import (
+    HeadDecision,
+    LabelledHeadCollator,
+    decide_labelled_head,
+    labelled_head_loss,
+    labelled_targets,
+)
 from lorasens.training.packing import use_segment_attention
 
 logger = logging.getLogger(__name__)
@@ -92,6 +99,19 @@ def packed_collator(model: torch.nn.Module, segments: bool = True) -> PackedColl
     segmented = segments and use_segment_attention(model)
     implementation = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
     return PackedCollator(flash_attention=segmented or implementation.startswith("flash_attention"))
+
+
+def batch_collator(model: torch.nn.Module, tokenizer, packing: PackingDecision):
+    """The collator of training and validation batches: packed or padded."""
+    return packed_collator(model) if packing.enabled else padded_collator(tokenizer)
+
+
+def decide_head(model: torch.nn.Module, tokenizer, features: list[dict], packing: PackingDecision) -> HeadDecision:
+    """Whether the LM head can run at the labelled positions only, probed on the first two training examples
+    batched the way training batches them."""
+    if not features:
+        return HeadDecision(False, "no training examples to probe")
+    return decide_labelled_head(model, batch_collator(model, tokenizer, packing)(features[:2]))
 
 
 @torch.no_grad()
@@ -191,14 +211,19 @@ def build_trainer(
     eval_features: list[dict] | None,
     callbacks: list[TrainerCallback],
     packing: PackingDecision | None = None,
+    head: HeadDecision | None = None,
 ) -> Trainer:
-    """The Trainer; `packing` is decided here (`decide_packing`) unless the caller already did. Training and the
-    validation loss use the same batching."""
+    """The Trainer; `packing` and `head` are decided here (`decide_packing`, `decide_head`) unless the caller
+    already did. Training and the validation loss use the same batching and the same loss."""
     from datasets import Dataset
 
     if packing is None:
         packing = decide_packing(model, tokenizer, train_features, cfg.training.packing, cfg.training.batch_size)
-    collator = packed_collator(model) if packing.enabled else padded_collator(tokenizer)
+    if head is None:
+        head = decide_head(model, tokenizer, train_features, packing)
+    collator = batch_collator(model, tokenizer, packing)
+    if head.enabled:
+        collator = LabelledHeadCollator(collator)
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, run_dir, packing.enabled),
@@ -210,6 +235,7 @@ def build_trainer(
         # eval_loss as a token-weighted mean over the whole validation set (see `token_weighted_eval_loss`).
         compute_metrics=token_weighted_eval_loss,
         preprocess_logits_for_metrics=target_token_losses,
+        compute_loss_func=labelled_head_loss if head.enabled else None,
     )
     trainer.remove_callback(ProgressCallback)
     # A terminal gets the progress bar; a log file or pipe gets plain lines (no escape codes, no redrawn bars).
@@ -220,14 +246,22 @@ def build_trainer(
 def target_token_losses(logits, labels: torch.Tensor) -> torch.Tensor:
     """Per row of an eval batch: (sum of the next-token cross-entropies over its target tokens, their count).
 
-    Reduces the (rows, width, vocab) logits to (rows, 2) before the Trainer gathers them across batches.
+    Reduces the logits to (rows, 2) before the Trainer gathers them across batches. `logits` are (rows, width,
+    vocab), or (targets, vocab) when the head ran at the labelled positions only (`labelled_head`).
     """
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
     shifted = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                            ignore_index=IGNORE_INDEX, reduction="none").view(shifted.shape)
-    return torch.stack([nll.sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1).float()], dim=1)
+    labelled = shifted != IGNORE_INDEX
+    if logits.dim() == 2:
+        nll = torch.nn.functional.cross_entropy(logits.float(), labelled_targets(labels), reduction="none")
+        rows = labelled.nonzero()[:, 0]
+        sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
+    else:
+        sums = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 shifted.reshape(-1), ignore_index=IGNORE_INDEX,
+                                                 reduction="none").view(shifted.shape).sum(dim=1)
+    return torch.stack([sums, labelled.sum(dim=1).float()], dim=1)
 
 
 def token_weighted_eval_loss(prediction) -> dict[str, float]:
