@@ -1,9 +1,9 @@
 """The LM head at the labelled positions only: the training and validation loss without the prompt's logits.
 
 A causal LM's forward projects every position onto the vocabulary, but the loss reads only the positions whose next
-token is a target. On data whose prompt is longer than its target (E2E: 30% of the positions are labelled) the rest
-of the head's matmul, softmax and backward is wasted: the head is a fifth of SmolLM2-135M's work per token (its
-vocabulary is a fifth of the model). transformers' `logits_to_keep` takes a boolean (batch, sequence) mask and
+token is a target. Where the prompt is longer than the target (the quickstart's E2E-style batches: 43% of the
+positions are labelled) the rest of the head's matmul, softmax and backward is wasted work, and the head is a fifth
+of SmolLM2-135M's work per token (its vocabulary embedding is a fifth of the model). transformers' `logits_to_keep` takes a boolean (batch, sequence) mask and
 returns the kept positions' logits flattened; the Trainer takes the loss from its `compute_loss_func`. The loss is
 the model's own (summed target cross-entropy over the Trainer's `num_items_in_batch`), so gradient accumulation and
 multi-device averaging are unchanged; `decide_labelled_head` checks on one batch that it equals the model's loss.
