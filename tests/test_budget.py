@@ -10,6 +10,7 @@ from lorasens.analysis.budget import (
     RANK_CHOICES,
     ModuleSize,
     allocate_ranks,
+    allocate_type_ranks,
     budget_limit,
     lora_param_count,
     pattern_key,
@@ -80,6 +81,23 @@ def test_rank_floor_gives_every_module_the_floor_and_the_rest_by_weight():
     assert allocate_ranks(mods, weights, 128 * 9, min_rank=2) == dict.fromkeys(weights, 2)
     with pytest.raises(UserError, match="--min_rank 3 on all 4 modules takes 1536 LoRA parameters"):
         allocate_ranks(mods, weights, 128 * 11, min_rank=3)
+
+
+def test_type_allocation_gives_each_type_its_ablation_share_spread_over_the_layers():
+    # Four layers of two types: "a" 128 wide (128 parameters per rank), "m" 256 wide (256 per rank).
+    mods = [ModuleSize(f"L{i}.a", 64, 64) for i in range(4)] + [ModuleSize(f"L{i}.m", 128, 128) for i in range(4)]
+    type_of = {s.key: s.key.split(".")[1] for s in mods}
+    # Deltas 1:3 -> a gets 1/4 of 6144 = 1536 (12 rank units of 128: rank 3 on 4 modules), m 3/4 = 4608 (18 units
+    # of 256: rank 4 on 4 modules, +1 on two of them spread apart: layers 0 and 2).
+    ranks = allocate_type_ranks(mods, type_of, {"a": 0.01, "m": 0.03}, 6144)
+    assert ranks == {"L0.a": 3, "L1.a": 3, "L2.a": 3, "L3.a": 3, "L0.m": 5, "L1.m": 4, "L2.m": 5, "L3.m": 4}
+    assert sum(s.params(ranks[s.key]) for s in mods) == 6144
+    # A negative or NaN delta counts 0: that type gets no LoRA; no positive delta at all is an error.
+    ranks = allocate_type_ranks(mods, type_of, {"a": -0.002, "m": 0.03}, 6144)
+    assert all(ranks[f"L{i}.a"] == 0 and ranks[f"L{i}.m"] == 6 for i in range(4))
+    assert allocate_type_ranks(mods, type_of, {"a": float("nan"), "m": 1.0}, 2048)["L0.a"] == 0
+    with pytest.raises(UserError, match="positive ablation delta"):
+        allocate_type_ranks(mods, type_of, {"a": 0.0, "m": -1.0}, 6144)
 
 
 def test_pattern_keys_match_only_their_own_layer_in_peft():

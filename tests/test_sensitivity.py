@@ -292,7 +292,27 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     assert set(floored["ranks"].values()) <= {1, 3, 5, 9, 17, 33} and min(floored["ranks"].values()) == 1
     assert floored["params_used"] <= floored["params_budget"]
     assert "per-module ranks (at least 1 on every module)" in capsys.readouterr().out
+    # Types: each module type's share of the budget is its share of the ablation's module-type deltas (read back
+    # from sensitivity_ablation.csv), one rank per type in every layer.
+    assert main(["analyze", str(run), "--budget_unit", "params", "--budget", "0.5", "--allocate", "types",
+                 "--ablation", "false"]) == 0
+    typed = json.loads((run / files.SENSITIVITY).read_text())["budget"]
+    assert typed["allocate"] == "types" and "one rank per module type" in capsys.readouterr().out
+    deltas = {r["name"]: max(0.0, float(r["delta_loss"])) for r in ablation if r["kind"] == "module_type"}
+    width = {k: n // cfg.lora.r for k, n in sizes.items()}  # in + out
+    for module_type, delta in deltas.items():
+        members = [k for k in sizes if k.endswith("." + module_type)]
+        spent = sum(typed["ranks"].get(k, 0) * width[k] for k in members)
+        assert abs(spent - typed["params_budget"] * delta / sum(deltas.values())) <= width[members[0]] / 2 + 1e-6
+        ranks = [typed["ranks"].get(k, 0) for k in members]
+        assert max(ranks) - min(ranks) <= 1
+    LoraConfig(**json.loads((run / files.RECOMMENDED_CONFIG).read_text()))
+    (run / files.ABLATION).rename(tmp_path / "ablation.csv")
+    assert main(["analyze", str(run), "--budget_unit", "params", "--allocate", "types", "--ablation", "false"]) == 2
+    assert "--allocate types splits the budget by the ablation's module-type deltas" in capsys.readouterr().err
+    (tmp_path / "ablation.csv").rename(run / files.ABLATION)
     assert main(["analyze", str(run), "--allocate", "ranks", "--budget_unit", "modules"]) == 2
+    assert main(["analyze", str(run), "--allocate", "types", "--budget_unit", "modules"]) == 2
     assert main(["analyze", str(run), "--min_rank", "1", "--ablation", "false"]) == 2
     # --probe: the training-time measures come from another run (here: this run's files with grad norms doubled).
     probe = tmp_path / "probe"

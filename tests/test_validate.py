@@ -103,6 +103,28 @@ def test_ranks_floor_arm_covers_every_module_and_holds_the_budget():
     assert {k for k, r in floor.items() if r > 1} <= {k for k, w in weights.items() if w > 0}
 
 
+def test_types_arm_splits_the_budget_by_the_probes_module_type_ablation(tiny_llama, tmp_path):
+    from lorasens.rundir import files
+
+    module_map = build_module_map(tiny_llama.model)
+    sizes = module_sizes(tiny_llama.model, module_map)
+    types = sorted({m.module_type for m in module_map.modules})
+    rows = ["kind,name,layer,group,module,num_modules,loss,delta_loss,delta_ci_low,delta_ci_high,rank,rank_low,rank_high",
+            "all,all_on,,,,0,1.0,0.0,0.0,0.0,,,"]
+    deltas = {t: (0.05 if t in ("gate_proj", "up_proj") else 0.01 if t != "k_proj" else -0.001) for t in types}
+    rows += [f"module_type,{t},,,{t},2,1.0,{d},{d},{d},,," for t, d in deltas.items()]
+    (tmp_path / files.ABLATION).write_text("\n".join(rows) + "\n")
+    target = sum(s.params(2) for s in sizes.values())  # every module at rank 2
+    [arm] = driver._types_arm(tmp_path, module_map, sizes, {}, target)
+    spent = {t: sum(sizes[k].params(r) for k, r in arm.ranks.items() if k.endswith("." + t)) for t in types}
+    assert not any(k.endswith(".k_proj") for k in arm.ranks)  # a negative delta: no LoRA on that type
+    assert spent["gate_proj"] == spent["up_proj"] > 4 * spent["q_proj"]
+    assert abs(sum(spent.values()) - target) <= 0.05 * target
+    # The recommendation already being that allocation, or no ablation: no arm.
+    assert driver._types_arm(tmp_path, module_map, sizes, arm.ranks, target) == []
+    assert driver._types_arm(tmp_path / "none", module_map, sizes, {}, target) == []
+
+
 def test_value_arm_fills_the_budget_by_predicted_loss_reduction_per_parameter():
     sizes = {"a": ModuleSize("a", 10, 10), "b": ModuleSize("b", 20, 20), "c": ModuleSize("c", 10, 10)}
     # per parameter: c > b > a; the budget holds c and b (2 * 20 * 8 + ... at rank 8: c 160, b 320, a 160)

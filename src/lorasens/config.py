@@ -41,7 +41,7 @@ ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
 Quantize = Literal["none", "4bit"]
 Fsdp = Literal["none", "full_shard", "shard_grad_op", "hybrid_shard"]
-Allocate = Literal["modules", "ranks"]
+Allocate = Literal["modules", "ranks", "types"]
 BudgetUnit = Literal["params", "modules"]  # what --budget counts (analysis.budget)
 # Generation metrics of a custom dataset (--metrics); lorasens.metrics.TEXT_METRIC_FUNCTIONS scores them.
 TextMetric = Literal["exact_match", "rouge_l", "bleu", "accuracy"]
@@ -274,8 +274,10 @@ class TrackingConfig:
     )
     allocate: Allocate | None = opt(
         None, "modules: LoRA on or off per module at rank --r; ranks: per-module ranks (--min_rank plus 0,2,4,8,16,32) "
-        "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget. Default: ranks "
-        "for a budget of parameters, modules for a budget of modules.", reanalysable=True,
+        "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget; types: each "
+        "module type's share of the budget from the ablation's module-type deltas, one rank per type in every layer "
+        "(needs --ablation). Default: ranks for a budget of parameters, modules for a budget of modules.",
+        reanalysable=True,
     )
     min_rank: int = opt(
         0, "With --allocate ranks: every module first gets this rank, and sensitivity places the rest of the budget "
@@ -405,8 +407,8 @@ def check_budget(budget: float | None, unit: str) -> None:
 
 
 def check_allocation(allocate: str, unit: str, min_rank: int = 0) -> None:
-    if allocate == "ranks" and unit != "params":
-        raise UserError("--allocate ranks distributes a budget of LoRA parameters; use it with --budget_unit params")
+    if allocate in ("ranks", "types") and unit != "params":
+        raise UserError(f"--allocate {allocate} distributes a budget of LoRA parameters; use it with --budget_unit params")
     if min_rank < 0:
         raise UserError(f"--min_rank must be >= 0, got {min_rank}")
     if min_rank and allocate != "ranks":

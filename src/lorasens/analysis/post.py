@@ -20,6 +20,7 @@ from lorasens.analysis.budget import (
     DEFAULT_BUDGET,
     ModuleSize,
     allocate_ranks,
+    allocate_type_ranks,
     budget_limit,
     rank_allocation_config,
     select_within_budget,
@@ -55,7 +56,7 @@ from lorasens.model.lora import LoraParams
 from lorasens.model.module_map import ModuleMap
 from lorasens.rundir import files
 from lorasens.rundir.files import CONFIG_FILE, unknown_fields
-from lorasens.rundir.load import read_run_config, require_known
+from lorasens.rundir.load import read_ablation, read_run_config, require_known
 from lorasens.safeio import read_json, write_json
 from lorasens.training.context import RunContext, load_run
 from lorasens.training.trainer import decide_packing
@@ -135,7 +136,7 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
             ranked_by = full_coverage(keys, measures)
             combined = combined_scores(keys, _on_scale(measures, params, scale, ranked_by))
 
-    budget, lora_config = _recommend(cfg, module_map, lora, sizes, combined)
+    budget, lora_config = _recommend(cfg, run_dir, module_map, lora, sizes, combined)
     budget.update({"ranked_by": ranked_by, "ranking_scale": scale})
     write_json(run_dir / files.RECOMMENDED_CONFIG, lora_config)
 
@@ -254,6 +255,8 @@ def describe_budget(budget: dict) -> str:
         text += f" of a budget of {budget['params_budget']:.0f} ({100 * budget['params_used'] / budget['params_budget']:.1f}%)"
     else:
         text += f" ({100 * budget['params_used'] / budget['params_total']:.1f}% of all modules' total)"
+    if budget.get("allocate") == "types":
+        return text + ", one rank per module type (shares from the ablation)"
     if budget.get("allocate") != "ranks":
         return text
     return text + (f", per-module ranks (at least {budget['min_rank']} on every module)" if budget.get("min_rank")
@@ -321,17 +324,21 @@ def _first_order_agreement(estimate: dict[str, float], measured: dict[str, float
     return {"modules": len(common), "spearman": spearman(estimate, measured), "pearson": pearson}
 
 
-def _recommend(cfg: ExperimentConfig, module_map: ModuleMap, lora: list[LoraParams], sizes: list[ModuleSize],
-               combined: dict[str, float]) -> tuple[dict, dict]:
+def _recommend(cfg: ExperimentConfig, run_dir: Path, module_map: ModuleMap, lora: list[LoraParams],
+               sizes: list[ModuleSize], combined: dict[str, float]) -> tuple[dict, dict]:
     """The budget summary for sensitivity.json and the recommended LoraConfig keyword arguments."""
     tracking, r = cfg.tracking, cfg.lora.r
     by_key = {key_of(lp.module): lp.module for lp in lora}
     params_total = sum(s.params(r) for s in sizes)
     budget = {"unit": tracking.budget_unit, "value": tracking.budget if tracking.budget is not None else DEFAULT_BUDGET,
               "allocate": tracking.allocation, "num_modules": len(lora), "params_total": params_total}
-    if tracking.allocation == "ranks":
+    if tracking.allocation in ("ranks", "types"):
         limit = budget_limit(tracking.budget, "params", sizes, r)
-        ranks = allocate_ranks(sizes, combined, limit, min_rank=tracking.min_rank)
+        if tracking.allocation == "types":
+            ranks = allocate_type_ranks(sizes, {k: m.module_type for k, m in by_key.items()},
+                                        _type_deltas(run_dir, tracking), limit)
+        else:
+            ranks = allocate_ranks(sizes, combined, limit, min_rank=tracking.min_rank)
         budget["min_rank"] = tracking.min_rank
         chosen = [s.key for s in sizes if ranks[s.key] > 0]
         base = recommended_lora_config([by_key[k] for k in chosen], module_map, r, cfg.lora.lora_alpha,
@@ -350,6 +357,16 @@ def _recommend(cfg: ExperimentConfig, module_map: ModuleMap, lora: list[LoraPara
         budget["params_budget"] = selection.limit if tracking.budget_unit == "params" else None
     budget.update({"selected": chosen, "num_selected": len(chosen)})
     return budget, config
+
+
+def _type_deltas(run_dir: Path, tracking) -> dict[str, float]:
+    """The module-type deltas of the run's ablation (sensitivity_ablation.csv), which --allocate types needs."""
+    deltas = {name: d.delta for name, d in read_ablation(run_dir, "module_type").items()}
+    if not deltas:
+        why = "the ablation is off (--ablation false)" if not tracking.ablation else "the run has no ablation results"
+        raise UserError(f"--allocate types splits the budget by the ablation's module-type deltas, but {why}; run "
+                        "with --ablation true or choose --allocate ranks or modules")
+    return deltas
 
 
 def _finite(scores: dict[str, float]) -> dict[str, float | None]:

@@ -7,12 +7,12 @@ ablation or a validation says so instead of failing.
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorasens.analysis.budget import lora_param_count
-from lorasens.rundir.files import ABLATION, SENSITIVITY, VALIDATION_DIR, VALIDATION_JSON
+from lorasens.rundir.files import SENSITIVITY, VALIDATION_DIR, VALIDATION_JSON
+from lorasens.rundir.load import read_ablation
 from lorasens.safeio import read_json
 
 TOP_LAYERS = 3
@@ -56,20 +56,7 @@ def _rank_range(ranks: dict, selected: list[str]) -> str:
 
 def read_group_ablation(run_dir: Path) -> dict[str, dict]:
     """{group: {delta, low, high}} from sensitivity_ablation.csv's group rows (empty without an ablation)."""
-    path = run_dir / ABLATION
-    if not path.exists():
-        return {}
-    out = {}
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("kind") == "group":
-                try:
-                    out[row["name"]] = {"delta": float(row["delta_loss"]),
-                                        "low": float(row["delta_ci_low"]) if row.get("delta_ci_low") else None,
-                                        "high": float(row["delta_ci_high"]) if row.get("delta_ci_high") else None}
-                except (KeyError, ValueError):
-                    continue
-    return out
+    return {name: asdict(d) for name, d in read_ablation(run_dir, "group").items()}
 
 
 def read_verdict(run_dir: Path) -> str | None:

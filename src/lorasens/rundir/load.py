@@ -3,13 +3,15 @@ user's script did not know, and whether a saved adapter can be loaded (`training
 
 from __future__ import annotations
 
+import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
 from lorasens.config import ExperimentConfig, config_from_dict
 from lorasens.errors import UserError
-from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, unknown_fields
+from lorasens.rundir.files import ABLATION, ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, unknown_fields
 from lorasens.safeio import read_json
 
 
@@ -44,3 +46,32 @@ def adapter_problem(path: Path) -> str | None:
     except Exception as exc:  # safetensors raises its own error types for a torn header or body
         return f"{ADAPTER_WEIGHTS} is truncated or unreadable ({str(exc).splitlines()[0][:80]})"
     return None
+
+
+@dataclass(frozen=True)
+class AblationDelta:
+    """One ablated set's loss increase over the all-on adapter, with its bootstrap CI (None where not recorded)."""
+
+    delta: float
+    low: float | None
+    high: float | None
+
+
+def read_ablation(run_dir: Path, kind: str) -> dict[str, AblationDelta]:
+    """{set name: delta} for the rows of one kind (all, group, layer, module_type, module) of
+    sensitivity_ablation.csv; empty without an ablation. Unreadable rows are skipped."""
+    path = Path(run_dir) / ABLATION
+    if not path.exists():
+        return {}
+    out = {}
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("kind") != kind:
+                continue
+            try:
+                out[row["name"]] = AblationDelta(float(row["delta_loss"]),
+                                                 float(row["delta_ci_low"]) if row.get("delta_ci_low") else None,
+                                                 float(row["delta_ci_high"]) if row.get("delta_ci_high") else None)
+            except (KeyError, ValueError):
+                continue
+    return out

@@ -10,7 +10,14 @@ import math
 import random
 from dataclasses import asdict, dataclass, field
 
-from lorasens.analysis.budget import ModuleSize, allocate_ranks, rank_allocation_config
+from lorasens.analysis.budget import (  # noqa: F401 (fit_ranks, spread_order: the arms' shared helpers)
+    ModuleSize,
+    allocate_ranks,
+    allocate_type_ranks,
+    fit_ranks,
+    rank_allocation_config,
+    spread_order,
+)
 from lorasens.errors import UserError
 from lorasens.model.module_map import ModuleMap
 
@@ -23,6 +30,8 @@ ARMS = {
     "ranks": ("lorasens", "per-module ranks from the combined sensitivity (--allocate ranks)"),
     "ranks_floor": ("lorasens", "every module at rank 1, the rest of the budget by the combined sensitivity "
                     "(--allocate ranks --min_rank 1)"),
+    "types": ("lorasens", "module-type budget shares from the probe's ablation deltas, one rank per type in every "
+              "layer (--allocate types)"),
     "value": ("lorasens", "first-order estimate per LoRA parameter as knapsack value (greedy fill)"),
     "eva_init": ("lorasens", "the recommendation's modules, EVA initialisation (no redistribution)"),
     "eva": ("peer", "PEFT EVA on every module, rank redistribution rho=2, rank budget searched to the parameters"),
@@ -80,34 +89,6 @@ class Arm:
     def from_dict(data: dict) -> Arm:
         ada = data.get("adalora")
         return Arm(**{**data, "adalora": AdaLoraPlan(**ada) if ada else None})
-
-
-def fit_ranks(keys: list[str], sizes: dict[str, ModuleSize], target: int) -> dict[str, int]:
-    """Ranks for `keys` holding about `target` LoRA parameters: rank b everywhere, b+1 on an evenly spread subset."""
-    unit = sum(sizes[k].in_features + sizes[k].out_features for k in keys)
-    base = target // unit
-    ranks = {k: base for k in keys}
-    used = base * unit
-    for index in spread_order(len(keys)):
-        k = keys[index]
-        cost = sizes[k].in_features + sizes[k].out_features
-        if abs(used + cost - target) < abs(used - target):
-            ranks[k] += 1
-            used += cost
-    return {k: r for k, r in ranks.items() if r > 0}
-
-
-def spread_order(n: int) -> list[int]:
-    """0..n-1 in an order that keeps any prefix spread out: 0, n/2, n/4, 3n/4, n/8, ... then whatever is left."""
-    seen: dict[int, None] = {}
-    denominator = 1
-    while len(seen) < n and denominator <= 2 * n:
-        for numerator in range(denominator):
-            seen.setdefault((numerator * n) // denominator, None)
-        denominator *= 2
-    for i in range(n):
-        seen.setdefault(i, None)
-    return list(seen)
 
 
 def filled_in_order(order: list[str], sizes: dict[str, ModuleSize], r: int, target: int) -> dict[str, int]:

@@ -45,7 +45,7 @@ from lorasens.metrics import ensure_meteor_ready
 from lorasens.model.loading import load_model
 from lorasens.model.module_map import ModuleMap, build_module_map
 from lorasens.rundir import files, run_status
-from lorasens.rundir.load import read_run_config
+from lorasens.rundir.load import read_ablation, read_run_config
 from lorasens.safeio import read_json, write_json
 from lorasens.training.context import load_run
 
@@ -205,6 +205,8 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
             continue
         if name in ("ranks", "ranks_floor"):
             arms += _rank_arms(name, sizes, weights, rank_profile, rec, target)
+        elif name == "types":
+            arms += _types_arm(run_dir, module_map, sizes, rec, target)
         elif name == "value":
             per_param = (sensitivity.get("measures_per_param") or {}).get("first_order")
             if per_param:
@@ -264,6 +266,23 @@ def _rank_arms(name: str, sizes: dict[str, ModuleSize], weights: dict[str, float
         logger.info("validate: rank %d on every module exceeds the budget; the ranks_floor arm is left out", FLOOR_RANK)
         return []
     return [A.Arm("ranks_floor", "ranks_floor", A.allocated_ranks(sizes, weights, target, min_rank=FLOOR_RANK))]
+
+
+def _types_arm(run_dir: Path, module_map, sizes: dict[str, ModuleSize], rec: dict[str, int],
+               target: int) -> list[A.Arm]:
+    """The `types` arm (--allocate types) from the probe's module-type ablation deltas; none without an ablation or
+    when the recommendation already is that allocation."""
+    deltas = {name: d.delta for name, d in read_ablation(run_dir, "module_type").items()}
+    if not any(d > 0 for d in deltas.values()):
+        logger.info("validate: the run has no positive module-type ablation delta; the types arm is left out")
+        return []
+    type_of = {key_of(m): m.module_type for m in module_map.modules}
+    ranks = A.allocate_type_ranks(list(sizes.values()), type_of, deltas, target)
+    ranks = {k: r for k, r in ranks.items() if r > 0}
+    if ranks == rec:
+        logger.info("validate: the recommendation is the types allocation; the types arm is left out")
+        return []
+    return [A.Arm("types", "types", ranks)]
 
 
 def planned_params(arm: A.Arm, sizes: dict[str, ModuleSize]) -> int:
