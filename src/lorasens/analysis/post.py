@@ -49,7 +49,7 @@ from lorasens.analysis.stats import (
     rank_interval_is_wide,
     spearman,
 )
-from lorasens.config import ExperimentConfig, with_overrides
+from lorasens.config import ExperimentConfig, TrackingConfig, with_overrides
 from lorasens.data.prepare import prepare
 from lorasens.errors import UserError
 from lorasens.model.lora import LoraParams
@@ -359,7 +359,7 @@ def _recommend(cfg: ExperimentConfig, run_dir: Path, module_map: ModuleMap, lora
     return budget, config
 
 
-def _type_deltas(run_dir: Path, tracking) -> dict[str, float]:
+def _type_deltas(run_dir: Path, tracking: TrackingConfig) -> dict[str, float]:
     """The module-type deltas of the run's ablation (sensitivity_ablation.csv), which --allocate types needs."""
     deltas = {name: d.delta for name, d in read_ablation(run_dir, "module_type").items()}
     if not deltas:
