@@ -10,6 +10,7 @@ from lorasens.analysis.budget import (
     RANK_CHOICES,
     ModuleSize,
     allocate_ranks,
+    ablation_type_shares,
     allocate_type_ranks,
     budget_limit,
     lora_param_count,
@@ -83,21 +84,36 @@ def test_rank_floor_gives_every_module_the_floor_and_the_rest_by_weight():
         allocate_ranks(mods, weights, 128 * 11, min_rank=3)
 
 
-def test_type_allocation_gives_each_type_its_ablation_share_spread_over_the_layers():
+def test_type_allocation_gives_each_type_its_share_spread_over_the_layers():
     # Four layers of two types: "a" 128 wide (128 parameters per rank), "m" 256 wide (256 per rank).
     mods = [ModuleSize(f"L{i}.a", 64, 64) for i in range(4)] + [ModuleSize(f"L{i}.m", 128, 128) for i in range(4)]
     type_of = {s.key: s.key.split(".")[1] for s in mods}
-    # Deltas 1:3 -> a gets 1/4 of 6144 = 1536 (12 rank units of 128: rank 3 on 4 modules), m 3/4 = 4608 (18 units
+    # Shares 1:3 -> a gets 1/4 of 6144 = 1536 (12 rank units of 128: rank 3 on 4 modules), m 3/4 = 4608 (18 units
     # of 256: rank 4 on 4 modules, +1 on two of them spread apart: layers 0 and 2).
-    ranks = allocate_type_ranks(mods, type_of, {"a": 0.01, "m": 0.03}, 6144)
+    ranks = allocate_type_ranks(mods, type_of, {"a": 0.25, "m": 0.75}, 6144)
     assert ranks == {"L0.a": 3, "L1.a": 3, "L2.a": 3, "L3.a": 3, "L0.m": 5, "L1.m": 4, "L2.m": 5, "L3.m": 4}
     assert sum(s.params(ranks[s.key]) for s in mods) == 6144
-    # A negative or NaN delta counts 0: that type gets no LoRA; no positive delta at all is an error.
-    ranks = allocate_type_ranks(mods, type_of, {"a": -0.002, "m": 0.03}, 6144)
+    # A type without a share gets no LoRA.
+    ranks = allocate_type_ranks(mods, type_of, {"m": 1.0}, 6144)
     assert all(ranks[f"L{i}.a"] == 0 and ranks[f"L{i}.m"] == 6 for i in range(4))
-    assert allocate_type_ranks(mods, type_of, {"a": float("nan"), "m": 1.0}, 2048)["L0.a"] == 0
-    with pytest.raises(UserError, match="positive ablation delta"):
-        allocate_type_ranks(mods, type_of, {"a": 0.0, "m": -1.0}, 6144)
+
+
+def test_type_shares_split_the_group_deltas_by_the_type_deltas_within_each_group():
+    group_of_type = {"q": "attn", "v": "attn", "up": "mlp", "down": "mlp"}
+    # Groups 1:3 (the MLP carries 3/4 although its types' own deltas sum to only twice the attention's); within the
+    # MLP, up:down = 3:1; within attention, v's negative delta counts 0.
+    shares = ablation_type_shares({"q": 0.01, "v": -0.002, "up": 0.015, "down": 0.005}, group_of_type,
+                                  {"attn": 0.1, "mlp": 0.3})
+    assert shares == pytest.approx({"q": 0.25, "v": 0.0, "up": 0.5625, "down": 0.1875})
+    # No group deltas (an older file): each group takes the sum of its types' deltas, i.e. shares of the type deltas.
+    assert ablation_type_shares({"q": 0.01, "v": 0.01, "up": 0.02, "down": float("nan")}, group_of_type, {}) == \
+        pytest.approx({"q": 0.25, "v": 0.25, "up": 0.5, "down": 0.0})
+    # A group with a positive delta and no positive type delta: its types share it evenly.
+    assert ablation_type_shares({"q": 0.0, "v": -1.0, "up": 0.02, "down": 0.02}, group_of_type,
+                                {"attn": 0.1, "mlp": 0.1}) == pytest.approx({"q": 0.25, "v": 0.25, "up": 0.25,
+                                                                            "down": 0.25})
+    with pytest.raises(UserError, match="positive ablation delta for at least one module group"):
+        ablation_type_shares({"q": 0.01, "up": 0.01}, group_of_type, {"attn": 0.0, "mlp": -1.0})
 
 
 def test_pattern_keys_match_only_their_own_layer_in_peft():

@@ -292,24 +292,31 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     assert set(floored["ranks"].values()) <= {1, 3, 5, 9, 17, 33} and min(floored["ranks"].values()) == 1
     assert floored["params_used"] <= floored["params_budget"]
     assert "per-module ranks (at least 1 on every module)" in capsys.readouterr().out
-    # Types: each module type's share of the budget is its share of the ablation's module-type deltas (read back
-    # from sensitivity_ablation.csv), one rank per type in every layer.
+    # Types: each group's share of the budget is its share of the ablation's group deltas, split within the group
+    # by the module-type deltas (read back from sensitivity_ablation.csv), one rank per type in every layer.
     assert main(["analyze", str(run), "--budget_unit", "params", "--budget", "0.5", "--allocate", "types",
                  "--ablation", "false"]) == 0
     typed = json.loads((run / files.SENSITIVITY).read_text())["budget"]
     assert typed["allocate"] == "types" and "one rank per module type" in capsys.readouterr().out
     deltas = {r["name"]: max(0.0, float(r["delta_loss"])) for r in ablation if r["kind"] == "module_type"}
+    group_deltas = {r["name"]: max(0.0, float(r["delta_loss"])) for r in ablation if r["kind"] == "group"}
+    group_of = {r["name"]: r["group"] for r in ablation if r["kind"] == "module_type"}
+    assert set(group_of.values()) == {"attn", "mlp"} and all(d > 0 for d in group_deltas.values())
     width = {k: n // cfg.lora.r for k, n in sizes.items()}  # in + out
     for module_type, delta in deltas.items():
+        group = group_of[module_type]
+        in_group = [d for t, d in deltas.items() if group_of[t] == group]
+        within = delta / sum(in_group) if sum(in_group) > 0 else 1 / len(in_group)
+        share = group_deltas[group] / sum(group_deltas.values()) * within
         members = [k for k in sizes if k.endswith("." + module_type)]
         spent = sum(typed["ranks"].get(k, 0) * width[k] for k in members)
-        assert abs(spent - typed["params_budget"] * delta / sum(deltas.values())) <= width[members[0]] / 2 + 1e-6
+        assert abs(spent - typed["params_budget"] * share) <= width[members[0]] / 2 + 1e-6
         ranks = [typed["ranks"].get(k, 0) for k in members]
         assert max(ranks) - min(ranks) <= 1
     LoraConfig(**json.loads((run / files.RECOMMENDED_CONFIG).read_text()))
     (run / files.ABLATION).rename(tmp_path / "ablation.csv")
     assert main(["analyze", str(run), "--budget_unit", "params", "--allocate", "types", "--ablation", "false"]) == 2
-    assert "--allocate types splits the budget by the ablation's module-type deltas" in capsys.readouterr().err
+    assert "--allocate types splits the budget by the ablation's group and module-type deltas" in capsys.readouterr().err
     (tmp_path / "ablation.csv").rename(run / files.ABLATION)
     assert main(["analyze", str(run), "--allocate", "ranks", "--budget_unit", "modules"]) == 2
     assert main(["analyze", str(run), "--allocate", "types", "--budget_unit", "modules"]) == 2

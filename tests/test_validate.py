@@ -103,7 +103,7 @@ def test_ranks_floor_arm_covers_every_module_and_holds_the_budget():
     assert {k for k, r in floor.items() if r > 1} <= {k for k, w in weights.items() if w > 0}
 
 
-def test_types_arm_splits_the_budget_by_the_probes_module_type_ablation(tiny_llama, tmp_path):
+def test_types_arm_splits_the_budget_by_the_probes_group_and_module_type_ablation(tiny_llama, tmp_path):
     from lorasens.rundir import files
 
     module_map = build_module_map(tiny_llama.model)
@@ -113,6 +113,7 @@ def test_types_arm_splits_the_budget_by_the_probes_module_type_ablation(tiny_lla
             "all,all_on,,,,0,1.0,0.0,0.0,0.0,,,"]
     deltas = {t: (0.05 if t in ("gate_proj", "up_proj") else 0.01 if t != "k_proj" else -0.001) for t in types}
     rows += [f"module_type,{t},,,{t},2,1.0,{d},{d},{d},,," for t, d in deltas.items()]
+    rows += ["group,attn,,attn,,8,1.0,0.02,0.02,0.02,,,", "group,mlp,,mlp,,6,1.0,0.18,0.18,0.18,,,"]
     (tmp_path / files.ABLATION).write_text("\n".join(rows) + "\n")
     target = sum(s.params(2) for s in sizes.values())  # every module at rank 2
     [arm] = driver._types_arm(tmp_path, module_map, sizes, {}, target)
@@ -120,6 +121,9 @@ def test_types_arm_splits_the_budget_by_the_probes_module_type_ablation(tiny_lla
     assert not any(k.endswith(".k_proj") for k in arm.ranks)  # a negative delta: no LoRA on that type
     assert spent["gate_proj"] == spent["up_proj"] > 4 * spent["q_proj"]
     assert abs(sum(spent.values()) - target) <= 0.05 * target
+    # The groups' deltas set the groups' shares (MLP 0.18 of 0.20: 90%), the type deltas the split within each.
+    mlp = sum(spent[t] for t in ("gate_proj", "up_proj", "down_proj"))
+    assert mlp / sum(spent.values()) == pytest.approx(0.9, abs=0.03)
     # The recommendation already being that allocation, or no ablation: no arm.
     assert driver._types_arm(tmp_path, module_map, sizes, arm.ranks, target) == []
     assert driver._types_arm(tmp_path / "none", module_map, sizes, {}, target) == []

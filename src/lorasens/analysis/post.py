@@ -10,6 +10,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from lorasens.analysis.budget import (
     DEFAULT_BUDGET,
     ModuleSize,
     allocate_ranks,
+    ablation_type_shares,
     allocate_type_ranks,
     budget_limit,
     rank_allocation_config,
@@ -53,10 +55,10 @@ from lorasens.config import ExperimentConfig, TrackingConfig, with_overrides
 from lorasens.data.prepare import prepare
 from lorasens.errors import UserError
 from lorasens.model.lora import LoraParams
-from lorasens.model.module_map import ModuleMap
+from lorasens.model.module_map import LoraModule, ModuleMap
 from lorasens.rundir import files
 from lorasens.rundir.files import CONFIG_FILE, unknown_fields
-from lorasens.rundir.load import read_ablation, read_run_config, require_known
+from lorasens.rundir.load import read_ablation_deltas, read_run_config, require_known
 from lorasens.safeio import read_json, write_json
 from lorasens.training.context import RunContext, load_run
 from lorasens.training.trainer import decide_packing
@@ -336,7 +338,7 @@ def _recommend(cfg: ExperimentConfig, run_dir: Path, module_map: ModuleMap, lora
         limit = budget_limit(tracking.budget, "params", sizes, r)
         if tracking.allocation == "types":
             ranks = allocate_type_ranks(sizes, {k: m.module_type for k, m in by_key.items()},
-                                        _type_deltas(run_dir, tracking), limit)
+                                        _type_shares(run_dir, tracking, by_key.values()), limit)
         else:
             ranks = allocate_ranks(sizes, combined, limit, min_rank=tracking.min_rank)
         budget["min_rank"] = tracking.min_rank
@@ -359,14 +361,23 @@ def _recommend(cfg: ExperimentConfig, run_dir: Path, module_map: ModuleMap, lora
     return budget, config
 
 
-def _type_deltas(run_dir: Path, tracking: TrackingConfig) -> dict[str, float]:
-    """The module-type deltas of the run's ablation (sensitivity_ablation.csv), which --allocate types needs."""
-    deltas = {name: d.delta for name, d in read_ablation(run_dir, "module_type").items()}
-    if not deltas:
+def type_shares_from_ablation(run_dir: Path, modules: Iterable[LoraModule]) -> dict[str, float] | None:
+    """--allocate types' budget share per module type, from the run's group and module-type ablation deltas
+    (sensitivity_ablation.csv; `ablation_type_shares`); None when the run has no module-type ablation."""
+    type_deltas = read_ablation_deltas(run_dir, "module_type")
+    if not type_deltas:
+        return None
+    group_of_type = {m.module_type: m.group for m in modules}
+    return ablation_type_shares(type_deltas, group_of_type, read_ablation_deltas(run_dir, "group"))
+
+
+def _type_shares(run_dir: Path, tracking: TrackingConfig, modules: Iterable[LoraModule]) -> dict[str, float]:
+    shares = type_shares_from_ablation(run_dir, modules)
+    if shares is None:
         why = "the ablation is off (--ablation false)" if not tracking.ablation else "the run has no ablation results"
-        raise UserError(f"--allocate types splits the budget by the ablation's module-type deltas, but {why}; run "
-                        "with --ablation true or choose --allocate ranks or modules")
-    return deltas
+        raise UserError(f"--allocate types splits the budget by the ablation's group and module-type deltas, but "
+                        f"{why}; run with --ablation true or choose --allocate ranks or modules")
+    return shares
 
 
 def _finite(scores: dict[str, float]) -> dict[str, float | None]:

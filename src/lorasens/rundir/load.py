@@ -75,3 +75,8 @@ def read_ablation(run_dir: Path, kind: str) -> dict[str, AblationDelta]:
             except (KeyError, ValueError):
                 continue
     return out
+
+
+def read_ablation_deltas(run_dir: Path, kind: str) -> dict[str, float]:
+    """{set name: delta} for one kind of sensitivity_ablation.csv's rows, without the intervals."""
+    return {name: d.delta for name, d in read_ablation(run_dir, kind).items()}

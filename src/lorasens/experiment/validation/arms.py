@@ -30,8 +30,8 @@ ARMS = {
     "ranks": ("lorasens", "per-module ranks from the combined sensitivity (--allocate ranks)"),
     "ranks_floor": ("lorasens", "every module at rank 1, the rest of the budget by the combined sensitivity "
                     "(--allocate ranks --min_rank 1)"),
-    "types": ("lorasens", "module-type budget shares from the probe's ablation deltas, one rank per type in every "
-              "layer (--allocate types)"),
+    "types": ("lorasens", "budget shares from the probe's group ablation deltas, split within each group by the "
+              "module-type deltas, one rank per type in every layer (--allocate types)"),
     "value": ("lorasens", "first-order estimate per LoRA parameter as knapsack value (greedy fill)"),
     "eva_init": ("lorasens", "the recommendation's modules, EVA initialisation (no redistribution)"),
     "eva": ("peer", "PEFT EVA on every module, rank redistribution rho=2, rank budget searched to the parameters"),

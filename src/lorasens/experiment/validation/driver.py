@@ -28,6 +28,7 @@ import torch
 
 from lorasens.analysis.ablation import per_example_losses, validation_batches
 from lorasens.analysis.budget import ModuleSize
+from lorasens.analysis.post import type_shares_from_ablation
 from lorasens.analysis.sensitivity import key_of
 from lorasens.config import ExperimentConfig, check_environment, config_from_dict
 from lorasens.data.features import build_features
@@ -45,7 +46,7 @@ from lorasens.metrics import ensure_meteor_ready
 from lorasens.model.loading import load_model
 from lorasens.model.module_map import ModuleMap, build_module_map
 from lorasens.rundir import files, run_status
-from lorasens.rundir.load import read_ablation, read_run_config
+from lorasens.rundir.load import read_run_config
 from lorasens.safeio import read_json, write_json
 from lorasens.training.context import load_run
 
@@ -270,14 +271,18 @@ def _rank_arms(name: str, sizes: dict[str, ModuleSize], weights: dict[str, float
 
 def _types_arm(run_dir: Path, module_map, sizes: dict[str, ModuleSize], rec: dict[str, int],
                target: int) -> list[A.Arm]:
-    """The `types` arm (--allocate types) from the probe's module-type ablation deltas; none without an ablation or
-    when the recommendation already is that allocation."""
-    deltas = {name: d.delta for name, d in read_ablation(run_dir, "module_type").items()}
-    if not any(d > 0 for d in deltas.values()):
-        logger.info("validate: the run has no positive module-type ablation delta; the types arm is left out")
+    """The `types` arm (--allocate types) from the probe's group and module-type ablation deltas; none without an
+    ablation, without a positive delta, or when the recommendation already is that allocation."""
+    try:
+        shares = type_shares_from_ablation(run_dir, module_map.modules)
+    except UserError as exc:  # no positive delta
+        logger.info("validate: %s; the types arm is left out", exc)
+        return []
+    if shares is None:
+        logger.info("validate: the run has no module-type ablation; the types arm is left out")
         return []
     type_of = {key_of(m): m.module_type for m in module_map.modules}
-    ranks = A.allocate_type_ranks(list(sizes.values()), type_of, deltas, target)
+    ranks = A.allocate_type_ranks(list(sizes.values()), type_of, shares, target)
     ranks = {k: r for k, r in ranks.items() if r > 0}
     if ranks == rec:
         logger.info("validate: the recommendation is the types allocation; the types arm is left out")
