@@ -62,7 +62,7 @@ def run(dataset: str, data_dir: Path, mode: str, steps: int, out: Path) -> tuple
     import lorasens.training.trainer as training
     from lorasens.config import build_config
     from lorasens.experiment.run import run_experiment
-    from lorasens.training.labelled_head import HeadDecision
+    from lorasens.training.decision import SpeedupDecision
 
     packing = mode not in ("plain", "padded")
     name = f"{dataset}_{mode}"
@@ -70,7 +70,7 @@ def run(dataset: str, data_dir: Path, mode: str, steps: int, out: Path) -> tuple
     if mode == "mask":  # the earlier packed path: SDPA with a block-diagonal mask over the whole packed row
         training.packed_collator = lambda model, segments=True: original(model, segments=False)
     if mode == "plain":
-        experiment.decide_head = lambda *args: HeadDecision(False, "the plain Trainer's head")
+        experiment.decide_head = lambda *args: SpeedupDecision(False, "the plain Trainer's head")
     cfg = build_config(cli_overrides={
         "model": "smollm2-135m", "dataset": dataset, "data_dir": str(data_dir), "target": "both", "r": 8,
         "lora_alpha": 16, "lora_dropout": 0.0, "batch_size": 8, "max_steps": steps, "max_length": MAX_LENGTH[dataset],

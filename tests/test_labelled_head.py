@@ -12,8 +12,8 @@ from transformers import LlamaForCausalLM
 from lorasens.config import build_config
 from lorasens.experiment.run import run_experiment
 from lorasens.model.loading import build_tiny_random_llama, byte_level_tokenizer
+from lorasens.training.decision import SpeedupDecision
 from lorasens.training.labelled_head import (
-    HeadDecision,
     LabelledHeadCollator,
     decide_labelled_head,
     labelled_head_loss,
@@ -117,7 +117,7 @@ def test_training_with_the_labelled_head_follows_the_full_heads_losses(tmp_path)
         torch.manual_seed(0)
         model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
         feats = features(loaded.tokenizer, 16)
-        head = None if enabled else HeadDecision(False, "the comparison")
+        head = None if enabled else SpeedupDecision(False, "the comparison")
         trainer = build_trainer(cfg, tmp_path / str(enabled), model, loaded.tokenizer, feats, feats[:6], [],
                                 head=head)
         assert (trainer.compute_loss_func is labelled_head_loss) == enabled

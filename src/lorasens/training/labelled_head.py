@@ -12,28 +12,17 @@ multi-device averaging are unchanged; `decide_labelled_head` checks on one batch
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from lorasens.data.features import IGNORE_INDEX
+from lorasens.training.decision import SpeedupDecision
 
 logger = logging.getLogger(__name__)
 
 # The probe's two losses differ by float rounding only (the head's matmul over fewer rows, the sum's order).
 HEAD_TOLERANCE = 1e-4
-
-
-@dataclass(frozen=True)
-class HeadDecision:
-    """Whether the LM head runs at the labelled positions only, and why."""
-
-    enabled: bool
-    reason: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -71,7 +60,7 @@ def labelled_head_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -
 
 
 @torch.no_grad()
-def decide_labelled_head(model: torch.nn.Module, batch: dict) -> HeadDecision:
+def decide_labelled_head(model: torch.nn.Module, batch: dict) -> SpeedupDecision:
     """On when the model takes a boolean `logits_to_keep` and the probe batch (a training batch, labels included)
     gives the model's own loss through the kept logits; else the full head, with the reason."""
     device = next(model.parameters()).device
@@ -94,9 +83,9 @@ def decide_labelled_head(model: torch.nn.Module, batch: dict) -> HeadDecision:
         model.train(was_training)
     if abs(full - head) > HEAD_TOLERANCE:
         return _off(f"the probe batch's loss is {full:.6f} but {head:.6f} from the kept logits")
-    return HeadDecision(True, f"exact: probe batch loss {full:.6f}, {head:.6f} from the labelled positions' logits")
+    return SpeedupDecision(True, f"exact: probe batch loss {full:.6f}, {head:.6f} from the labelled positions' logits")
 
 
-def _off(reason: str) -> HeadDecision:
+def _off(reason: str) -> SpeedupDecision:
     logger.warning("LM head at every position: %s", reason)
-    return HeadDecision(False, reason)
+    return SpeedupDecision(False, reason)

@@ -10,7 +10,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,8 +30,8 @@ from lorasens.model.tensors import foreach_norms
 from lorasens.rundir.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, EVAL_LOG, TRAIN_LOG, TRAINER_STATE
 from lorasens.rundir.load import adapter_problem
 from lorasens.safeio import dumps, read_json, read_jsonl
+from lorasens.training.decision import SpeedupDecision
 from lorasens.training.labelled_head import (
-    HeadDecision,
     LabelledHeadCollator,
     decide_labelled_head,
     labelled_head_loss,
@@ -48,17 +48,6 @@ class RunState:
 
     phase: str = "static"
     phase_index: int = 0
-
-
-@dataclass(frozen=True)
-class PackingDecision:
-    """Whether batches are padding-free (flattened into one row), and why."""
-
-    enabled: bool
-    reason: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # Packed and padded losses of the probe batch may differ by float rounding only (different matmul shapes).
@@ -101,30 +90,30 @@ def packed_collator(model: torch.nn.Module, segments: bool = True) -> PackedColl
     return PackedCollator(flash_attention=segmented or implementation.startswith("flash_attention"))
 
 
-def batch_collator(model: torch.nn.Module, tokenizer, packing: PackingDecision):
+def batch_collator(model: torch.nn.Module, tokenizer, packing: SpeedupDecision):
     """The collator of training and validation batches: packed or padded."""
     return packed_collator(model) if packing.enabled else padded_collator(tokenizer)
 
 
-def decide_head(model: torch.nn.Module, tokenizer, features: list[dict], packing: PackingDecision) -> HeadDecision:
+def decide_head(model: torch.nn.Module, tokenizer, features: list[dict], packing: SpeedupDecision) -> SpeedupDecision:
     """Whether the LM head can run at the labelled positions only, probed on the first two training examples
     batched the way training batches them."""
     if not features:
-        return HeadDecision(False, "no training examples to probe")
+        return SpeedupDecision(False, "no training examples to probe")
     return decide_labelled_head(model, batch_collator(model, tokenizer, packing)(features[:2]))
 
 
 @torch.no_grad()
 def decide_packing(model: torch.nn.Module, tokenizer, features: list[dict], requested: bool,
-                   batch_size: int) -> PackingDecision:
+                   batch_size: int) -> SpeedupDecision:
     """Packing when requested and exact: the loss of one batch (the first `batch_size` examples, at least two) must
     be the same padded and flattened, else padding with the reason (an architecture whose attention ignores packed
     `position_ids`)."""
     if not requested:
-        return PackingDecision(False, "--packing false")
+        return SpeedupDecision(False, "--packing false")
     sample = features[: max(2, batch_size)]
     if len(sample) < 2:
-        return PackingDecision(True, "one example per batch: nothing to pack across")
+        return SpeedupDecision(True, "one example per batch: nothing to pack across")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -141,9 +130,9 @@ def decide_packing(model: torch.nn.Module, tokenizer, features: list[dict], requ
         reason = (f"the loss of one batch is {padded:.6f} padded but {packed:.6f} flattened: this model's attention does "
                   "not separate packed examples; padding instead")
         logger.warning("packing off: %s", reason)
-        return PackingDecision(False, reason)
+        return SpeedupDecision(False, reason)
     logger.debug("packing on: one batch gives loss %.6f padded and %.6f flattened", padded, packed)
-    return PackingDecision(True, f"exact: probe batch loss {padded:.6f} padded, {packed:.6f} flattened")
+    return SpeedupDecision(True, f"exact: probe batch loss {padded:.6f} padded, {packed:.6f} flattened")
 
 
 def training_arguments(cfg: ExperimentConfig, run_dir: Path, packing: bool = False) -> TrainingArguments:
@@ -210,8 +199,8 @@ def build_trainer(
     train_features: list[dict],
     eval_features: list[dict] | None,
     callbacks: list[TrainerCallback],
-    packing: PackingDecision | None = None,
-    head: HeadDecision | None = None,
+    packing: SpeedupDecision | None = None,
+    head: SpeedupDecision | None = None,
 ) -> Trainer:
     """The Trainer; `packing` and `head` are decided here (`decide_packing`, `decide_head`) unless the caller
     already did. Training and the validation loss use the same batching and the same loss."""
