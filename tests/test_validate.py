@@ -220,41 +220,74 @@ def test_bootstrap_difference_is_the_token_weighted_loss_difference():
     rng = np.random.default_rng(0)
     tokens = rng.integers(5, 20, 40).astype(float)
 
-    def unit(offset: float) -> stats.UnitScores:
+    def unit(offset: float, seed: int) -> stats.UnitScores:
         nll = (2.0 + offset + rng.normal(0, 0.05, 40)) * tokens
-        return stats.UnitScores(np.stack([nll, tokens], axis=1))
+        return stats.UnitScores(np.stack([nll, tokens], axis=1), seed)
 
-    better, worse = [unit(0.0) for _ in range(3)], [unit(0.3) for _ in range(3)]
+    better, worse = [unit(0.0, s) for s in (1, 2, 3)], [unit(0.3, s) for s in (1, 2, 3)]
     c = stats.compare(better, worse, stats.loss_value, np.random.default_rng(1), draws=400)
     expected = np.mean([stats.loss_value(u.stats.sum(0)) for u in better]) - np.mean(
         [stats.loss_value(u.stats.sum(0)) for u in worse])
     assert c["difference"] == pytest.approx(expected) and c["ci_low"] < expected < c["ci_high"] < 0
-    assert c["p_value"] < 0.01 and c["units"] == [3, 3] and c["prompts"] == 40
+    assert c["p_value"] < 0.01 and c["units"] == [3, 3] and c["seeds"] == [1, 2, 3] and c["prompts"] == 40
     same = stats.compare(better, better, stats.loss_value, np.random.default_rng(1), draws=400)
     assert same["ci_low"] <= 0 <= same["ci_high"] and same["p_value"] > 0.5
+    assert stats.compare(better, [unit(0.3, 9)], stats.loss_value, np.random.default_rng(1), draws=10) is None
+
+
+def test_comparisons_pair_arms_by_seed_and_draw_no_verdict_on_one_seed():
+    """The seed moves every arm's loss together (here seed 1 is 0.3 easier than seed 2 or 3): compared on their
+    common seeds, paired, an arm that trained only the easy seed neither wins by it nor gets a verdict."""
+    from lorasens.experiment.validation.outputs import _comparisons
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 20, 40).astype(float)
+    seed_effect = {1: -0.3, 2: 0.0, 3: 0.05, 4: 0.1}
+
+    def scores(offset: float, seeds) -> list[dict]:
+        return [{"seed": s, "per_prompt_loss": np.stack([(2.0 + offset + seed_effect[s] + rng.normal(0, 0.005, 40))
+                                                         * tokens, tokens], axis=1).tolist()} for s in seeds]
+
+    runs = {"recommended": scores(0.0, (1, 2, 3)), "eva": scores(0.01, (1, 2, 3, 4)), "mlp": scores(0.01, (1,)),
+            "random": scores(0.05, (1, 2, 3)) + scores(0.07, (1,))}  # random: two sets at seed 1
+    table = {g: {"family": "peer" if g == "eva" else "control", "validation_loss": 1.0} for g in runs}
+    comparisons, primary = _comparisons(runs, table)
+    assert primary == "eva"
+    eva, mlp, rand = (comparisons[g]["test_loss"] for g in ("eva", "mlp", "random"))
+    # Paired on seeds 1-3: about -0.01, with a CI that the seed effects (0.35 apart) do not widen.
+    assert eva["seeds"] == [1, 2, 3] and eva["difference"] == pytest.approx(-0.01, abs=0.003)
+    assert eva["ci_high"] - eva["ci_low"] < 0.02 and eva["verdict"] == "wins"
+    # mlp on seed 1 only: -0.01 paired (unpaired it would read +0.21 in mlp's favour), and no verdict.
+    assert mlp["seeds"] == [1] and mlp["difference"] == pytest.approx(-0.01, abs=0.003)
+    assert mlp["p_adjusted"] is None and mlp["verdict"] == stats.TOO_FEW_SEEDS
+    # Random sets: the two sets at seed 1 count as their mean there.
+    assert rand["seeds"] == [1, 2, 3] and rand["difference"] == pytest.approx(-(0.05 * 2 + 0.06) / 3, abs=0.003)
+    assert rand["p_adjusted"] is not None and rand["verdict"] == "wins"
 
 
 def test_bootstrap_equals_the_draw_by_draw_definition_for_loss_and_bleu():
-    """compare() scores all draws at once; each draw must be the one a plain loop makes: the same prompts and units
-    from the same generator, each drawn unit's value of its stats summed over the drawn prompts."""
+    """compare() scores all draws at once; each draw must be the one a plain loop makes: the same prompts and seeds
+    from the same generator, each drawn seed's paired difference of its units' values over the drawn prompts."""
     from lorasens.metrics.segments import _bleu_value, bleu_segments
 
     def by_loop(a, b, value, rng, draws):
         n, diffs = a[0].stats.shape[0], []
+        seeds = sorted({u.seed for u in a} & {u.seed for u in b})
         for _ in range(draws):
             prompts = rng.integers(0, n, n)
-            ua = [a[j] for j in rng.integers(0, len(a), len(a))]
-            ub = [b[j] for j in rng.integers(0, len(b), len(b))]
-            diffs.append(stats.score(ua, value, prompts) - stats.score(ub, value, prompts))
+            picked = [seeds[j] for j in rng.integers(0, len(seeds), len(seeds))]
+            diffs.append(np.mean([stats.seed_score(a, s, value, prompts) - stats.seed_score(b, s, value, prompts)
+                                  for s in picked]))
         return np.quantile(diffs, [0.025, 0.975])
 
     rng = np.random.default_rng(3)
     tokens = rng.integers(5, 20, 30).astype(float)
-    loss = [stats.UnitScores(np.stack([(2 + rng.normal(0, 0.3, 30)) * tokens, tokens], axis=1)) for _ in range(5)]
+    loss = [stats.UnitScores(np.stack([(2 + rng.normal(0, 0.3, 30)) * tokens, tokens], axis=1), seed)
+            for seed in (1, 2, 1, 2, 3)]
     refs = [["the cat sat on the mat", "a cat sat"], ["it is red", "red it is"], ["we go home now", "home we go"]] * 4
     words = ["the", "cat", "sat", "red", "it", "is", "home", "go", "we", "a", "mat", "now"]
-    bleu = [stats.UnitScores(bleu_segments([" ".join(rng.choice(words, 5)) for _ in refs], refs).stats)
-            for _ in range(3)]
+    bleu = [stats.UnitScores(bleu_segments([" ".join(rng.choice(words, 5)) for _ in refs], refs).stats, seed)
+            for seed in (1, 2, 1, 2)]
     for units, value in ((loss, stats.loss_value), (bleu, _bleu_value)):
         a, b = units[:2], units[2:]
         c = stats.compare(a, b, value, np.random.default_rng(7), draws=300)

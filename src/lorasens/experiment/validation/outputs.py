@@ -46,11 +46,11 @@ def group_of(arm: A.Arm) -> str:
 
 def _units(scores: list[dict]) -> dict[str, list[stats.UnitScores]]:
     """metric -> the units' per-prompt statistics (loss: [nll, tokens]; metrics: their segments)."""
-    result: dict[str, list[stats.UnitScores]] = {LOSS: [stats.UnitScores(np.asarray(s["per_prompt_loss"], dtype=float))
-                                                        for s in scores]}
+    result: dict[str, list[stats.UnitScores]] = {
+        LOSS: [stats.UnitScores(np.asarray(s["per_prompt_loss"], dtype=float), s["seed"]) for s in scores]}
     for name in scores[0].get("segments", {}):
         if all(name in s.get("segments", {}) for s in scores):
-            result[name] = [stats.UnitScores(np.asarray(s["segments"][name], dtype=float)) for s in scores]
+            result[name] = [stats.UnitScores(np.asarray(s["segments"][name], dtype=float), s["seed"]) for s in scores]
     return result
 
 
@@ -103,9 +103,11 @@ def summarise(finished: Finished, scores: dict[str, list[dict]]) -> dict:
         "match_tolerance": A.MATCH_TOLERANCE,
         "test": finished.test_info,
         "loss": "token-weighted mean next-token cross-entropy over the first reference of each test prompt",
-        "statistics": (f"recommended minus the other arm; 95% percentile bootstrap ({stats.BOOTSTRAP_DRAWS} draws) "
-                       "resampling training units (seeds; random: set x seed) and, shared by both arms, test prompts; "
-                       "two-sided bootstrap p-values, Holm-adjusted over every comparison but the primary one"),
+        "statistics": (f"recommended minus the other arm over the seeds both trained, paired by seed (random: the "
+                       f"mean of its set x seed units at each seed); 95% percentile bootstrap ({stats.BOOTSTRAP_DRAWS} "
+                       "draws) resampling the common seeds and the test prompts, both shared by the two arms; two-sided "
+                       "bootstrap p-values, Holm-adjusted over every comparison but the primary one; on fewer than "
+                       f"{stats.MIN_PAIRED_SEEDS} common seeds no verdict ('{stats.TOO_FEW_SEEDS}') and out of Holm's family"),
         "primary": primary,
         "arms": table,
         "comparisons": comparisons,
@@ -140,15 +142,18 @@ def _comparisons(scores: dict[str, list[dict]], table: dict) -> tuple[dict, str 
         if group == "recommended" or not done:
             continue
         other = _units(done)
-        raw[group] = {m: stats.compare(rec_units[m], other[m], _metric_value(m), rng)
-                      for m in rec_units if m in other}
+        compared = {m: stats.compare(rec_units[m], other[m], _metric_value(m), rng) for m in rec_units if m in other}
+        compared = {m: c for m, c in compared.items() if c is not None}  # None: no seed in common
+        if compared:
+            raw[group] = compared
     for metric in {m for by in raw.values() for m in by}:
-        others = {g: by[metric]["p_value"] for g, by in raw.items() if metric in by and g != primary}
-        adjusted = stats.holm(others)
+        # Comparisons on fewer than MIN_PAIRED_SEEDS seeds draw no verdict and stay out of Holm's family.
+        judged = {g for g, by in raw.items() if metric in by and len(by[metric]["seeds"]) >= stats.MIN_PAIRED_SEEDS}
+        adjusted = stats.holm({g: raw[g][metric]["p_value"] for g in judged if g != primary})
         for g, by in raw.items():
             if metric in by:
                 c = by[metric]
-                c["p_adjusted"] = c["p_value"] if g == primary else adjusted[g]
+                c["p_adjusted"] = None if g not in judged else c["p_value"] if g == primary else adjusted[g]
                 c["verdict"] = stats.verdict(c["difference"], c["p_adjusted"], lower_is_better=metric == LOSS)
     return raw, primary
 
