@@ -265,34 +265,62 @@ def test_comparisons_pair_arms_by_seed_and_draw_no_verdict_on_one_seed():
     assert rand["p_adjusted"] is not None and rand["verdict"] == "wins"
 
 
-def test_bootstrap_equals_the_draw_by_draw_definition_for_loss_and_bleu():
-    """compare() scores all draws at once; each draw must be the one a plain loop makes: the same prompts and seeds
-    from the same generator, each drawn seed's paired difference of its units' values over the drawn prompts."""
+def test_interval_is_student_t_over_seeds_plus_the_prompts_bootstrap_variance_for_loss_and_bleu():
+    """compare() scores all prompt draws at once; each draw must be the one a plain loop makes (the same prompts from
+    the same generator, each seed's paired difference over them), and the interval is Student-t with the seeds' and
+    the prompts' variances and Welch-Satterthwaite degrees of freedom."""
+    from scipy.stats import t as student_t
+
     from lorasens.metrics.segments import _bleu_value, bleu_segments
 
-    def by_loop(a, b, value, rng, draws):
-        n, diffs = a[0].stats.shape[0], []
+    def by_definition(a, b, value, rng, draws):
+        n = a[0].stats.shape[0]
         seeds = sorted({u.seed for u in a} & {u.seed for u in b})
+        d = np.array([stats.seed_score(a, s, value) - stats.seed_score(b, s, value) for s in seeds])
+        drawn = []
         for _ in range(draws):
             prompts = rng.integers(0, n, n)
-            picked = [seeds[j] for j in rng.integers(0, len(seeds), len(seeds))]
-            diffs.append(np.mean([stats.seed_score(a, s, value, prompts) - stats.seed_score(b, s, value, prompts)
-                                  for s in picked]))
-        return np.quantile(diffs, [0.025, 0.975])
+            drawn.append(np.mean([stats.seed_score(a, s, value, prompts) - stats.seed_score(b, s, value, prompts)
+                                  for s in seeds]))
+        seed_var, prompt_var = d.var(ddof=1) / len(d), np.var(drawn, ddof=1)
+        df = (len(d) - 1) * ((seed_var + prompt_var) / seed_var) ** 2
+        half = student_t.ppf(0.975, df) * (seed_var + prompt_var) ** 0.5
+        return [d.mean() - half, d.mean() + half]
 
     rng = np.random.default_rng(3)
     tokens = rng.integers(5, 20, 30).astype(float)
     loss = [stats.UnitScores(np.stack([(2 + rng.normal(0, 0.3, 30)) * tokens, tokens], axis=1), seed)
-            for seed in (1, 2, 1, 2, 3)]
+            for seed in (1, 2, 3, 1, 2, 3, 3)]
     refs = [["the cat sat on the mat", "a cat sat"], ["it is red", "red it is"], ["we go home now", "home we go"]] * 4
     words = ["the", "cat", "sat", "red", "it", "is", "home", "go", "we", "a", "mat", "now"]
     bleu = [stats.UnitScores(bleu_segments([" ".join(rng.choice(words, 5)) for _ in refs], refs).stats, seed)
-            for seed in (1, 2, 1, 2)]
+            for seed in (1, 2, 3, 1, 2, 3, 3)]
     for units, value in ((loss, stats.loss_value), (bleu, _bleu_value)):
-        a, b = units[:2], units[2:]
+        a, b = units[:3], units[3:]  # b has two units at seed 3 (as random sets can)
         c = stats.compare(a, b, value, np.random.default_rng(7), draws=300)
-        assert [c["ci_low"], c["ci_high"]] == pytest.approx(by_loop(a, b, value, np.random.default_rng(7), 300),
+        assert c["seeds"] == [1, 2, 3] and c["units"] == [3, 4]
+        assert [c["ci_low"], c["ci_high"]] == pytest.approx(by_definition(a, b, value, np.random.default_rng(7), 300),
                                                             rel=1e-9, abs=1e-12)
+
+
+def test_with_prompts_that_do_not_vary_the_interval_is_the_paired_t_test_over_seeds():
+    """E2E's per-seed test losses of `ranks` and EVA (seeds 1-4): a percentile bootstrap over four seeds called this
+    significant (p 0.02); the paired t-test over the seeds does not (p 0.08), and neither does compare()."""
+    from scipy.stats import ttest_rel
+
+    ranks, eva = [1.2346, 1.2588, 1.2533, 1.2414], [1.2540, 1.2620, 1.2620, 1.2472]
+    tokens = np.full(20, 10.0)
+
+    def units(losses):  # every prompt at the seed's loss: resampling prompts changes nothing
+        return [stats.UnitScores(np.stack([np.full(20, x) * tokens, tokens], axis=1), s + 1) for s, x in enumerate(losses)]
+
+    c = stats.compare(units(ranks), units(eva), stats.loss_value, np.random.default_rng(0), draws=200)
+    reference = ttest_rel(ranks, eva)
+    assert c["difference"] == pytest.approx(np.mean(ranks) - np.mean(eva)) and c["df"] == pytest.approx(3)
+    assert c["p_value"] == pytest.approx(reference.pvalue, rel=1e-6) and 0.05 < c["p_value"] < 0.1
+    low, high = reference.confidence_interval(0.95)
+    assert [c["ci_low"], c["ci_high"]] == pytest.approx([low, high], rel=1e-6)
+    assert stats.verdict(c["difference"], c["p_value"], lower_is_better=True) == "ties"
 
 
 def test_bleu_segments_sum_to_the_official_corpus_bleu():

@@ -103,11 +103,13 @@ def summarise(finished: Finished, scores: dict[str, list[dict]]) -> dict:
         "match_tolerance": A.MATCH_TOLERANCE,
         "test": finished.test_info,
         "loss": "token-weighted mean next-token cross-entropy over the first reference of each test prompt",
-        "statistics": (f"recommended minus the other arm over the seeds both trained, paired by seed (random: the "
-                       f"mean of its set x seed units at each seed); 95% percentile bootstrap ({stats.BOOTSTRAP_DRAWS} "
-                       "draws) resampling the common seeds and the test prompts, both shared by the two arms; two-sided "
-                       "bootstrap p-values, Holm-adjusted over every comparison but the primary one; on fewer than "
-                       f"{stats.MIN_PAIRED_SEEDS} common seeds no verdict ('{stats.TOO_FEW_SEEDS}') and out of Holm's family"),
+        "statistics": ("recommended minus the other arm over the seeds both trained, paired by seed (random: the "
+                       "mean of its set x seed units at each seed); 95% Student-t interval and two-sided p from the "
+                       "seeds' variance and the test prompts' (a bootstrap of "
+                       f"{stats.BOOTSTRAP_DRAWS} prompt draws shared by both arms), Welch-Satterthwaite degrees of "
+                       "freedom; Holm-adjusted over every comparison but the primary one; on fewer than "
+                       f"{stats.MIN_PAIRED_SEEDS} common seeds the prompts' percentile interval and no verdict "
+                       f"('{stats.TOO_FEW_SEEDS}'), out of Holm's family"),
         "primary": primary,
         "arms": table,
         "comparisons": comparisons,
