@@ -275,8 +275,9 @@ class TrackingConfig:
     allocate: Allocate | None = opt(
         None, "modules: LoRA on or off per module at rank --r; ranks: per-module ranks (--min_rank plus 0,2,4,8,16,32) "
         "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget; types: each "
-        "module group's share of the budget from the ablation's group deltas, split within the group by the module-type "
-        "deltas, one rank per type in every layer (needs --ablation). Default: ranks for a budget of parameters, modules for a budget of modules.",
+        "module group's share of the budget from the ablation's group deltas, split within the group by the "
+        "module-type deltas, one rank per type in every layer (needs --ablation). Default: ranks for a budget of "
+        "parameters, modules for a budget of modules.",
         reanalysable=True,
     )
     min_rank: int = opt(

@@ -267,8 +267,7 @@ def allocate_type_ranks(sizes: Sequence[ModuleSize], type_of: Mapping[str, str],
     the type's modules in every layer as one rank (rank b, b+1 on an evenly spread subset: `fit_ranks`).
 
     The ablation measures what each type's adapter does for the loss; the per-module measures mostly tell layers
-    apart, and on E2E the layer order added nothing measurable (a permuted rank profile trained as well), while
-    putting the whole budget on the MLP types trained better than any spread over all types."""
+    apart, and on E2E the layer order added nothing measurable (a permuted rank profile trained as well)."""
     members: dict[str, list[str]] = {}
     for s in sizes:
         members.setdefault(type_of[s.key], []).append(s.key)

@@ -20,8 +20,8 @@ from lorasens.analysis.ablation import ablation_max_tokens, run_ablation, valida
 from lorasens.analysis.budget import (
     DEFAULT_BUDGET,
     ModuleSize,
-    allocate_ranks,
     ablation_type_shares,
+    allocate_ranks,
     allocate_type_ranks,
     budget_limit,
     rank_allocation_config,
