@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorasens.analysis.budget import ModuleSize
+from lorasens.analysis.budget import ModuleSize, fit_ranks, spread_order
 from lorasens.analysis.sensitivity import key_of
 from lorasens.cli import main
 from lorasens.config import build_config
@@ -66,10 +66,10 @@ def test_matched_random_sets_lie_within_five_percent_of_the_target_and_centred()
 
 def test_fit_ranks_spreads_one_extra_rank_to_hit_the_target():
     sizes = {f"m{i}": ModuleSize(f"m{i}", 10, 10) for i in range(8)}
-    ranks = A.fit_ranks(list(sizes), sizes, target=20 * (8 * 2 + 3))
+    ranks = fit_ranks(list(sizes), sizes, target=20 * (8 * 2 + 3))
     assert sorted(ranks.values()) == [2] * 5 + [3] * 3
     assert {k for k, r in ranks.items() if r == 3} == {"m0", "m4", "m2"}
-    assert A.spread_order(8)[:4] == [0, 4, 2, 6]
+    assert spread_order(8)[:4] == [0, 4, 2, 6]
 
 
 def test_controls_keep_what_they_control_for(tiny_llama):

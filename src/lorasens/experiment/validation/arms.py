@@ -10,14 +10,7 @@ import math
 import random
 from dataclasses import asdict, dataclass, field
 
-from lorasens.analysis.budget import (  # noqa: F401 (fit_ranks, spread_order: the arms' shared helpers)
-    ModuleSize,
-    allocate_ranks,
-    allocate_type_ranks,
-    fit_ranks,
-    rank_allocation_config,
-    spread_order,
-)
+from lorasens.analysis.budget import ModuleSize, allocate_ranks, rank_allocation_config
 from lorasens.errors import UserError
 from lorasens.model.module_map import ModuleMap
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lorasens.analysis.ablation import per_example_losses, validation_batches
-from lorasens.analysis.budget import ModuleSize
+from lorasens.analysis.budget import ModuleSize, allocate_type_ranks, fit_ranks
 from lorasens.analysis.post import type_shares_from_ablation
 from lorasens.analysis.sensitivity import key_of
 from lorasens.config import ExperimentConfig, check_environment, config_from_dict
@@ -228,12 +228,12 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
         elif name == "qv":
             qv = [key_of(m) for m in module_map.modules if m.module_type in ("q_proj", "v_proj")]
             if qv:
-                arms.append(A.Arm("qv", "qv", A.fit_ranks(qv, sizes, target)))
+                arms.append(A.Arm("qv", "qv", fit_ranks(qv, sizes, target)))
         elif name == "uniform":
-            arms.append(A.Arm("uniform", "uniform", A.fit_ranks(keys, sizes, target)))
+            arms.append(A.Arm("uniform", "uniform", fit_ranks(keys, sizes, target)))
         elif name == "mlp":
-            arms.append(A.Arm("mlp", "mlp", A.fit_ranks([key_of(m) for m in module_map.modules if m.group == "mlp"],
-                                                         sizes, target)))
+            arms.append(A.Arm("mlp", "mlp", fit_ranks([key_of(m) for m in module_map.modules if m.group == "mlp"],
+                                                       sizes, target)))
         elif name == "random":
             for i in range(1, random_sets + 1):
                 arms.append(A.Arm(f"random_{i}", "random",
@@ -282,7 +282,7 @@ def _types_arm(run_dir: Path, module_map, sizes: dict[str, ModuleSize], rec: dic
         logger.info("validate: the run has no module-type ablation; the types arm is left out")
         return []
     type_of = {key_of(m): m.module_type for m in module_map.modules}
-    ranks = A.allocate_type_ranks(list(sizes.values()), type_of, shares, target)
+    ranks = allocate_type_ranks(list(sizes.values()), type_of, shares, target)
     ranks = {k: r for k, r in ranks.items() if r > 0}
     if ranks == rec:
         logger.info("validate: the recommendation is the types allocation; the types arm is left out")

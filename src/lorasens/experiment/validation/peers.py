@@ -16,9 +16,9 @@ from peft import EvaConfig, LoraConfig
 from peft.helpers import KappaTuneSelector
 from peft.tuners.lora.eva import get_eva_state_dict
 
-from lorasens.analysis.budget import ModuleSize, rank_allocation_config
+from lorasens.analysis.budget import ModuleSize, rank_allocation_config, spread_order
 from lorasens.experiment.validation.arms import (MATCH_TOLERANCE, AdaLoraPlan, Arm, allocated_ranks, filled_in_order,
-                                      ranks_order, spread_order)
+                                      ranks_order)
 from lorasens.model.module_map import ModuleMap
 from lorasens.training.peft_methods import eva_batches
 from lorasens.training.trainer import padded_collator

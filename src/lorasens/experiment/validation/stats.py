@@ -59,6 +59,8 @@ def compare(a: list[UnitScores], b: list[UnitScores], value, rng: np.random.Gene
     seeds = sorted({u.seed for u in a} & {u.seed for u in b})
     if not seeds:
         return None
+    units = [len(a), len(b)]
+    a, b = [u for u in a if u.seed in seeds], [u for u in b if u.seed in seeds]  # other seeds play no part
     n, k = a[0].stats.shape[0], len(seeds)
     per_seed = np.array([seed_score(a, s, value) - seed_score(b, s, value) for s in seeds])
     difference = float(per_seed.mean())
@@ -68,7 +70,7 @@ def compare(a: list[UnitScores], b: list[UnitScores], value, rng: np.random.Gene
     np.add.at(counts, (np.arange(draws)[:, None], prompts), 1.0)  # how often each prompt is in each draw
     drawn = (_drawn_seed_scores(a, seeds, value, counts) - _drawn_seed_scores(b, seeds, value, counts)).mean(axis=1)
     prompt_var = float(np.var(drawn, ddof=1))
-    result = {"difference": difference, "units": [len(a), len(b)], "seeds": seeds, "prompts": n,
+    result = {"difference": difference, "units": units, "seeds": seeds, "prompts": n,
               "per_seed": [float(d) for d in per_seed], "prompt_sd": prompt_var ** 0.5}
     if k < MIN_PAIRED_SEEDS:
         low, high = np.quantile(drawn, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
