@@ -3,6 +3,7 @@ split, the files, resuming, bad input."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import random
@@ -455,6 +456,18 @@ def test_validate_trains_every_arm_at_the_budget_with_its_own_learning_rate(vali
     assert "placements/eva_10steps.json" in config["lora"]["placement"] and config["training"]["seed"] == 2
     report = (validated / "report.html").read_text()
     assert 'id="validation"' in report and "recommended vs it (loss)" in report and "[primary]" in report
+    # Each training's late fall is read from its eval_log (loss at the last evaluation at or before 3/4 of the steps
+    # minus the last); arms with a training still falling by more than 1% are named, in the JSON and the report.
+    for row in rows:
+        evals = [json.loads(line) for line in (out / "runs" / f"{row['arm']}_seed{row['seed']}" / "eval_log.jsonl")
+                 .read_text().splitlines()]
+        early = [e["eval_loss"] for e in evals if e["step"] <= 0.75 * evals[-1]["step"]][-1]
+        assert float(row["late_eval_fall"]) == pytest.approx(early - evals[-1]["eval_loss"], abs=1e-6)
+    falling = {("random" if r["arm"].startswith("random_") else r["arm"]) for r in rows
+               if float(r["late_eval_fall"]) > 0.01 * float(r["validation_loss"])}
+    assert set(summary["still_falling"]["arms"]) == falling
+    assert (summary["still_falling"]["note"] is None) == (not falling)
+    assert not falling or html.escape(summary["still_falling"]["note"]) in report
 
 
 @pytest.mark.slow

@@ -65,6 +65,7 @@ def summary_head(run_dir: Path, *, model: str, module_map: ModuleMap, lora_modul
         "final_train_loss": metrics.final_train_loss,
         "final_eval_loss": metrics.final_eval_loss,
         "best_eval_loss": metrics.best_eval_loss,
+        "late_eval_fall": metrics.late_eval_fall,
         "final_model_from": final_model_from,
         "train_data": train_data,
         "validation_data": validation_data,

@@ -48,8 +48,8 @@ SECTIONS = (("answer", "Answer"), ("evaluation", "Evaluation"), ("sensitivity", 
             ("plots", "Plots"), ("phases", "Phases"), ("config", "Configuration"))
 # (label, config section, field) shown in the config summary table.
 KEY_SETTINGS = key_settings()
-SUMMARY_KEYS = ("steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "final_model_from",
-                "trainable_params", "lora_modules", "num_layers", "train_runtime_s", "wall_time_s")
+SUMMARY_KEYS = ("steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "late_eval_fall",
+                "final_model_from", "trainable_params", "lora_modules", "num_layers", "train_runtime_s", "wall_time_s")
 RANKING_TOP = 10
 # A setting a user's training script did not tell SensitivityCallback (config.json "recorded_by").
 UNKNOWN_SETTING = "unknown (not recorded)"
@@ -445,6 +445,9 @@ def _validation_section(run_dir: Path) -> tuple[str, list[str]]:
                       f"{fmt(data['budget']['lora_params'])} LoRA parameters (±5%); test: "
                       f"{fmt(data['test']['prompts_used'])} unseen prompts. {esc(data['statistics'])}.</p>"
                       + table(headers, rows, numeric_from=2))
+    falling = data.get("still_falling") or {}
+    if falling.get("note"):
+        text += f'<p class="missing">{esc(falling["note"])}: {esc(", ".join(falling["arms"]))}.</p>'
     comparisons = [[name, metric, c["difference"], f"[{fmt(c['ci_low'])}, {fmt(c['ci_high'])}]", c["p_adjusted"],
                     c["verdict"]] for name, by in data.get("comparisons", {}).items() for metric, c in by.items()]
     if comparisons:

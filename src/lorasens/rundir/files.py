@@ -70,7 +70,7 @@ UPDATE_MAGNITUDE_COLUMNS = ("step", "phase", "layer", "group", "module", "delta_
 ABLATION_COLUMNS = ("kind", "name", "layer", "group", "module", "num_modules", "loss", "delta_loss",
                     "delta_ci_low", "delta_ci_high", "rank", "rank_low", "rank_high")
 VALIDATION_COLUMNS = ("arm", "family", "kind", "seed", "lr", "steps", "num_modules", "lora_params",
-                      "initial_lora_params", "validation_loss", "test_loss", "train_runtime_s")
+                      "initial_lora_params", "validation_loss", "test_loss", "late_eval_fall", "train_runtime_s")
 
 # Files a run directory may hold; a folder with none of them (and no evaluation file) is not a run.
 RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, TRAIN_LOG, EVAL_LOG, PHASES, GROUP_NORMS, LAYER_NORMS, MODULE_NORMS,

@@ -15,6 +15,7 @@ import numpy as np
 from lorasens.experiment.validation import arms as A
 from lorasens.experiment.validation import stats
 from lorasens.rundir import files
+from lorasens.rundir.metrics import STILL_FALLING, read_run_metrics
 from lorasens.safeio import read_json, write_csv_rows, write_json
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def summarise(finished: Finished, scores: dict[str, list[dict]]) -> dict:
                 "test_loss": _mean([s["test_loss"] for s in done]),
                 "metrics": {k: _mean([s["metrics"].get(k) for s in done]) for k in done[0]["metrics"]},
                 "train_runtime_s": _mean([s["train_runtime_s"] for s in done]),
+                "late_eval_fall": _mean([s["late_eval_fall"] for s in done]),
+                "still_falling": sum(bool(s["still_falling"]) for s in done),
             })
         entry["within_tolerance"] = (not first.matched or not done or
                                      abs(entry["lora_params"] - finished.budget["lora_params"])
@@ -115,9 +118,22 @@ def summarise(finished: Finished, scores: dict[str, list[dict]]) -> dict:
         "comparisons": comparisons,
         "verdicts": verdicts,
         "verdict": _verdict_line(primary, comparisons, table),
+        "still_falling": _still_falling(table),
         "costs": _costs(finished, table),
         "wall_time_s": round(time.time() - finished.started, 2),
     }
+
+
+def _still_falling(table: dict) -> dict:
+    """The arms whose trainings had not flattened: validation loss still falling by more than STILL_FALLING of its
+    final value over the last quarter of the steps. Their comparison is one of adapters still learning, and the
+    ranking of arms can change with the length (more --max_steps)."""
+    arms = [g for g, e in table.items() if e.get("still_falling")]
+    return {"tolerance": STILL_FALLING, "arms": arms,
+            "note": (f"validation loss still falling at the end of {len(arms)} of "
+                     f"{sum(1 for e in table.values() if e.get('units'))} arms' trainings (by more than "
+                     f"{STILL_FALLING:.0%} over the last quarter of the steps): these are adapters still learning, "
+                     "and longer trainings (--max_steps) may rank the arms differently") if arms else None}
 
 
 def _planned_units(group: str, arms_by_group: dict, settings) -> int:
@@ -201,11 +217,14 @@ def write_outputs(finished: Finished, jobs: list) -> dict:
         if not path.exists():
             continue
         s = read_json(path, "test scores")
+        metrics = read_run_metrics(job.run_dir)  # from the training's eval_log: also for runs scored before
+        s["late_eval_fall"], s["still_falling"] = metrics.late_eval_fall, metrics.still_falling()
         scores.setdefault(group_of(job.arm), []).append(s)
         rows.append({"arm": job.arm.name, "family": job.arm.family, "kind": job.arm.arm, "seed": job.seed,
                      "lr": job.lr, "steps": s["steps"], "num_modules": s["num_modules"], "lora_params": s["lora_params"],
                      "initial_lora_params": s["initial_lora_params"], "validation_loss": s["validation_loss"],
-                     "test_loss": s["test_loss"], "train_runtime_s": s["train_runtime_s"],
+                     "test_loss": s["test_loss"], "late_eval_fall": s["late_eval_fall"],
+                     "train_runtime_s": s["train_runtime_s"],
                      **{f"metric_{k}": v for k, v in s["metrics"].items()}})
     summary = summarise(finished, scores)
     out = finished.out
@@ -226,4 +245,6 @@ def write_outputs(finished: Finished, jobs: list) -> dict:
 
         plot_placement_validation(out)
     logger.info("validate: %s", summary["verdict"])
+    if summary["still_falling"]["note"]:
+        logger.warning("validate: %s (%s)", summary["still_falling"]["note"], ", ".join(summary["still_falling"]["arms"]))
     return summary
