@@ -43,7 +43,7 @@ def tables(task: str) -> str:
               f"({fmt(100 * s['budget']['lora_params'] / s['budget']['all_modules_lora_params'], 1)}% of every module at "
               f"rank {s['budget']['r']}); test: {fmt(s['test']['prompts_used'])} prompts "
               f"({fmt(s['test'].get('references'))} references).", ""]
-    head = ["arm", "family", "LoRA params", "lr", "trainings", "validation loss", "test loss", *metrics,
+    head = ["arm", "family", "LoRA params", "lr", "trainings", "validation loss", "late fall", "test loss", *metrics,
             "recommended − arm (test loss, 95% CI)", "verdict"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in s["arms"].items():
@@ -51,9 +51,12 @@ def tables(task: str) -> str:
         diff = f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" if c else "–"
         verdict = (c["verdict"] + (" (primary)" if name == s.get("primary") else "")) if c else "–"
         row = [name, e["family"], fmt(e.get("lora_params")), fmt(e.get("lr"), 4) if e.get("lr") else "–",
-               fmt(e.get("units")), fmt(e.get("validation_loss")), fmt(e.get("test_loss")),
+               fmt(e.get("units")), fmt(e.get("validation_loss")), fmt(e.get("late_eval_fall")), fmt(e.get("test_loss")),
                *[fmt((e.get("metrics") or {}).get(m), 2) for m in metrics], diff, verdict]
         lines.append("| " + " | ".join(row) + " |")
+    falling = s.get("still_falling") or {}
+    if falling.get("note"):
+        lines += ["", f"Late fall: the validation loss at 3/4 of the steps minus the final one; {falling['note']}."]
     lines += sweep_table(folder)
     costs = s.get("costs") or {}
     if costs.get("training_s"):
