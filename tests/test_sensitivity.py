@@ -218,9 +218,22 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
         evaluate=False, train_samples=32, eval_samples=8, lora_dropout=0.0, lr=1e-2, max_steps=3,
         ablation_max_single=6, budget=4, budget_unit="modules", analysis_samples=12, output_dir=str(tmp_path),
         experiment_name="run"))
+    import lorasens.analysis.post as post
+
+    run = tmp_path / "run"
+    seen_at_ablation = []
+    plain_ablation = post.run_ablation
+
+    def ablation_after_the_recommendation(*args, **kwargs):
+        path = run / files.RECOMMENDED_CONFIG
+        seen_at_ablation.append(path.read_text() if path.exists() else None)
+        return plain_ablation(*args, **kwargs)
+
+    monkeypatch.setattr(post, "run_ablation", ablation_after_the_recommendation)
     # The report (another area) is not under test here.
     summary = run_experiment(cfg, after_training=(evaluate_after_training, analyze_after_training)).summary
-    run = tmp_path / "run"
+    # 6 of 28 modules ablated: the ablation cannot change the recommendation, which is written before it runs.
+    assert seen_at_ablation == [(run / files.RECOMMENDED_CONFIG).read_text()]
     assert summary["recommendation"]["num_selected"] == 4 and len(summary["sensitivity_top"]) == 5
     assert summary["ablation_method"] == "cached" and summary["ablation_sets"] == 21 and summary["ablation_time_s"] > 0
     assert summary["first_order_time_s"] > 0 and summary["first_order_train_steps"] > 0  # its cost, in training steps
@@ -346,3 +359,12 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     assert "a probe must use the same model" in capsys.readouterr().err
     assert main(["analyze", str(run), "--budget", "-1"]) == 2
     assert main(["analyze", str(tmp_path / "missing")]) == 2
+
+
+def test_the_ablation_reranks_only_when_it_covers_every_module_or_splits_the_budget():
+    from lorasens.analysis.post import ablation_reranks
+    from lorasens.config import TrackingConfig
+
+    assert not ablation_reranks(TrackingConfig(ablation_max_single=8), 210)
+    assert ablation_reranks(TrackingConfig(ablation_max_single=210), 210)
+    assert ablation_reranks(TrackingConfig(ablation_max_single=8, allocate="types"), 210)

@@ -131,6 +131,12 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
 
     ablation: dict = {}
     ablation_info: dict = {}
+    if tracking.ablation and batches and not ablation_reranks(tracking, len(lora)):
+        # The ablation cannot change the recommendation: write it now, usable while the ablation runs.
+        early, early_config = _recommend(cfg, run_dir, module_map, lora, sizes, combined)
+        write_json(run_dir / files.RECOMMENDED_CONFIG, early_config)
+        logger.info("recommended %s (%s); the ablation follows and does not change it", describe_budget(early),
+                    files.RECOMMENDED_CONFIG)
     if tracking.ablation and batches:
         ablation, ablation_info = _ablate(run_dir, cfg, model, module_map, lora, batches, packing,
                                           len(analysis_features), combined, measures)
@@ -161,6 +167,12 @@ def analyze(run_dir: Path, cfg: ExperimentConfig, model: torch.nn.Module, module
         **first_order_info,
         **ablation_info,
     }
+
+
+def ablation_reranks(tracking: TrackingConfig, num_modules: int) -> bool:
+    """Whether the ablation can change the recommendation: it joins the ranking when it covers every module, and
+    --allocate types splits the budget by its deltas."""
+    return tracking.allocation == "types" or tracking.ablation_max_single >= num_modules
 
 
 def _first_order(run_dir: Path, cfg: ExperimentConfig, model, module_map: ModuleMap, lora: list[LoraParams],
