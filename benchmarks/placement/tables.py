@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+from lorasens.rundir.metrics import read_run_metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "RESULTS.md"
 
@@ -58,6 +60,7 @@ def tables(task: str) -> str:
     if falling.get("note"):
         lines += ["", f"Late fall: the validation loss at 3/4 of the steps minus the final one; {falling['note']}."]
     lines += sweep_table(folder)
+    lines += length_table(folder, metrics)
     costs = s.get("costs") or {}
     if costs.get("training_s"):
         parts = [f"{k.removesuffix('_fraction_of_training').replace('_', ' ')} {v:.2f}×"
@@ -87,6 +90,30 @@ def sweep_table(folder: Path) -> list[str]:
         cells = [fmt(by_rate[lr]) if lr in by_rate else "–" for lr in rates]
         cells = [f"**{c}**" if (arm, lr) in chosen else c for c, lr in zip(cells, rates)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def length_table(folder: Path, metrics: list[str]) -> list[str]:
+    """The length checks (long/ARM_seedS_Nsteps: one arm and seed at its chosen rate, N steps), each beside the same
+    arm and seed at the benchmark's length: validation loss at every evaluation, late fall, test loss and metrics."""
+    checks = sorted((folder / "long").glob("*/test_scores.json"))
+    if not checks:
+        return []
+    lines = ["", "Length checks (the same arm, seed and rate, the schedule stretched to the longer length):", "",
+             "| arm | seed | steps | validation loss at each evaluation | late fall | test loss | "
+             + " | ".join(metrics) + " |", "|---|---|---|---|---|---|" + "---|" * len(metrics)]
+    for path in checks:
+        long = json.loads(path.read_text())
+        for run in (folder / "runs" / f"{long['arm']}_seed{long['seed']}", path.parent):
+            scores = run / "test_scores.json"
+            if not scores.exists():
+                continue
+            s = json.loads(scores.read_text())
+            evals = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines() if line.strip()]
+            curve = ", ".join(f"{e['step']}: {e['eval_loss']:.4f}" for e in evals if e.get("eval_loss") is not None)
+            lines.append(f"| {s['arm']} | {s['seed']} | {s['steps']} | {curve} | "
+                         f"{fmt(read_run_metrics(run).late_eval_fall)} | {fmt(s['test_loss'])} | "
+                         + " | ".join(fmt(s['metrics'].get(m), 2) for m in metrics) + " |")
     return lines
 
 
