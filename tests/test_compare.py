@@ -28,7 +28,8 @@ def make_run(root: Path, name: str, seed: int, bleu: float, rouge: float, target
     cfg["output"].update(output_dir=str(root), experiment_name=name)
     (run / "config.json").write_text(json.dumps(cfg))
     (run / "train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses)))
-    (run / "eval_log.jsonl").write_text(json.dumps({"step": len(losses), "eval_loss": losses[-1] + 0.1}) + "\n")
+    (run / "eval_log.jsonl").write_text("".join(json.dumps({"step": s, "eval_loss": v + 0.1}) + "\n"
+                                                for s, v in ((1, losses[0]), (len(losses), losses[-1]))))
     (run / "gradient_analysis.group_norms.csv").write_text(
         "step,phase,attn,mlp,total\n1,both,0.5,0.3,0.583\n2,mlp,,0.2,0.2\n3,both,0.4,0.1,0.412\n")
     (run / "summary.json").write_text(json.dumps({"steps": len(losses), "trainable_params": 1000}))
@@ -57,6 +58,8 @@ def test_two_seeds_give_the_hand_computed_mean_and_std(tmp_path):
     assert float(rows[0]["rouge_l_std"]) == pytest.approx(statistics.stdev([0.20, 0.35]))
     assert float(rows[0]["final_train_loss_mean"]) == pytest.approx(2.15)
     assert float(rows[0]["final_eval_loss_std"]) == pytest.approx(statistics.stdev([2.1, 2.4]))
+    # Late fall: the loss at step 1 (the last evaluation by 3/4 of 3 steps) minus the final one, 1.0 and 0.7.
+    assert float(rows[0]["late_eval_fall_mean"]) == pytest.approx(0.85)
     assert result.mixed_datasets == []
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "11.5 ± 2.1 (n=2)" in markdown  # std 2.1213 shown with 2 significant digits

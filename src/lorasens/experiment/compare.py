@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 NOT_A_SETTING = set(fields_with("not_a_setting"))
 # The run's key settings (as in the report), without the ones that only tell repeats apart (the seed).
 KEY_SETTINGS = tuple(name for _, _, name in key_settings() if name not in NOT_A_SETTING)
-LOSS_METRICS = ("final_train_loss", "final_eval_loss", "best_eval_loss")
+LOSS_METRICS = ("final_train_loss", "final_eval_loss", "best_eval_loss", "late_eval_fall")
 SUMMARY_METRICS = ("trainable_params", "train_runtime_s")
 
 
@@ -107,6 +107,8 @@ def load_run_record(run_dir: Path) -> RunRecord:
     if run_metrics.final_eval_loss is not None:
         metrics["final_eval_loss"] = run_metrics.final_eval_loss
         metrics["best_eval_loss"] = run_metrics.best_eval_loss
+    if run_metrics.late_eval_fall is not None:  # > 1% of the final loss: the run was still learning
+        metrics["late_eval_fall"] = run_metrics.late_eval_fall
     for key in SUMMARY_METRICS:
         if isinstance((summary or {}).get(key), (int, float)):
             metrics[key] = float(summary[key])
