@@ -53,7 +53,8 @@ def tables(task: str) -> str:
         diff = f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" if c else "–"
         verdict = (c["verdict"] + (" (primary)" if name == s.get("primary") else "")) if c else "–"
         row = [name, e["family"], fmt(e.get("lora_params")), fmt(e.get("lr"), 4) if e.get("lr") else "–",
-               fmt(e.get("units")), fmt(e.get("validation_loss")), fmt(e.get("late_eval_fall")), fmt(e.get("test_loss")),
+               fmt(e.get("units")), fmt(e.get("validation_loss")), fmt(e.get("late_eval_fall")),
+               fmt(e.get("test_loss")),
                *[fmt((e.get("metrics") or {}).get(m), 2) for m in metrics], diff, verdict]
         lines.append("| " + " | ".join(row) + " |")
     falling = s.get("still_falling") or {}

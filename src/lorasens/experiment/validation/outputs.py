@@ -245,6 +245,7 @@ def write_outputs(finished: Finished, jobs: list) -> dict:
 
         plot_placement_validation(out)
     logger.info("validate: %s", summary["verdict"])
-    if summary["still_falling"]["note"]:
-        logger.warning("validate: %s (%s)", summary["still_falling"]["note"], ", ".join(summary["still_falling"]["arms"]))
+    falling = summary["still_falling"]
+    if falling["note"]:
+        logger.warning("validate: %s (%s)", falling["note"], ", ".join(falling["arms"]))
     return summary
