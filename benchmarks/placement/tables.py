@@ -95,24 +95,28 @@ def sweep_table(folder: Path) -> list[str]:
 
 
 def length_table(folder: Path, metrics: list[str]) -> list[str]:
-    """The length checks (long/ARM_seedS_Nsteps: one arm and seed at its chosen rate, N steps), each beside the same
-    arm and seed at the benchmark's length: validation loss at every evaluation, late fall, test loss and metrics."""
+    """The length checks (long/ARM_seedS_Nsteps[_lrX]: one arm and seed, N steps, at its chosen rate or X), each beside
+    the same arm and seed at the benchmark's length: validation loss at every evaluation, late fall, test loss and
+    metrics."""
     checks = sorted((folder / "long").glob("*/test_scores.json"))
     if not checks:
         return []
-    lines = ["", "Length checks (the same arm, seed and rate, the schedule stretched to the longer length):", "",
-             "| arm | seed | steps | validation loss at each evaluation | late fall | test loss | "
-             + " | ".join(metrics) + " |", "|---|---|---|---|---|---|" + "---|" * len(metrics)]
+    lines = ["", "Length checks (one arm and seed, the schedule stretched to the longer length; each beside the same "
+             "arm and seed at the benchmark's length):", "",
+             "| arm | seed | lr | steps | validation loss at each evaluation | late fall | test loss | "
+             + " | ".join(metrics) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(metrics)]
+    shown = set()
     for path in checks:
         long = json.loads(path.read_text())
         for run in (folder / "runs" / f"{long['arm']}_seed{long['seed']}", path.parent):
             scores = run / "test_scores.json"
-            if not scores.exists():
+            if not scores.exists() or run in shown:
                 continue
+            shown.add(run)
             s = json.loads(scores.read_text())
             evals = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines() if line.strip()]
             curve = ", ".join(f"{e['step']}: {e['eval_loss']:.4f}" for e in evals if e.get("eval_loss") is not None)
-            lines.append(f"| {s['arm']} | {s['seed']} | {s['steps']} | {curve} | "
+            lines.append(f"| {s['arm']} | {s['seed']} | {s['lr']:g} | {s['steps']} | {curve} | "
                          f"{fmt(read_run_metrics(run).late_eval_fall)} | {fmt(s['test_loss'])} | "
                          + " | ".join(fmt(s['metrics'].get(m), 2) for m in metrics) + " |")
     return lines
