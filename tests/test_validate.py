@@ -208,6 +208,38 @@ def test_eva_initialisation_differs_from_the_default_and_follows_the_inputs(tiny
         assert torch.count_nonzero(lp.B) == 0
 
 
+def test_eva_initialisation_without_redistribution_keeps_every_modules_rank(tiny_llama, tmp_path):
+    """PEFT's EVA at rho = 1 still trades rank among modules that share an input (q/k/v, gate/up); lorasens keeps the
+    configured profile and gives each module the leading components of its input's SVD."""
+    from lorasens.data.features import IGNORE_INDEX
+    from lorasens.model.lora import apply_placement, load_placement
+    from lorasens.training.peft_methods import initialize_eva
+
+    module_map = build_module_map(tiny_llama.model)
+    profile = {"q_proj": 4, "k_proj": 1, "v_proj": 2, "gate_proj": 3, "up_proj": 1}
+    path = tmp_path / "eva_ranks.json"
+    path.write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": list(profile), "init_lora_weights": "eva",
+                                "rank_pattern": profile, "alpha_pattern": {k: 2 * v for k, v in profile.items()},
+                                "eva_config": {"rho": 1.0}}))
+    placement = load_placement(path, tiny_llama.model, module_map)
+    torch.manual_seed(0)
+    features = [{"input_ids": ids, "attention_mask": [1] * 12, "labels": [IGNORE_INDEX] * 2 + ids[2:]}
+                for ids in torch.randint(3, 200, (24, 12)).tolist()]
+    model = apply_placement(tiny_llama.model, placement, 0.0)
+    initialize_eva(model, features, tiny_llama.tokenizer, batch_size=4)
+    A = {name.removeprefix("base_model.model."): m.lora_A["default"].weight.detach()
+         for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert A and {name: a.shape[0] for name, a in A.items()} == {
+        name: profile[name.rsplit(".", 1)[1]] for name in A}  # every module at its configured rank
+    for name, a in A.items():
+        assert torch.allclose(a @ a.T, torch.eye(a.shape[0]), atol=1e-4)  # orthonormal singular vectors
+    for layer in {name.rsplit(".", 2)[0] for name in A}:  # one input, one SVD: the smaller rank is a prefix
+        q, k, v = (A[f"{layer}.self_attn.{t}"] for t in ("q_proj", "k_proj", "v_proj"))
+        assert torch.equal(k, q[:1]) and torch.equal(v, q[:2])
+        gate, up = A[f"{layer}.mlp.gate_proj"], A[f"{layer}.mlp.up_proj"]
+        assert torch.equal(up, gate[:1])
+
+
 def test_holm_and_verdicts():
     adjusted = stats.holm({"a": 0.01, "b": 0.04, "c": 0.03})
     assert adjusted == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
