@@ -34,7 +34,7 @@ TINY = ["--model", "tiny-random-llama", "--dataset", "synthetic", "--max_steps",
         "--batch_size", "2", "--train_samples", "16", "--eval_samples", "4", "--eval_steps", "0",
         "--evaluate", "false", "--ablation", "false", "--budget", "0.25", "--budget_unit", "params",
         "--allocate", "modules"]  # modules at rank r, as the E2E probe: the ranks arm is then a different placement
-ARMS = "eva,adalora,gora,kappa,eva_init,ranks,qv,random"
+ARMS = "eva,adalora,gora,kappa,eva_init,ranks,ranks_eva_init,qv,random"
 VALIDATE = ["--arms", ARMS, "--seeds", "1,2", "--random_sets", "2", "--lr_grid", "1e-3,3e-3", "--max_steps", "10",
             "--sweep_steps", "5", "--test_samples", "6"]
 
@@ -399,6 +399,10 @@ def test_settings_and_bad_input_are_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("error:") and "not a lorasens run directory" in err and "\n" not in err
     assert main(["validate", str(tmp_path), "--extra_seeds", "4,5"]) == 2
     assert "SEEDS:ARMS" in capsys.readouterr().err
+    from lorasens.commands.validate import ARM_HELP  # --help names every arm, each once
+
+    named = [n.split(" (")[0] for part in ARM_HELP.split("; ") for n in part.split(", ")]
+    assert sorted(named) == sorted(A.ARMS)
 
 
 @pytest.mark.slow
@@ -467,6 +471,12 @@ def test_validate_trains_every_arm_at_the_budget_with_its_own_learning_rate(vali
         assert float(row["lr"]) in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2) and float(row["test_loss"]) > 0
     ada = [r for r in rows if r["arm"] == "adalora"]
     assert all(int(r["initial_lora_params"]) > int(r["lora_params"]) for r in ada)  # AdaLoRA starts above, prunes
+    # ranks_eva_init: the ranks arm's profile, EVA's start; every module keeps its rank, so the counts are equal
+    params = {r["arm"]: int(r["lora_params"]) for r in rows if r["arm"] in ("ranks", "ranks_eva_init")}
+    assert params["ranks_eva_init"] == params["ranks"]
+    placement = json.loads((out / "placements" / "ranks_eva_init_10steps.json").read_text())
+    assert placement["init_lora_weights"] == "eva" and placement["eva_config"]["rho"] == 1.0
+    assert placement["rank_pattern"] == json.loads((out / "placements" / "ranks_10steps.json").read_text())["rank_pattern"]
     for group, entry in summary["arms"].items():
         sweep = {(r["arm"], float(r["lr"])): float(r["validation_loss"])
                  for r in csv.DictReader((out / "sweep.csv").open(newline=""))}

@@ -27,6 +27,7 @@ ARMS = {
               "module-type deltas, one rank per type in every layer (--allocate types)"),
     "value": ("lorasens", "first-order estimate per LoRA parameter as knapsack value (greedy fill)"),
     "eva_init": ("lorasens", "the recommendation's modules, EVA initialisation (no redistribution)"),
+    "ranks_eva_init": ("lorasens", "the `ranks` arm's per-module ranks, EVA initialisation (no redistribution)"),
     "eva": ("peer", "PEFT EVA on every module, rank redistribution rho=2, rank budget searched to the parameters"),
     "adalora": ("peer", "PEFT AdaLoRA on every module, its final budget held at the parameters"),
     "gora": ("peer", "GoRA-style ranks proportional to mean |W * dL/dW| of the base weights"),

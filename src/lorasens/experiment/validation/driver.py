@@ -216,6 +216,9 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
                 logger.info("validate: the run has no first_order measure; the value arm is left out")
         elif name == "eva_init":
             arms.append(A.Arm("eva_init", "eva_init", rec, init="eva", eva_rho=1.0))
+        elif name == "ranks_eva_init" and rank_profile and rank_profile != rec:
+            # Where lorasens' default puts the budget, started as EVA starts: separates the placement from the start
+            arms.append(A.Arm("ranks_eva_init", "ranks_eva_init", rank_profile, init="eva", eva_rho=1.0))
         elif name == "eva":
             arms.append(peers.eva_arm(model, module_map, sizes, train_features, tokenizer, cfg.training.batch_size, target))
         elif name == "adalora":
@@ -362,7 +365,7 @@ def validate_run(run_dir: str | Path, settings: ValidateSettings, out_dir: str |
     # complete core comparison early; then lorasens' own variants (what to change if the recommendation loses:
     # ranks, value, EVA initialisation); then the controls and the other peers.
     core = {"recommended", *settings.extra_seed_arms}
-    variants = {"ranks", "value", "eva_init"} - core
+    variants = {"ranks", "value", "eva_init", "ranks_eva_init"} - core
     stages = ([a for a in arms if a.arm in core], [a for a in arms if a.arm in variants],
               [a for a in arms if a.arm not in core | variants])
     stages = [stage for stage in stages if stage]
