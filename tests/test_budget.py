@@ -73,13 +73,22 @@ def test_rank_allocation_is_proportional_and_within_budget():
     assert allocate_ranks(sizes(), {}, 2000) == dict.fromkeys("abcd", 0)
 
 
+def test_a_budget_below_rank_one_everywhere_goes_to_the_most_sensitive_modules_at_rank_one():
+    mods = [ModuleSize(f"m{i}", 64, 64) for i in range(8)]  # 128 parameters per rank each
+    weights = {f"m{i}": 1.0 - 0.05 * i for i in range(8)}  # close scores, m0 the highest (as on E2E)
+    # 5 rank units for 8 modules: the five most sensitive at rank 1, not two at rank 2 (the greedy top-up's choice
+    # when the smallest rank above 0 is 2)
+    assert allocate_ranks(mods, weights, 128 * 5) == {**dict.fromkeys(["m0", "m1", "m2", "m3", "m4"], 1),
+                                                      **dict.fromkeys(["m5", "m6", "m7"], 0)}
+
+
 def test_rank_floor_gives_every_module_the_floor_and_the_rest_by_weight():
     mods = [ModuleSize(f"m{i}", 64, 64) for i in range(4)]  # 128 parameters per rank each
     weights = {"m0": 4.0, "m1": 2.0, "m2": 1.0, "m3": 0.0}
     # 34 rank units: 4 go to the floor (rank 1 on each module), the other 30 as without a floor (16, 8, 4, 0).
     assert allocate_ranks(mods, weights, 128 * 34, min_rank=1) == {"m0": 17, "m1": 9, "m2": 5, "m3": 1}
     # A budget the floor alone fills: every module at the floor, nothing on top.
-    assert allocate_ranks(mods, weights, 128 * 9, min_rank=2) == dict.fromkeys(weights, 2)
+    assert allocate_ranks(mods, weights, 128 * 8, min_rank=2) == dict.fromkeys(weights, 2)
     with pytest.raises(UserError, match="--min_rank 3 on all 4 modules takes 1536 LoRA parameters"):
         allocate_ranks(mods, weights, 128 * 11, min_rank=3)
 

@@ -17,8 +17,10 @@ from lorasens.errors import UserError, unknown_choice
 
 BUDGET_UNITS: tuple[str, ...] = ("params", "modules")
 DEFAULT_BUDGET = 0.5  # half of the all-modules total (of LoRA parameters, or of modules)
-# Ranks a rank allocation may give a module; 0 = no LoRA on the module (left out of target_modules).
-RANK_CHOICES: tuple[int, ...] = (0, 2, 4, 8, 16, 32)
+# Ranks a rank allocation may give a module; 0 = no LoRA on the module (left out of target_modules). Rank 1 is a
+# choice because breadth pays: on E2E, below the budget of rank 1 on every module, the most sensitive modules at
+# rank 1 train better than half as many at rank 2 (docs/RESULTS.md, "A small budget").
+RANK_CHOICES: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32)
 
 
 def lora_param_count(r: int, in_features: int, out_features: int) -> int:
