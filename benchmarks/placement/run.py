@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,19 @@ SMOKE_VALIDATE = {"max_steps": "6", "sweep_steps": "5", "lr_grid": "1e-3,3e-3", 
 IGNORED = "final_model/\ncheckpoints/\n*.safetensors\n"
 
 
+def run_child(command: list[str]) -> None:
+    """Run one step and pass SIGTERM on to it: the steps are long trainings, and a `kill` aimed at this script
+    (a session ending, a scheduler stopping it) must stop them too, not leave them writing into the results folder."""
+    child = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        raise SystemExit(code if code > 0 else 128 - code)
+
+
 def flags(options: dict[str, str]) -> list[str]:
     return [x for k, v in options.items() for x in (f"--{k}", v)]
 
@@ -68,14 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     probe_dir = out / "probe"
     if not (probe_dir / "summary.json").exists():  # summary.json is written last
         if any(probe_dir.glob("checkpoints/checkpoint-*")):
-            subprocess.run([*python, "train", "--config", str(probe_dir / "config.json"), "--resume"], check=True)
+            run_child([*python, "train", "--config", str(probe_dir / "config.json"), "--resume"])
         else:
-            subprocess.run([*python, "train", *flags(probe), "--output_dir", str(out), "--experiment_name", "probe",
-                            "--overwrite"], check=True)
+            run_child([*python, "train", *flags(probe), "--output_dir", str(out), "--experiment_name", "probe",
+                       "--overwrite"])
     validate = {**VALIDATE, "seeds": task["seeds"], "extra_seeds": task["extra_seeds"],
                 **(SMOKE_VALIDATE if args.smoke else {})}
-    subprocess.run([*python, "validate", str(out / "probe"), *flags(validate), "--out", str(out / "validation")],
-                   check=True)
+    run_child([*python, "validate", str(out / "probe"), *flags(validate), "--out", str(out / "validation")])
     return 0
 
 
