@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,22 @@ DDP_WORKER = REPO / "tests" / "ddp_worker.py"
 
 # One thread: the tests use tiny models, where thread start-up costs more than it saves, and CI may share cores.
 torch.set_num_threads(1)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    """Poll until predicate() holds (tests that drive real processes: a kill waits for a file, a death for a pid)."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def shared_path(*parts: str) -> Path:

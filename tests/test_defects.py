@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import alive, wait_for
 
 from lorasens.cli import main
 
@@ -105,23 +106,6 @@ def spawn(*args: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     return subprocess.Popen([sys.executable, "-m", "lorasens", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
-
-
-def wait_for(predicate, timeout: float) -> None:
-    import time
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.1)
-
-
-def alive(pid: int) -> bool:
-    import os
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 SWEEP = [*TINY, "--dataset", "synthetic", "--train_samples", "48", "--eval_samples", "8", "--eval_steps", "0",

@@ -6,9 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-from conftest import REPO
+from conftest import REPO, alive, wait_for
 
 RUN_PY = REPO / "benchmarks" / "placement" / "run.py"
 # A parent that runs one long step through run.py's run_child; the step prints its pid, then waits.
@@ -21,25 +20,14 @@ module.run_child([sys.executable, "-c", "import os, time; print(os.getpid(), flu
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_sigterm_to_the_benchmark_stops_its_running_step_and_exits_with_the_signal_code():
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     try:
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=30) == 128 + signal.SIGTERM
-        deadline = time.monotonic() + 10
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(child)
+        wait_for(lambda: not alive(child), timeout=10)
     finally:
-        if _alive(child):
+        if alive(child):
             os.kill(child, signal.SIGKILL)
         parent.kill()
