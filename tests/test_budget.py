@@ -170,3 +170,11 @@ def test_rank_allocation_config_creates_exactly_the_stated_ranks_in_peft():
     assert trainable == expected
     with pytest.raises(UserError, match="rank 0"):
         rank_allocation_config(base, {"model.layers.0.self_attn.q_proj": 0})
+
+
+def test_the_help_of_allocate_and_min_rank_lists_the_rank_choices_the_allocator_uses():
+    from lorasens.config import field_index
+
+    choices = ",".join(map(str, RANK_CHOICES))
+    assert f"--min_rank plus {choices})" in field_index()["allocate"][1].metadata["help"]
+    assert f"min_rank + {choices[:8]}...)" in field_index()["min_rank"][1].metadata["help"]

@@ -273,7 +273,7 @@ class TrackingConfig:
         "params", "What --budget counts: LoRA parameters r*(in+out) (default), or modules.", reanalysable=True,
     )
     allocate: Allocate | None = opt(
-        None, "modules: LoRA on or off per module at rank --r; ranks: per-module ranks (--min_rank plus 0,2,4,8,16,32) "
+        None, "modules: LoRA on or off per module at rank --r; ranks: per-module ranks (--min_rank plus 0,1,2,4,8,16,32) "
         "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget; types: each "
         "module group's share of the budget from the ablation's group deltas, split within the group by the "
         "module-type deltas, one rank per type in every layer (needs --ablation). Default: ranks for a budget of "
@@ -282,7 +282,7 @@ class TrackingConfig:
     )
     min_rank: int = opt(
         0, "With --allocate ranks: every module first gets this rank, and sensitivity places the rest of the budget "
-        "on top (ranks min_rank + 0,2,4,...). 0: modules with low sensitivity get no LoRA.", reanalysable=True,
+        "on top (ranks min_rank + 0,1,2,4,...). 0: modules with low sensitivity get no LoRA.", reanalysable=True,
     )
 
     @property
