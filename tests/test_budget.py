@@ -11,6 +11,7 @@ from lorasens.analysis.budget import (
     ModuleSize,
     allocate_ranks,
     ablation_type_shares,
+    allocate_spread_ranks,
     allocate_type_ranks,
     budget_limit,
     lora_param_count,
@@ -80,6 +81,20 @@ def test_a_budget_below_rank_one_everywhere_goes_to_the_most_sensitive_modules_a
     # when the smallest rank above 0 is 2)
     assert allocate_ranks(mods, weights, 128 * 5) == {**dict.fromkeys(["m0", "m1", "m2", "m3", "m4"], 1),
                                                       **dict.fromkeys(["m5", "m6", "m7"], 0)}
+
+
+def test_spread_puts_one_rank_everywhere_and_the_remainder_on_the_most_sensitive():
+    mods = [ModuleSize("m0", 64, 64), ModuleSize("m1", 64, 64), ModuleSize("big", 128, 128), ModuleSize("m3", 64, 64)]
+    weights = {"m0": 0.1, "m1": 3.0, "big": 2.0, "m3": float("nan")}  # widths 128, 128, 256, 128: 640 per rank
+    # 2 * 640 on every module; 400 left: m1 (128) then big (256) go one rank up, 16 remain, m0 does not fit.
+    assert allocate_spread_ranks(mods, weights, 2 * 640 + 400) == {"m0": 2, "m1": 3, "big": 3, "m3": 2}
+    # big no longer fits after m1 (200 left): it is skipped and m0 takes the next rank; NaN comes last.
+    assert allocate_spread_ranks(mods, weights, 2 * 640 + 300) == {"m0": 3, "m1": 3, "big": 2, "m3": 2}
+    # Below rank 1 everywhere: the most sensitive modules at rank 1, the others without LoRA.
+    assert allocate_spread_ranks(mods, weights, 400) == {"m0": 0, "m1": 1, "big": 1, "m3": 0}
+    assert allocate_spread_ranks(mods, weights, 0) == dict.fromkeys(weights, 0)
+    # Weights decide only the remainder: with no weights at all, the order of the modules does.
+    assert allocate_spread_ranks(mods, {}, 640 + 128) == {"m0": 2, "m1": 1, "big": 1, "m3": 1}
 
 
 def test_rank_floor_gives_every_module_the_floor_and_the_rest_by_weight():

@@ -305,6 +305,20 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     assert set(floored["ranks"].values()) <= {1 + r for r in RANK_CHOICES} and min(floored["ranks"].values()) == 1
     assert floored["params_used"] <= floored["params_budget"]
     assert "per-module ranks (at least 1 on every module)" in capsys.readouterr().out
+    # Spread: every module at the one rank the budget holds on all, the most sensitive one rank higher.
+    assert main(["analyze", str(run), "--budget_unit", "params", "--budget", "0.55", "--allocate", "spread",
+                 "--ablation", "false"]) == 0
+    spread = json.loads((run / files.SENSITIVITY).read_text())
+    assert "one rank on every module it reaches" in capsys.readouterr().out
+    ranks, budget = spread["budget"]["ranks"], spread["budget"]["params_budget"]
+    base = int(0.55 * cfg.lora.r)  # the rank 55% of every module at rank r holds on all of them
+    assert spread["budget"]["allocate"] == "spread" and set(ranks) == set(sizes)
+    assert set(ranks.values()) == {base, base + 1} and spread["budget"]["params_used"] <= budget
+    combined = spread["measures"]["combined"]
+    raised = [k for k, r in ranks.items() if r > base]
+    assert all(combined[k] >= combined[j] for k in raised for j in set(ranks) - set(raised))
+    assert sorted(json.loads((run / files.RECOMMENDED_CONFIG).read_text())["rank_pattern"].values()) == \
+        sorted(ranks.values())
     # Types: each group's share of the budget is its share of the ablation's group deltas, split within the group
     # by the module-type deltas (read back from sensitivity_ablation.csv), one rank per type in every layer.
     assert main(["analyze", str(run), "--budget_unit", "params", "--budget", "0.5", "--allocate", "types",
@@ -333,6 +347,7 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     (tmp_path / "ablation.csv").rename(run / files.ABLATION)
     assert main(["analyze", str(run), "--allocate", "ranks", "--budget_unit", "modules"]) == 2
     assert main(["analyze", str(run), "--allocate", "types", "--budget_unit", "modules"]) == 2
+    assert main(["analyze", str(run), "--allocate", "spread", "--budget_unit", "modules"]) == 2
     assert main(["analyze", str(run), "--min_rank", "1", "--ablation", "false"]) == 2
     # --probe: the training-time measures come from another run (here: this run's files with grad norms doubled).
     probe = tmp_path / "probe"

@@ -104,6 +104,21 @@ def test_ranks_floor_arm_covers_every_module_and_holds_the_budget():
     assert {k for k, r in floor.items() if r > 1} <= {k for k, w in weights.items() if w > 0}
 
 
+def test_spread_arm_covers_every_module_at_one_rank_and_raises_the_most_sensitive():
+    sizes = smollm_sizes()
+    weights = {k: (2.0 if k.startswith("L29.") else 1.0) for k in sizes}
+    target = 606_720  # the E2E benchmark's budget: 1.99 ranks on every module (rank 2 everywhere takes 610,560)
+    [arm] = driver._spread_arm(sizes, weights, {}, target)
+    used = sum(sizes[k].params(r) for k, r in arm.ranks.items())
+    assert set(arm.ranks) == set(sizes) and used == 606_336
+    # Rank 1 everywhere, then rank 2 in score order (layer 29 first, then the given order) until the remainder
+    # (3,840 short of rank 2 everywhere) runs out: the last two MLP modules in that order stay at rank 1.
+    assert {k for k, r in arm.ranks.items() if r != 2} == {"L28.up_proj", "L28.down_proj"}
+    assert arm.ranks["L28.up_proj"] == arm.ranks["L28.down_proj"] == 1
+    assert driver._spread_arm(sizes, weights, arm.ranks, target) == []  # the recommendation already is the spread
+    assert driver._spread_arm(sizes, {}, {}, target) == []  # no ranking
+
+
 def test_types_arm_splits_the_budget_by_the_probes_group_and_module_type_ablation(tiny_llama, tmp_path):
     from lorasens.rundir import files
 

@@ -41,7 +41,7 @@ ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 Precision = Literal["auto", "fp32", "bf16"]
 Quantize = Literal["none", "4bit"]
 Fsdp = Literal["none", "full_shard", "shard_grad_op", "hybrid_shard"]
-Allocate = Literal["modules", "ranks", "types"]
+Allocate = Literal["modules", "ranks", "spread", "types"]
 BudgetUnit = Literal["params", "modules"]  # what --budget counts (analysis.budget)
 # Generation metrics of a custom dataset (--metrics); lorasens.metrics.TEXT_METRIC_FUNCTIONS scores them.
 TextMetric = Literal["exact_match", "rouge_l", "bleu", "accuracy"]
@@ -274,7 +274,9 @@ class TrackingConfig:
     )
     allocate: Allocate | None = opt(
         None, "modules: LoRA on or off per module at rank --r; ranks: per-module ranks (--min_rank plus 0,1,2,4,8,16,32) "
-        "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget; types: each "
+        "in proportion to sensitivity (rank_pattern/alpha_pattern), within the same parameter budget; spread: every "
+        "module at the one rank the budget holds on all of them, the most sensitive one rank higher with what is "
+        "left (below rank 1 everywhere: the most sensitive modules at rank 1); types: each "
         "module group's share of the budget from the ablation's group deltas, split within the group by the "
         "module-type deltas, one rank per type in every layer (needs --ablation). Default: ranks for a budget of "
         "parameters, modules for a budget of modules.",
@@ -408,7 +410,7 @@ def check_budget(budget: float | None, unit: str) -> None:
 
 
 def check_allocation(allocate: str, unit: str, min_rank: int = 0) -> None:
-    if allocate in ("ranks", "types") and unit != "params":
+    if allocate in ("ranks", "spread", "types") and unit != "params":
         raise UserError(f"--allocate {allocate} distributes a budget of LoRA parameters; use it with --budget_unit params")
     if min_rank < 0:
         raise UserError(f"--min_rank must be >= 0, got {min_rank}")

@@ -22,6 +22,7 @@ from lorasens.analysis.budget import (
     ModuleSize,
     ablation_type_shares,
     allocate_ranks,
+    allocate_spread_ranks,
     allocate_type_ranks,
     budget_limit,
     rank_allocation_config,
@@ -271,6 +272,8 @@ def describe_budget(budget: dict) -> str:
         text += f" ({100 * budget['params_used'] / budget['params_total']:.1f}% of all modules' total)"
     if budget.get("allocate") == "types":
         return text + ", one rank per module type (shares from the ablation)"
+    if budget.get("allocate") == "spread":
+        return text + ", one rank on every module it reaches (the most sensitive one rank higher)"
     if budget.get("allocate") != "ranks":
         return text
     return text + (f", per-module ranks (at least {budget['min_rank']} on every module)" if budget.get("min_rank")
@@ -346,11 +349,13 @@ def _recommend(cfg: ExperimentConfig, run_dir: Path, module_map: ModuleMap, lora
     params_total = sum(s.params(r) for s in sizes)
     budget = {"unit": tracking.budget_unit, "value": tracking.budget if tracking.budget is not None else DEFAULT_BUDGET,
               "allocate": tracking.allocation, "num_modules": len(lora), "params_total": params_total}
-    if tracking.allocation in ("ranks", "types"):
+    if tracking.allocation in ("ranks", "spread", "types"):
         limit = budget_limit(tracking.budget, "params", sizes, r)
         if tracking.allocation == "types":
             ranks = allocate_type_ranks(sizes, {k: m.module_type for k, m in by_key.items()},
                                         _type_shares(run_dir, tracking, by_key.values()), limit)
+        elif tracking.allocation == "spread":
+            ranks = allocate_spread_ranks(sizes, combined, limit)
         else:
             ranks = allocate_ranks(sizes, combined, limit, min_rank=tracking.min_rank)
         budget["min_rank"] = tracking.min_rank

@@ -23,6 +23,8 @@ ARMS = {
     "ranks": ("lorasens", "per-module ranks from the combined sensitivity (--allocate ranks)"),
     "ranks_floor": ("lorasens", "every module at rank 1, the rest of the budget by the combined sensitivity "
                     "(--allocate ranks --min_rank 1)"),
+    "spread": ("lorasens", "every module at one rank, the most sensitive one rank higher with the rest of the budget "
+               "(--allocate spread)"),
     "types": ("lorasens", "budget shares from the probe's group ablation deltas, split within each group by the "
               "module-type deltas, one rank per type in every layer (--allocate types)"),
     "value": ("lorasens", "first-order estimate per LoRA parameter as knapsack value (greedy fill)"),

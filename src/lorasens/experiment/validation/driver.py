@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lorasens.analysis.ablation import per_example_losses, validation_batches
-from lorasens.analysis.budget import ModuleSize, allocate_type_ranks, fit_ranks
+from lorasens.analysis.budget import ModuleSize, allocate_spread_ranks, allocate_type_ranks, fit_ranks
 from lorasens.analysis.post import type_shares_from_ablation
 from lorasens.analysis.sensitivity import key_of
 from lorasens.config import ExperimentConfig, check_environment, config_from_dict
@@ -206,6 +206,8 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
             continue
         if name in ("ranks", "ranks_floor"):
             arms += _rank_arms(name, sizes, weights, rank_profile, rec, target)
+        elif name == "spread":
+            arms += _spread_arm(sizes, weights, rec, target)
         elif name == "types":
             arms += _types_arm(run_dir, module_map, sizes, rec, target)
         elif name == "value":
@@ -270,6 +272,16 @@ def _rank_arms(name: str, sizes: dict[str, ModuleSize], weights: dict[str, float
         logger.info("validate: rank %d on every module exceeds the budget; the ranks_floor arm is left out", FLOOR_RANK)
         return []
     return [A.Arm("ranks_floor", "ranks_floor", A.allocated_ranks(sizes, weights, target, min_rank=FLOOR_RANK))]
+
+
+def _spread_arm(sizes: dict[str, ModuleSize], weights: dict[str, float], rec: dict[str, int],
+                target: int) -> list[A.Arm]:
+    """The `spread` arm (--allocate spread); none without a combined ranking or when it is the recommendation."""
+    ranks = {k: r for k, r in allocate_spread_ranks(list(sizes.values()), weights, target).items() if r}
+    if not weights or ranks == rec:
+        logger.info("validate: the run has no combined ranking or recommends the spread; the spread arm is left out")
+        return []
+    return [A.Arm("spread", "spread", ranks)]
 
 
 def _types_arm(run_dir: Path, module_map, sizes: dict[str, ModuleSize], rec: dict[str, int],
