@@ -36,6 +36,8 @@ def rank_one_arms(sizes: dict[str, ModuleSize], combined: dict[str, float | None
     top = select_within_budget(list(sizes.values()), scores, target, "params", 1).keys
     low = select_within_budget(list(sizes.values()), {k: -v for k, v in scores.items()}, target, "params", 1).keys
     rng = random.Random("small-budget-random-r1")
+    # Not A.matched_random (which fills below the target, then adds the closest left-out module): this is the picker
+    # the recorded sweep trained, and a rerun rebuilds the set from it, so it must stay the same draw.
     while True:
         pick, used = [], 0
         for key in rng.sample(list(sizes), len(sizes)):
