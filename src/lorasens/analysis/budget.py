@@ -185,9 +185,9 @@ def allocate_spread_ranks(sizes: Sequence[ModuleSize], scores: Mapping[str, floa
     modules raised to b + 1 while the budget allows (one that no longer fits is skipped and the next tried). Below
     rank 1 on every module (b = 0) that is the highest-scored modules at rank 1. Never exceeds the budget.
 
-    Why breadth first: on both benchmark tasks every placement that spread the budget over all modules at a low rank
-    trained as well as ranks in proportion to sensitivity, or better, and the sensitivity order mattered only where
-    the budget could not reach every module (docs/RESULTS.md). So the scores decide only the remainder.
+    Why breadth first: on both benchmark tasks the budget spread over all modules at one low rank trained level with
+    ranks in proportion to sensitivity, and the sensitivity order mattered only where the budget could not reach
+    every module (docs/RESULTS.md). So here the scores decide only the remainder.
     """
     width = sum(s.in_features + s.out_features for s in sizes)
     base = int(max(0.0, budget_params) // width) if width else 0
