@@ -4,8 +4,9 @@ from __future__ import annotations
 
 # Spelled out here (the arms' table imports torch, which `lorasens --help` should not wait for); a test keeps the two
 # lists equal.
-ARM_HELP = ("recommended, ranks, ranks_floor, spread, types, value, eva_init, ranks_eva_init (lorasens); eva, adalora, gora, "
-            "kappa (peers); qv, uniform, mlp, random, random_typed, ranks_shuffled (controls); all (ceiling)")
+ARM_HELP = ("recommended, ranks, ranks_floor, spread, types, value, eva_init, ranks_eva_init (lorasens); eva, "
+            "adalora, gora, kappa (peers); qv, uniform, mlp, random, random_typed, ranks_shuffled (controls); "
+            "all (ceiling)")
 
 
 def add_parser(sub) -> None:
