@@ -87,13 +87,7 @@ def select_within_budget(sizes: Sequence[ModuleSize], scores: Mapping[str, float
     if unit == "modules":
         chosen = order[: min(int(limit), len(sizes))]
     else:
-        used = 0
-        for i in order:
-            cost = sizes[i].params(r)
-            if used + cost <= limit:
-                chosen.append(i)
-                used += cost
-        chosen = chosen or order[:1]
+        chosen = _fill_in_order(order, [s.params(r) for s in sizes], limit) or order[:1]
     chosen.sort()
     params_used = sum(sizes[i].params(r) for i in chosen)
     return Selection(tuple(sizes[i].key for i in chosen), unit,
@@ -104,6 +98,16 @@ def select_within_budget(sizes: Sequence[ModuleSize], scores: Mapping[str, float
 def _by_score(sizes: Sequence[ModuleSize], scores: Mapping[str, float]) -> list[int]:
     """Indices of `sizes`, highest score first; NaN or missing scores last; ties in the given order."""
     return sorted(range(len(sizes)), key=lambda i: (-_score(scores, sizes[i].key), i))
+
+
+def _fill_in_order(order: Sequence[int], costs: Sequence[float], limit: float) -> list[int]:
+    """The indices of `order` taken greedily while their costs fit `limit` (one that no longer fits is skipped)."""
+    chosen, used = [], 0.0
+    for i in order:
+        if used + costs[i] <= limit:
+            chosen.append(i)
+            used += costs[i]
+    return chosen
 
 
 def _score(scores: Mapping[str, float], key: str) -> float:
@@ -189,16 +193,10 @@ def allocate_spread_ranks(sizes: Sequence[ModuleSize], scores: Mapping[str, floa
     ranks in proportion to sensitivity, and the sensitivity order mattered only where the budget could not reach
     every module (docs/RESULTS.md). So here the scores decide only the remainder.
     """
-    width = sum(s.in_features + s.out_features for s in sizes)
-    base = int(max(0.0, budget_params) // width) if width else 0
-    ranks = {s.key: base for s in sizes}
-    left = budget_params - base * width
-    for i in _by_score(sizes, scores):
-        cost = sizes[i].in_features + sizes[i].out_features
-        if cost <= left:
-            ranks[sizes[i].key] += 1
-            left -= cost
-    return ranks
+    width = [s.params(1) for s in sizes]
+    base = int(max(0.0, budget_params) // sum(width)) if sizes else 0
+    raised = set(_fill_in_order(_by_score(sizes, scores), width, budget_params - base * sum(width)))
+    return {s.key: base + int(i in raised) for i, s in enumerate(sizes)}
 
 
 def pattern_key(module_path: str) -> str:

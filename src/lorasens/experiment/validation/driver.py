@@ -277,9 +277,12 @@ def _rank_arms(name: str, sizes: dict[str, ModuleSize], weights: dict[str, float
 def _spread_arm(sizes: dict[str, ModuleSize], weights: dict[str, float], rec: dict[str, int],
                 target: int) -> list[A.Arm]:
     """The `spread` arm (--allocate spread); none without a combined ranking or when it is the recommendation."""
+    if not weights:
+        logger.info("validate: the run has no combined ranking; the spread arm is left out")
+        return []
     ranks = {k: r for k, r in allocate_spread_ranks(list(sizes.values()), weights, target).items() if r}
-    if not weights or ranks == rec:
-        logger.info("validate: the run has no combined ranking or recommends the spread; the spread arm is left out")
+    if ranks == rec:
+        logger.info("validate: the recommendation is the spread allocation; the spread arm is left out")
         return []
     return [A.Arm("spread", "spread", ranks)]
 
