@@ -111,6 +111,19 @@ def test_report_is_self_contained_and_has_every_section(run_dir, tmp_path, capsy
     assert config["model"]["model"] in html and "both-&gt;mlp-&gt;attn" in html
 
 
+def test_an_eva_recommendation_shows_how_to_start_it(run_dir, tmp_path):
+    # init_lora_weights "eva" needs a pass over training batches after get_peft_model: the usage shows it.
+    copy = copy_run(run_dir, tmp_path / "eva")
+    config = json.loads((copy / "recommended_lora_config.json").read_text())
+    html = write_report(copy, redraw=False).path.read_text()
+    assert "get_peft_model(model, config)" in html and "initialize_eva" not in html
+    config.update(init_lora_weights="eva", eva_config={"rho": 1.0})
+    (copy / "recommended_lora_config.json").write_text(json.dumps(config))
+    html = write_report(copy, redraw=False).path.read_text()
+    assert "get_peft_model(model, config, low_cpu_mem_usage=True)" in html
+    assert "from lorasens import initialize_eva\ninitialize_eva(model, train_dataloader)" in html
+
+
 def test_missing_files_are_named_and_the_rest_is_drawn(run_dir, tmp_path):
     copy = copy_run(run_dir, tmp_path / "partial")
     for name in ("sensitivity.json", "recommended_lora_config.json", "summary.json",

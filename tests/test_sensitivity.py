@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorasens.analysis.ablation import lora_switched_off, run_ablation, validation_batches, validation_loss
-from lorasens.analysis.budget import RANK_CHOICES, select_within_budget
+from lorasens.analysis.budget import RANK_CHOICES, pattern_key, select_within_budget
 from lorasens.analysis.measures import update_magnitudes
 from lorasens.analysis.sensitivity import agreement, combined_scores, module_sizes, recommended_lora_config
 from lorasens.model.loading import build_tiny_random_llama
@@ -297,6 +297,28 @@ def test_analysis_after_training_and_analyze_command(tmp_path, capsys, monkeypat
     assert len(config["rank_pattern"]) == len(ranked["ranks"]) == ranked["num_selected"]
     assert sorted(config["rank_pattern"].values()) == sorted(ranked["ranks"].values())
     LoraConfig(**config)
+    # EVA's start on the same ranks: init_lora_weights eva at rho 1. A PEFT script builds the adapter from the file,
+    # and lorasens.initialize_eva gives every module the leading components of its inputs at its recommended rank.
+    assert main(["analyze", str(run), "--budget_unit", "params", "--budget", "0.5", "--allocate", "ranks",
+                 "--recommend_init", "eva", "--ablation", "false"]) == 0
+    assert "per-module ranks, EVA initialisation" in capsys.readouterr().out
+    eva = json.loads((run / files.RECOMMENDED_CONFIG).read_text())
+    assert eva == {**config, "init_lora_weights": "eva", "eva_config": {"rho": 1.0}}
+    assert json.loads((run / files.SENSITIVITY).read_text())["budget"]["init"] == "eva"
+    from peft import get_peft_model
+
+    from lorasens import initialize_eva
+    from lorasens.model.loading import load_model
+
+    peft_model = get_peft_model(load_model("tiny-random-llama").model, LoraConfig(**eva), low_cpu_mem_usage=True)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (16, 12))
+    initialize_eva(peft_model, [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones(4, 12, dtype=torch.long),
+                                 "labels": ids[i:i + 4]} for i in range(0, 16, 4)])
+    started = {name.removeprefix("base_model.model."): m.lora_A["default"].weight.detach()
+               for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert {pattern_key(name): a.shape[0] for name, a in started.items()} == eva["rank_pattern"]
+    assert all(torch.allclose(a @ a.T, torch.eye(a.shape[0]), atol=1e-4) for a in started.values())
     # A floor: every module keeps at least rank 1, the rest of the same budget goes by sensitivity.
     assert main(["analyze", str(run), "--budget_unit", "params", "--budget", "0.5", "--allocate", "ranks",
                  "--min_rank", "1", "--ablation", "false"]) == 0

@@ -201,7 +201,7 @@ def test_placement_files_refuse_methods_that_rewrite_the_base(tiny_llama, tmp_pa
 def test_eva_initialisation_differs_from_the_default_and_follows_the_inputs(tiny_llama, tmp_path):
     from lorasens.data.features import IGNORE_INDEX
     from lorasens.model.lora import apply_placement, load_placement, lora_parameters
-    from lorasens.training.peft_methods import initialize_eva
+    from lorasens.training.peft_methods import initialize_eva_from_features
 
     module_map = build_module_map(tiny_llama.model)
     path = tmp_path / "eva.json"
@@ -213,7 +213,7 @@ def test_eva_initialisation_differs_from_the_default_and_follows_the_inputs(tiny
     features = [{"input_ids": ids, "attention_mask": [1] * 12, "labels": [IGNORE_INDEX] * 2 + ids[2:]}
                 for ids in torch.randint(3, 200, (24, 12)).tolist()]
     model = apply_placement(tiny_llama.model, placement, 0.0)
-    initialize_eva(model, features, tiny_llama.tokenizer, batch_size=4)
+    initialize_eva_from_features(model, features, tiny_llama.tokenizer, batch_size=4)
     lora = lora_parameters(model, module_map)
     assert lora and all(lp.A.device.type == "cpu" and torch.isfinite(lp.A).all() for lp in lora)
     for lp in lora:
@@ -225,10 +225,13 @@ def test_eva_initialisation_differs_from_the_default_and_follows_the_inputs(tiny
 
 def test_eva_initialisation_without_redistribution_keeps_every_modules_rank(tiny_llama, tmp_path):
     """PEFT's EVA at rho = 1 still trades rank among modules that share an input (q/k/v, gate/up); lorasens keeps the
-    configured profile and gives each module the leading components of its input's SVD."""
+    configured profile and gives each module the leading components of its input's SVD. Through the public helper
+    a PEFT script calls, with a DataLoader."""
+    from torch.utils.data import DataLoader
+
+    from lorasens import initialize_eva
     from lorasens.data.features import IGNORE_INDEX
     from lorasens.model.lora import apply_placement, load_placement
-    from lorasens.training.peft_methods import initialize_eva
 
     module_map = build_module_map(tiny_llama.model)
     profile = {"q_proj": 4, "k_proj": 1, "v_proj": 2, "gate_proj": 3, "up_proj": 1}
@@ -241,7 +244,8 @@ def test_eva_initialisation_without_redistribution_keeps_every_modules_rank(tiny
     features = [{"input_ids": ids, "attention_mask": [1] * 12, "labels": [IGNORE_INDEX] * 2 + ids[2:]}
                 for ids in torch.randint(3, 200, (24, 12)).tolist()]
     model = apply_placement(tiny_llama.model, placement, 0.0)
-    initialize_eva(model, features, tiny_llama.tokenizer, batch_size=4)
+    initialize_eva(model, DataLoader(features, batch_size=4,
+                                     collate_fn=lambda rows: {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}))
     A = {name.removeprefix("base_model.model."): m.lora_A["default"].weight.detach()
          for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     assert A and {name: a.shape[0] for name, a in A.items()} == {

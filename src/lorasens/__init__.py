@@ -3,6 +3,7 @@
 In your own training script (any Trainer, TRL's SFTTrainer included):
 
     from lorasens import SensitivityCallback, PhaseScheduleCallback
+    from lorasens import initialize_eva   # a recommendation with init_lora_weights "eva" (--recommend_init eva)
 """
 
 import importlib
@@ -20,9 +21,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "SensitivityCallback": "lorasens.experiment.script_callback",
     "PhaseScheduleCallback": "lorasens.training.phases",
+    "initialize_eva": "lorasens.training.peft_methods",
 }
 
-__all__ = ["SensitivityCallback", "PhaseScheduleCallback", "__version__"]
+__all__ = ["SensitivityCallback", "PhaseScheduleCallback", "initialize_eva", "__version__"]
 
 
 def __getattr__(name: str):

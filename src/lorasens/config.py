@@ -43,6 +43,7 @@ Quantize = Literal["none", "4bit"]
 Fsdp = Literal["none", "full_shard", "shard_grad_op", "hybrid_shard"]
 Allocate = Literal["modules", "ranks", "spread", "types"]
 BudgetUnit = Literal["params", "modules"]  # what --budget counts (analysis.budget)
+RecommendInit = Literal["default", "eva"]  # how the recommended config's LoRA starts
 # Generation metrics of a custom dataset (--metrics); lorasens.metrics.TEXT_METRIC_FUNCTIONS scores them.
 TextMetric = Literal["exact_match", "rouge_l", "bleu", "accuracy"]
 DEFAULT_TEXT_METRICS = ("exact_match", "rouge_l", "bleu")
@@ -285,6 +286,12 @@ class TrackingConfig:
     min_rank: int = opt(
         0, "With --allocate ranks: every module first gets this rank, and sensitivity places the rest of the budget "
         "on top (ranks min_rank + 0,1,2,4,...). 0: modules with low sensitivity get no LoRA.", reanalysable=True,
+    )
+    recommend_init: RecommendInit = opt(
+        "default", "How the recommended config's LoRA starts: default (PEFT's: A random, B zero) or eva (each A from "
+        "the top singular vectors of its module's inputs on training batches, every module at its recommended rank: "
+        "init_lora_weights eva with rho 1; in your own script call lorasens.initialize_eva after get_peft_model).",
+        reanalysable=True,
     )
 
     @property

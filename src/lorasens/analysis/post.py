@@ -270,14 +270,15 @@ def describe_budget(budget: dict) -> str:
         text += f" of a budget of {budget['params_budget']:.0f} ({100 * budget['params_used'] / budget['params_budget']:.1f}%)"
     else:
         text += f" ({100 * budget['params_used'] / budget['params_total']:.1f}% of all modules' total)"
+    start = ", EVA initialisation" if budget.get("init") == "eva" else ""
     if budget.get("allocate") == "types":
-        return text + ", one rank per module type (shares from the ablation)"
+        return text + ", one rank per module type (shares from the ablation)" + start
     if budget.get("allocate") == "spread":
-        return text + ", one rank on every module it reaches (the most sensitive one rank higher)"
+        return text + ", one rank on every module it reaches (the most sensitive one rank higher)" + start
     if budget.get("allocate") != "ranks":
-        return text
+        return text + start
     return text + (f", per-module ranks (at least {budget['min_rank']} on every module)" if budget.get("min_rank")
-                   else ", per-module ranks")
+                   else ", per-module ranks") + start
 
 
 LOSS_CONVENTION = ("token-weighted mean next-token cross-entropy over the target tokens (sum of target-token "
@@ -374,7 +375,10 @@ def _recommend(cfg: ExperimentConfig, run_dir: Path, module_map: ModuleMap, lora
         budget.update(selection.as_dict())
         # A budget of modules has no parameter limit: the parameters it takes depend on which modules win.
         budget["params_budget"] = selection.limit if tracking.budget_unit == "params" else None
-    budget.update({"selected": chosen, "num_selected": len(chosen)})
+    budget.update({"selected": chosen, "num_selected": len(chosen), "init": tracking.recommend_init})
+    if tracking.recommend_init == "eva":
+        # rho 1: EVA starts every module from its inputs' components and keeps the rank chosen here.
+        config.update(init_lora_weights="eva", eva_config={"rho": 1.0})
     return budget, config
 
 

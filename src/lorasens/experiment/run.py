@@ -36,8 +36,8 @@ from lorasens.rundir.files import ADAPTER_WEIGHTS, CONFIG_FILE, FINAL_MODEL
 from lorasens.rundir.load import adapter_problem, read_run_config
 from lorasens.rundir.lock import hold_run_lock
 from lorasens.training.context import AfterTrainingStep, RunContext
-from lorasens.training.peft_methods import (AdaLoraAllocationCallback, adalora_effective_params, initialize_eva,
-                                            kept_ranks)
+from lorasens.training.peft_methods import (AdaLoraAllocationCallback, adalora_effective_params,
+                                            initialize_eva_from_features, kept_ranks)
 from lorasens.training.phases import PhaseScheduleCallback
 from lorasens.training.trainer import (
     BestAdapterCallback,
@@ -209,7 +209,7 @@ def _run_context(cfg: ExperimentConfig, run_dir: Path, inputs: RunInputs) -> Run
         if placement.eva:
             # On the first training batches, before lora_parameters: PEFT replaces the LoRA layers (new ranks
             # with rho > 1). A resumed run then loads its trained weights over these.
-            initialize_eva(model, inputs.train_features, inputs.loaded.tokenizer, cfg.training.batch_size)
+            initialize_eva_from_features(model, inputs.train_features, inputs.loaded.tokenizer, cfg.training.batch_size)
     else:
         model = apply_lora(inputs.loaded.model, inputs.lora_modules, cfg.lora.r, cfg.lora.lora_alpha,
                            cfg.lora.lora_dropout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable
 
 import torch
 from peft import PeftModel
@@ -34,16 +35,16 @@ def eva_batches(features: list[dict], tokenizer, batch_size: int, max_batches: i
     return batches
 
 
-def initialize_eva(model: PeftModel, features: list[dict], tokenizer, batch_size: int, adapter: str = "default"
-                   ) -> None:
-    """EVA: each LoRA A starts as the top right-singular vectors of its module's inputs on training batches (PEFT's
-    `initialize_lora_eva_weights`; with rho > 1 PEFT also moves rank between modules, keeping the total rank).
+def initialize_eva(model: PeftModel, dataloader: Iterable[dict], adapter: str = "default") -> None:
+    """EVA: each LoRA A starts as the top right-singular vectors of its module's inputs on `dataloader`'s batches
+    (PEFT's `initialize_lora_eva_weights`; with rho > 1 PEFT also moves rank between modules, keeping the total rank).
+    Call it after `get_peft_model` with a config whose init_lora_weights is "eva", before training; the batches are
+    dicts of tensors as the model takes them (with `labels`, prompt and padding positions stay out of the SVD).
 
     With rho = 1 (no redistribution) every module keeps the rank its config gives it. PEFT does not quite: modules
     that share an input (q/k/v, gate/up) get one SVD and, even at rho = 1, ranks traded among them by explained
     variance, so a per-module rank profile would change shape and parameter count. Here the components are computed
     at the profile's largest rank for every module, and each module takes its own rank's leading components."""
-    batches = eva_batches(features, tokenizer, batch_size)
     config = model.peft_config[adapter]
     was_training = model.training
     model.eval()
@@ -52,13 +53,20 @@ def initialize_eva(model: PeftModel, features: list[dict], tokenizer, batch_size
             ranks = {name: module.r[adapter] for name, module in model.named_modules()
                      if isinstance(module, LoraLayer) and adapter in module.r}
             widest = dataclasses.replace(config, r=max(ranks.values()), rank_pattern={}, alpha_pattern={})
-            state = get_eva_state_dict(model, batches, peft_config=widest, adapter_name=adapter,
+            state = get_eva_state_dict(model, dataloader, peft_config=widest, adapter_name=adapter,
                                        show_progress_bar=False)
             initialize_lora_eva_weights(model, eva_state_dict={name: w[: ranks[name]] for name, w in state.items()
                                                                if name in ranks}, adapter_name=adapter)
         else:
-            initialize_lora_eva_weights(model, batches, adapter_name=adapter, show_progress_bar=False)
+            initialize_lora_eva_weights(model, dataloader, adapter_name=adapter, show_progress_bar=False)
     model.train(was_training)
+
+
+def initialize_eva_from_features(model: PeftModel, features: list[dict], tokenizer, batch_size: int,
+                                 adapter: str = "default") -> None:
+    """`initialize_eva` on the first training examples (lorasens' training path)."""
+    batches = eva_batches(features, tokenizer, batch_size)
+    initialize_eva(model, batches, adapter)
     logger.info("EVA initialisation from %d training batches of %d", len(batches), batch_size)
 
 
