@@ -87,3 +87,19 @@ def test_per_module_ranks_export_to_peft_and_are_refused_where_a_tool_has_one_ra
         err = capsys.readouterr().err
         assert "rank_pattern" in err and "--format peft" in err and len(err.strip().splitlines()) == 1
         assert not any(tmp_path.glob("lora.*.yaml"))
+
+
+def test_an_eva_start_exports_to_peft_only(tmp_path, capsys):
+    module_map = build_module_map(build_tiny_random_llama(seed=0).model)
+    selected = [m for m in module_map.modules if m.module_type == "v_proj"]
+    config = {**recommended_lora_config(selected, module_map, 4, 8.0, 0.05), "init_lora_weights": "eva",
+              "eva_config": {"rho": 1.0}}
+    (tmp_path / "recommended_lora_config.json").write_text(json.dumps(config))
+    assert main(["export", str(tmp_path), "--format", "peft"]) == 0
+    assert LoraConfig(**json.loads((tmp_path / "lora_config.peft.json").read_text())).eva_config.rho == 1.0
+    capsys.readouterr()
+    for fmt in ("axolotl", "llamafactory"):
+        assert main(["export", str(tmp_path), "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert "init_lora_weights eva" in err and "--recommend_init default" in err and len(err.strip().splitlines()) == 1
+        assert not any(tmp_path.glob("lora.*.yaml"))

@@ -64,6 +64,10 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> P
         raise UserError(f"{RECOMMENDED_CONFIG} gives each module its own rank (rank_pattern), which {fmt}'s config "
                         "has no key for: use --format peft (a LoraConfig for your script), or "
                         f"`lorasens analyze {run_dir} --allocate modules` for one rank on the top modules")
+    if fmt != "peft" and lora.get("init_lora_weights") == "eva":
+        raise UserError(f"{RECOMMENDED_CONFIG} starts LoRA with EVA (init_lora_weights eva), which needs a pass over "
+                        f"training batches that {fmt} does not run: use --format peft with lorasens.initialize_eva in "
+                        f"your script, or `lorasens analyze {run_dir} --recommend_init default`")
     path = Path(output) if output else run_dir / FORMATS[fmt]
     comment = f"LoRA placement recommended by lorasens for {run_dir.name} ({len(targets)} modules)."
     if fmt == "peft":
