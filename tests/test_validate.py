@@ -104,6 +104,16 @@ def test_ranks_floor_arm_covers_every_module_and_holds_the_budget():
     assert {k for k, r in floor.items() if r > 1} <= {k for k, w in weights.items() if w > 0}
 
 
+def test_a_ranks_recommendation_with_evas_start_keeps_the_ranks_arm_as_its_default_start_contrast():
+    sizes = smollm_sizes()
+    weights = {k: 1.0 + (i % 5) for i, k in enumerate(sizes)}
+    target = 606_720
+    profile = A.allocated_ranks(sizes, weights, target)
+    assert driver._rank_arms("ranks", sizes, weights, profile, profile, target) == []  # it is the recommendation
+    [arm] = driver._rank_arms("ranks", sizes, weights, profile, profile, target, start="eva")
+    assert arm.ranks == profile and arm.init == "default"
+
+
 def test_spread_arm_covers_every_module_at_one_rank_and_raises_the_most_sensitive():
     sizes = smollm_sizes()
     weights = {k: (2.0 if k.startswith("L29.") else 1.0) for k in sizes}
@@ -529,6 +539,27 @@ def test_validate_trains_every_arm_at_the_budget_with_its_own_learning_rate(vali
     assert set(summary["still_falling"]["arms"]) == falling
     assert (summary["still_falling"]["note"] is None) == (not falling)
     assert not falling or html.escape(summary["still_falling"]["note"]) in report
+
+
+@pytest.mark.slow
+def test_a_recommendation_that_starts_with_eva_is_validated_with_that_start(validated, tmp_path):
+    from lorasens.rundir.load import read_run_config
+
+    probe = tmp_path / "probe"
+    shutil.copytree(validated, probe, ignore=shutil.ignore_patterns("validation", "checkpoints"))
+    cfg = read_run_config(probe)
+    settings = ValidateSettings(arms=("recommended", "ranks", "eva_init", "ranks_eva_init")).check()
+    plain = {a.name: a for a in driver.plan_arms(cfg, probe, settings)[0]}
+    path = probe / "recommended_lora_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": "eva", "eva_config": {"rho": 1.0}}))
+    eva = {a.name: a for a in driver.plan_arms(cfg, probe, settings)[0]}
+    assert plain["recommended"].init == "default" and eva["recommended"].init == "eva"
+    assert eva["recommended"].ranks == plain["recommended"].ranks
+    assert "eva_init" in plain and "eva_init" not in eva  # EVA's start on the recommendation is the recommendation
+    assert eva["ranks"] == plain["ranks"] and eva["ranks_eva_init"] == plain["ranks_eva_init"]
+    config = A.arm_config(eva["recommended"], build_module_map(driver.load_model(cfg.model.model).model), cfg.lora.r,
+                          cfg.lora.lora_alpha, 10)
+    assert config["init_lora_weights"] == "eva" and config["eva_config"] == {"rho": 1.0}
 
 
 @pytest.mark.slow

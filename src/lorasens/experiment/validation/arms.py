@@ -19,7 +19,7 @@ RANDOM_TRIES = 2000
 
 # name -> (family, description); the order is the order of the tables.
 ARMS = {
-    "recommended": ("lorasens", "the probe run's recommendation (its modules at its rank)"),
+    "recommended": ("lorasens", "the probe run's recommendation (its modules at their ranks, with its start)"),
     "ranks": ("lorasens", "per-module ranks from the combined sensitivity (--allocate ranks)"),
     "ranks_floor": ("lorasens", "every module at rank 1, the rest of the budget by the combined sensitivity "
                     "(--allocate ranks --min_rank 1)"),

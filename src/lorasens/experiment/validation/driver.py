@@ -165,6 +165,12 @@ def recommended_ranks(run_dir: Path, model: torch.nn.Module, module_map: ModuleM
     return {k: r for k, r in ranks.items() if r > 0}
 
 
+def recommended_start(run_dir: Path) -> str:
+    """How the recommendation's LoRA starts: "eva" when its config asks for EVA's start (--recommend_init eva)."""
+    config = read_json(run_dir / files.RECOMMENDED_CONFIG, "the recommended config")
+    return "eva" if config.get("init_lora_weights") == "eva" else "default"
+
+
 def _sensitivity(run_dir: Path) -> dict:
     path = run_dir / files.SENSITIVITY
     if not path.exists():
@@ -196,7 +202,8 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
     keys = list(sizes)
     train_features = _train_features(cfg, tokenizer)
     rng = random.Random("lorasens-validate")
-    arms: list[A.Arm] = [A.Arm("recommended", "recommended", rec)]
+    start = recommended_start(run_dir)
+    arms: list[A.Arm] = [A.Arm("recommended", "recommended", rec, init=start)]
     combined = (sensitivity.get("measures") or {}).get(COMBINED) or {}
     weights = {k: (v or 0.0) for k, v in combined.items()}  # an unscored module (null) weighs 0
     rank_profile = A.allocated_ranks(sizes, weights, target) if weights else {}
@@ -205,7 +212,7 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
         if name == "recommended":
             continue
         if name in ("ranks", "ranks_floor"):
-            arms += _rank_arms(name, sizes, weights, rank_profile, rec, target)
+            arms += _rank_arms(name, sizes, weights, rank_profile, rec, target, start)
         elif name == "spread":
             arms += _spread_arm(sizes, weights, rec, target)
         elif name == "types":
@@ -216,6 +223,8 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
                 arms.append(A.Arm("value", "value", A.value_ranks(sizes, per_param, r, target)))
             else:
                 logger.info("validate: the run has no first_order measure; the value arm is left out")
+        elif name == "eva_init" and start == "eva":
+            logger.info("validate: the recommendation already starts with EVA; the eva_init arm is left out")
         elif name == "eva_init":
             arms.append(A.Arm("eva_init", "eva_init", rec, init="eva", eva_rho=1.0))
         elif name == "ranks_eva_init" and rank_profile and rank_profile != rec:
@@ -258,13 +267,14 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
 
 
 def _rank_arms(name: str, sizes: dict[str, ModuleSize], weights: dict[str, float], rank_profile: dict[str, int],
-               rec: dict[str, int], target: int) -> list[A.Arm]:
-    """The `ranks` arm (unless the recommendation already is that allocation) or the `ranks_floor` arm (where rank
-    FLOOR_RANK on every module fits the budget); none without a combined ranking."""
+               rec: dict[str, int], target: int, start: str = "default") -> list[A.Arm]:
+    """The `ranks` arm (unless the recommendation already is that allocation with the default start; with EVA's start
+    the same ranks from the default start are the contrast) or the `ranks_floor` arm (where rank FLOOR_RANK on every
+    module fits the budget); none without a combined ranking."""
     if not weights:
         return []
     if name == "ranks":
-        if rank_profile == rec:  # the run already recommends this allocation (--allocate ranks)
+        if rank_profile == rec and start == "default":  # the run already recommends this (--allocate ranks)
             logger.info("validate: the recommendation is the ranks allocation; the ranks arm is left out")
             return []
         return [A.Arm("ranks", "ranks", rank_profile)]
