@@ -218,3 +218,8 @@ def test_answer_weighs_a_rank_allocation_by_each_modules_own_rank(tmp_path):
     del budget["ranks"]  # --allocate modules: every selected module at the run's rank
     (tmp_path / "sensitivity.json").write_text(json.dumps({"modules": modules, "budget": budget}))
     assert "50% of them on attention" in build_answer(tmp_path).split
+    assert build_answer(tmp_path).split.endswith("; 100% of the budget is used.")
+    budget["init"] = "eva"  # --recommend_init eva: the answer says how the adapter starts
+    (tmp_path / "sensitivity.json").write_text(json.dumps({"modules": modules, "budget": budget}))
+    assert build_answer(tmp_path).split.endswith(
+        "; 100% of the budget is used; LoRA starts from EVA (lorasens.initialize_eva in your own script).")

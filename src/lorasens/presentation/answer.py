@@ -109,7 +109,9 @@ def build_answer(run_dir: str | Path) -> Answer:
             "all-module LoRA parameters): "
             f"{_pct(by_group.get('attn', 0), used)}% of them on attention ({counts['attn'][0]} of "
             f"{counts['attn'][1]} modules), {_pct(by_group.get('mlp', 0), used)}% on MLP ({counts['mlp'][0]} of "
-            f"{counts['mlp'][1]})" + (f"; {round(100 * fraction)}% of the budget is used." if fraction else "."))
+            f"{counts['mlp'][1]})" + (f"; {round(100 * fraction)}% of the budget is used" if fraction else "")
+            + ("; LoRA starts from EVA (lorasens.initialize_eva in your own script)." if budget.get("init") == "eva"
+               else "."))
         top = sorted(by_layer, key=lambda layer: -by_layer[layer])[:TOP_LAYERS]
         answer.layers = (f"Top layers: {', '.join(str(layer) for layer in top)} "
                          f"({_pct(sum(by_layer[layer] for layer in top), used)}% of the recommended parameters).")
