@@ -223,13 +223,8 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
                 arms.append(A.Arm("value", "value", A.value_ranks(sizes, per_param, r, target)))
             else:
                 logger.info("validate: the run has no first_order measure; the value arm is left out")
-        elif name == "eva_init" and start == "eva":
-            logger.info("validate: the recommendation already starts with EVA; the eva_init arm is left out")
-        elif name == "eva_init":
-            arms.append(A.Arm("eva_init", "eva_init", rec, init="eva", eva_rho=1.0))
-        elif name == "ranks_eva_init" and rank_profile and rank_profile != rec:
-            # Where lorasens' default puts the budget, started as EVA starts: separates the placement from the start
-            arms.append(A.Arm("ranks_eva_init", "ranks_eva_init", rank_profile, init="eva", eva_rho=1.0))
+        elif name in ("eva_init", "ranks_eva_init"):
+            arms += _eva_start_arms(name, rec, rank_profile, start)
         elif name == "eva":
             arms.append(peers.eva_arm(model, module_map, sizes, train_features, tokenizer, cfg.training.batch_size, target))
         elif name == "adalora":
@@ -264,6 +259,19 @@ def plan_arms(cfg: ExperimentConfig, run_dir: Path, settings: ValidateSettings) 
     budget = {"lora_params": target, "all_modules_lora_params": sum(s.params(r) for s in sizes.values()),
               "modules": len(rec), "r": r, "module_sizes": {k: [s.in_features, s.out_features] for k, s in sizes.items()}}
     return arms, budget
+
+
+def _eva_start_arms(name: str, rec: dict[str, int], rank_profile: dict[str, int], start: str) -> list[A.Arm]:
+    """EVA's start on the recommendation's modules (`eva_init`) or on the ranks allocation (`ranks_eva_init`): what
+    separates where the budget goes from how it starts. Left out where it would be the recommendation itself."""
+    if name == "eva_init":
+        if start == "eva":
+            logger.info("validate: the recommendation already starts with EVA; the eva_init arm is left out")
+            return []
+        return [A.Arm("eva_init", "eva_init", rec, init="eva", eva_rho=1.0)]
+    if not rank_profile or rank_profile == rec:
+        return []
+    return [A.Arm("ranks_eva_init", "ranks_eva_init", rank_profile, init="eva", eva_rho=1.0)]
 
 
 def _rank_arms(name: str, sizes: dict[str, ModuleSize], weights: dict[str, float], rank_profile: dict[str, int],
