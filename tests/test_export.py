@@ -81,12 +81,17 @@ def test_per_module_ranks_export_to_peft_and_are_refused_where_a_tool_has_one_ra
     built = {name.removeprefix("base_model.model."): module.lora_A["default"].out_features
              for name, module in model.named_modules() if hasattr(module, "lora_A") and "lora_A" in module._modules}
     assert built == ranks
+    assert_one_rank_tools_refuse(tmp_path, capsys, "rank_pattern", "--format peft")
+
+
+def assert_one_rank_tools_refuse(run_dir, capsys, *named):
+    """axolotl and LLaMA-Factory exports fail with exit 2 and one line naming `named`, and write no file."""
     capsys.readouterr()
     for fmt in ("axolotl", "llamafactory"):
-        assert main(["export", str(tmp_path), "--format", fmt]) == 2
+        assert main(["export", str(run_dir), "--format", fmt]) == 2
         err = capsys.readouterr().err
-        assert "rank_pattern" in err and "--format peft" in err and len(err.strip().splitlines()) == 1
-        assert not any(tmp_path.glob("lora.*.yaml"))
+        assert all(text in err for text in named) and len(err.strip().splitlines()) == 1
+        assert not any(run_dir.glob("lora.*.yaml"))
 
 
 def test_an_eva_start_exports_to_peft_only(tmp_path, capsys):
@@ -97,9 +102,4 @@ def test_an_eva_start_exports_to_peft_only(tmp_path, capsys):
     (tmp_path / "recommended_lora_config.json").write_text(json.dumps(config))
     assert main(["export", str(tmp_path), "--format", "peft"]) == 0
     assert LoraConfig(**json.loads((tmp_path / "lora_config.peft.json").read_text())).eva_config.rho == 1.0
-    capsys.readouterr()
-    for fmt in ("axolotl", "llamafactory"):
-        assert main(["export", str(tmp_path), "--format", fmt]) == 2
-        err = capsys.readouterr().err
-        assert "init_lora_weights eva" in err and "--recommend_init default" in err and len(err.strip().splitlines()) == 1
-        assert not any(tmp_path.glob("lora.*.yaml"))
+    assert_one_rank_tools_refuse(tmp_path, capsys, "init_lora_weights eva", "--recommend_init default")
