@@ -228,6 +228,17 @@ def rank_allocation_config(base: dict, ranks_by_path: Mapping[str, int]) -> dict
             "alpha_pattern": {pattern_key(p): r * ratio for p, r in used.items()}}
 
 
+def eva_start(rho: float = 1.0) -> dict:
+    """The LoraConfig keys of EVA's start (PEFT's init_lora_weights "eva"); at rho 1 every module keeps its rank
+    (lorasens.initialize_eva)."""
+    return {"init_lora_weights": "eva", "eva_config": {"rho": rho}}
+
+
+def starts_with_eva(config: Mapping) -> bool:
+    """Whether LoraConfig keyword arguments ask for EVA's start."""
+    return config.get("init_lora_weights") == "eva"
+
+
 def fit_ranks(keys: list[str], sizes: dict[str, ModuleSize], target: int) -> dict[str, int]:
     """Ranks for `keys` holding about `target` LoRA parameters: rank b everywhere, b+1 on an evenly spread subset."""
     unit = sum(sizes[k].in_features + sizes[k].out_features for k in keys)

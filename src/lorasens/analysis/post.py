@@ -25,6 +25,7 @@ from lorasens.analysis.budget import (
     allocate_spread_ranks,
     allocate_type_ranks,
     budget_limit,
+    eva_start,
     rank_allocation_config,
     select_within_budget,
 )
@@ -270,15 +271,11 @@ def describe_budget(budget: dict) -> str:
         text += f" of a budget of {budget['params_budget']:.0f} ({100 * budget['params_used'] / budget['params_budget']:.1f}%)"
     else:
         text += f" ({100 * budget['params_used'] / budget['params_total']:.1f}% of all modules' total)"
-    start = ", EVA initialisation" if budget.get("init") == "eva" else ""
-    if budget.get("allocate") == "types":
-        return text + ", one rank per module type (shares from the ablation)" + start
-    if budget.get("allocate") == "spread":
-        return text + ", one rank on every module it reaches (the most sensitive one rank higher)" + start
-    if budget.get("allocate") != "ranks":
-        return text + start
-    return text + (f", per-module ranks (at least {budget['min_rank']} on every module)" if budget.get("min_rank")
-                   else ", per-module ranks") + start
+    how = {"types": ", one rank per module type (shares from the ablation)",
+           "spread": ", one rank on every module it reaches (the most sensitive one rank higher)",
+           "ranks": (f", per-module ranks (at least {budget['min_rank']} on every module)" if budget.get("min_rank")
+                     else ", per-module ranks")}.get(budget.get("allocate"), "")
+    return text + how + (", EVA initialisation" if budget.get("init") == "eva" else "")
 
 
 LOSS_CONVENTION = ("token-weighted mean next-token cross-entropy over the target tokens (sum of target-token "
@@ -377,8 +374,7 @@ def _recommend(cfg: ExperimentConfig, run_dir: Path, module_map: ModuleMap, lora
         budget["params_budget"] = selection.limit if tracking.budget_unit == "params" else None
     budget.update({"selected": chosen, "num_selected": len(chosen), "init": tracking.recommend_init})
     if tracking.recommend_init == "eva":
-        # rho 1: EVA starts every module from its inputs' components and keeps the rank chosen here.
-        config.update(init_lora_weights="eva", eva_config={"rho": 1.0})
+        config.update(eva_start())  # rho 1: every module keeps the rank chosen here
     return budget, config
 
 

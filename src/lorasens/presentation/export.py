@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorasens.analysis.budget import starts_with_eva
 from lorasens.errors import UserError, unknown_choice
 from lorasens.rundir.files import CONFIG_FILE, RECOMMENDED_CONFIG
 from lorasens.safeio import dumps, read_json
@@ -64,7 +65,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> P
         raise UserError(f"{RECOMMENDED_CONFIG} gives each module its own rank (rank_pattern), which {fmt}'s config "
                         "has no key for: use --format peft (a LoraConfig for your script), or "
                         f"`lorasens analyze {run_dir} --allocate modules` for one rank on the top modules")
-    if fmt != "peft" and lora.get("init_lora_weights") == "eva":
+    if fmt != "peft" and starts_with_eva(lora):
         raise UserError(f"{RECOMMENDED_CONFIG} starts LoRA with EVA (init_lora_weights eva), which needs a pass over "
                         f"training batches that {fmt} does not run: use --format peft with lorasens.initialize_eva in "
                         f"your script, or `lorasens analyze {run_dir} --recommend_init default`")

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasens.analysis.budget import starts_with_eva
 from lorasens.config import key_settings
 from lorasens.errors import UserError
 from lorasens.presentation.plots import RUN_PLOTS, plot_run
@@ -411,12 +412,13 @@ def _recommendation_section(run_dir: Path) -> tuple[str, list[str]]:
     if data is None:
         line = absent(run_dir, RECOMMENDED_CONFIG)
         return missing_box([line]), [line]
+    eva = starts_with_eva(data)  # EVA's start needs a pass over training batches before training
     usage = ("import json\nfrom peft import LoraConfig, get_peft_model\n"
-             f"config = LoraConfig(**json.load(open({RECOMMENDED_CONFIG!r})))\nmodel = get_peft_model(model, config)")
-    if data.get("init_lora_weights") == "eva":  # EVA's start needs a pass over training batches before training
-        usage = (usage.replace("get_peft_model(model, config)", "get_peft_model(model, config, low_cpu_mem_usage=True)")
-                 + "\nfrom lorasens import initialize_eva\n"
-                   "initialize_eva(model, train_dataloader)  # every module keeps its recommended rank")
+             f"config = LoraConfig(**json.load(open({RECOMMENDED_CONFIG!r})))\n"
+             f"model = get_peft_model(model, config{', low_cpu_mem_usage=True' if eva else ''})")
+    if eva:
+        usage += ("\nfrom lorasens import initialize_eva\n"
+                  "initialize_eva(model, train_dataloader)  # every module keeps its recommended rank")
     return (f"<p>{esc(RECOMMENDED_CONFIG)} — keyword arguments for <code>peft.LoraConfig</code>:</p>"
             f"<pre>{esc(json.dumps(data, indent=2))}</pre><p class=\"note\">Use it:</p><pre>{esc(usage)}</pre>", [])
 

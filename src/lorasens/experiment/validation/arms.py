@@ -10,7 +10,7 @@ import math
 import random
 from dataclasses import asdict, dataclass, field
 
-from lorasens.analysis.budget import ModuleSize, allocate_ranks, rank_allocation_config
+from lorasens.analysis.budget import ModuleSize, allocate_ranks, eva_start, rank_allocation_config
 from lorasens.errors import UserError
 from lorasens.model.module_map import ModuleMap
 
@@ -195,6 +195,5 @@ def arm_config(arm: Arm, module_map: ModuleMap, r: int, alpha: float, max_steps:
     base = {"r": r, "lora_alpha": alpha, "target_modules": [paths[k] for k in paths if k in arm.ranks]}
     config = rank_allocation_config(base, {paths[k]: v for k, v in arm.ranks.items()})
     if arm.init == "eva":
-        config["init_lora_weights"] = "eva"
-        config["eva_config"] = {"rho": arm.eva_rho}
+        config.update(eva_start(arm.eva_rho))
     return config

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from lorasens.analysis.ablation import per_example_losses, validation_batches
-from lorasens.analysis.budget import ModuleSize, allocate_spread_ranks, allocate_type_ranks, fit_ranks
+from lorasens.analysis.budget import (ModuleSize, allocate_spread_ranks, allocate_type_ranks, fit_ranks,
+                                      starts_with_eva)
 from lorasens.analysis.post import type_shares_from_ablation
 from lorasens.analysis.sensitivity import key_of
 from lorasens.config import ExperimentConfig, check_environment, config_from_dict
@@ -168,7 +169,7 @@ def recommended_ranks(run_dir: Path, model: torch.nn.Module, module_map: ModuleM
 def recommended_start(run_dir: Path) -> str:
     """How the recommendation's LoRA starts: "eva" when its config asks for EVA's start (--recommend_init eva)."""
     config = read_json(run_dir / files.RECOMMENDED_CONFIG, "the recommended config")
-    return "eva" if config.get("init_lora_weights") == "eva" else "default"
+    return "eva" if starts_with_eva(config) else "default"
 
 
 def _sensitivity(run_dir: Path) -> dict:
