@@ -30,6 +30,25 @@ def test_precedence_preset_then_file_then_cli(tmp_path):
     assert cfg.preset == "e2e_attention"
 
 
+def test_a_placement_file_sizes_the_lora_unless_r_and_alpha_are_given(tmp_path):
+    """`lorasens train --preset quickstart --placement recommended_lora_config.json` takes the file's r and alpha
+    (the preset's r 8 is not a choice about the file); given values must agree with it."""
+    place = tmp_path / "recommended_lora_config.json"
+    place.write_text(json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 2}}))
+    cfg = build_config("quickstart", cli_overrides={"placement": str(place)})
+    assert (cfg.lora.r, cfg.lora.lora_alpha) == (4, 8.0)
+    assert build_config(cli_overrides={"placement": str(place), "r": "4"}).lora.lora_alpha == 8.0
+    with pytest.raises(UserError, match=r"has r=4, lora_alpha=8.0, not --r 8 --lora_alpha 8.0; leave --r/--lora_alpha"):
+        build_config("quickstart", cli_overrides={"placement": str(place), "r": "8", "lora_alpha": "8"})
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lora:\n  r: 16\n")
+    with pytest.raises(UserError, match="has r=4"):  # a config file's r is a choice too
+        build_config("quickstart", cfg_file, {"placement": str(place)})
+    ada = tmp_path / "ada.json"
+    ada.write_text(json.dumps({"peft_type": "ADALORA", "init_r": 6, "target_modules": ["q_proj"], "total_step": 30}))
+    assert build_config("quickstart", cli_overrides={"placement": str(ada)}).lora.r == 6  # AdaLoRA starts at init_r
+
+
 def test_flat_json_file_and_preset_named_in_file(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"preset": "samsum_mlp", "batch_size": 2}))

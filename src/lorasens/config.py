@@ -97,8 +97,8 @@ class LoraSettings:
     placement: str | None = opt(
         None, "A JSON file of peft.LoraConfig arguments (e.g. a run's recommended_lora_config.json; also "
         "init_lora_weights gaussian or eva, or peft_type ADALORA): LoRA goes on exactly the modules it selects, at "
-        "its ranks (rank_pattern), instead of on --target. Its r (AdaLoRA: init_r) and lora_alpha must equal --r and "
-        "--lora_alpha."
+        "its ranks (rank_pattern), instead of on --target. Its r (AdaLoRA: init_r) and lora_alpha are the run's --r "
+        "and --lora_alpha; given ones must be equal."
     )
 
     def __post_init__(self):
@@ -454,13 +454,11 @@ def _check_placement(cfg: ExperimentConfig) -> None:
     """The placement file exists, and its r/alpha are the ones config.json records as --r/--lora_alpha."""
     from lorasens.model.lora import read_placement_file  # imports torch/peft: not at start-up (see cli.py)
 
-    data = read_placement_file(cfg.lora.placement)
-    adalora = str(data.get("peft_type", "LORA")).upper() == "ADALORA"
-    r = data.get("init_r", 12) if adalora else data.get("r", 8)  # peft's defaults; AdaLoRA starts at init_r
-    alpha = float(data.get("lora_alpha", 8))
+    r, alpha = _placement_r_alpha(read_placement_file(cfg.lora.placement))
     if r != cfg.lora.r or alpha != cfg.lora.lora_alpha:
-        raise UserError(f"--placement {cfg.lora.placement} has r={r}, lora_alpha={alpha}; pass the same --r {r} "
-                        f"--lora_alpha {alpha} (config.json records them)")
+        raise UserError(f"--placement {cfg.lora.placement} has r={r}, lora_alpha={alpha}, not --r {cfg.lora.r} "
+                        f"--lora_alpha {cfg.lora.lora_alpha}; leave --r/--lora_alpha out to take the file's, or pass "
+                        "the same values")
 
 
 def _positive(name: str, value: float) -> None:
@@ -638,6 +636,7 @@ def build_config(
         preset = file_data["preset"]
     if preset is not None:
         layers.append(normalise_overrides(get_preset(preset), f"preset {preset!r}"))
+    preset_layers = len(layers)
     if file_data:
         layers.append(normalise_overrides(file_data, f"config file {str(config_file)!r}"))
     if cli_overrides:
@@ -647,7 +646,27 @@ def build_config(
             # other one, saved in a run's config.json (`--config RUN/config.json --resume`), does not carry over.
             layers = [{k: v for k, v in layer.items() if k not in RUN_CONTROL} for layer in layers]
         layers.append(flags)
-    return config_from_flat({k: v for layer in layers for k, v in layer.items()}, preset=preset)
+    values = {k: v for layer in layers for k, v in layer.items()}
+    given = {k for layer in layers[preset_layers:] for k in layer}
+    return config_from_flat({**values, **_placement_size(values, given)}, preset=preset)
+
+
+def _placement_size(values: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """A placement file sizes the LoRA it describes: its r and lora_alpha become --r/--lora_alpha unless the config
+    file or the command line sets them (a preset's r is not a choice about this file). Set ones must agree
+    (`_check_placement`), so config.json always records the file's own values."""
+    if not values.get("placement"):
+        return {}
+    from lorasens.model.lora import read_placement_file  # imports torch/peft: not at start-up (see cli.py)
+
+    r, alpha = _placement_r_alpha(read_placement_file(values["placement"]))
+    return {k: v for k, v in (("r", r), ("lora_alpha", alpha)) if k not in given}
+
+
+def _placement_r_alpha(data: dict[str, Any]) -> tuple[int, float]:
+    """The r (AdaLoRA: init_r, where it starts) and lora_alpha of a placement file, with PEFT's defaults."""
+    adalora = str(data.get("peft_type", "LORA")).upper() == "ADALORA"
+    return (data.get("init_r", 12) if adalora else data.get("r", 8)), float(data.get("lora_alpha", 8))
 
 
 def config_from_flat(values: dict[str, Any], preset: str | None = None) -> ExperimentConfig:
