@@ -18,6 +18,7 @@ BENCHMARKS = [
     "bench_packing.py",  # padding-free vs padded batches, useful tokens/s (performance)
     "bench_ablation.py",  # cached + packed ablation vs whole-decoder passes (performance)
     "bench_first_order.py",  # first-order estimate: head at labelled positions vs every position, vs a step
+    "bench_cpu_bf16.py",  # --precision bf16 on a CPU (autocast) vs fp32, training step time
 ]
 
 

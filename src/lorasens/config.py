@@ -78,7 +78,9 @@ class ModelConfig:
         None, "Comma list of attention linear-module names, for architectures the module map does not know."
     )
     mlp_modules: str | None = opt(None, "Comma list of MLP linear-module names, for unknown architectures.")
-    precision: Precision = opt("auto", "auto = bf16 on a CUDA GPU that supports it, else fp32.")
+    precision: Precision = opt(
+        "auto", "auto = bf16 on a CUDA GPU that supports it, else fp32. bf16 on a CPU with native bf16 (AVX512-BF16 or "
+        "AMX): training steps compute under bf16 autocast, weights, analysis and evaluation stay fp32.")
     quantize: Quantize = opt(
         "none", "4bit = QLoRA: the base model's linear layers in NF4 (bitsandbytes, also on CPU), computing in the "
         "--precision dtype; LoRA and the LM head stay in full precision."

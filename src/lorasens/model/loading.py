@@ -56,14 +56,25 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name and Path(name).exists()
 
 
+def cpu_has_native_bf16() -> bool:
+    """The CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates it, slower than fp32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def select_dtype(precision: str) -> torch.dtype:
+    """The dtype of the base weights. bf16 on a CPU keeps them in fp32: the Trainer computes the training steps under
+    bf16 autocast (training_arguments), and the analysis passes and evaluation stay exact in fp32."""
     if precision == "fp32":
         return torch.float32
     cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if precision == "bf16":
-        if not cuda_bf16:
-            raise UserError("--precision bf16 needs a CUDA GPU with bf16 support; use auto or fp32")
-        return torch.bfloat16
+        if cuda_bf16:
+            return torch.bfloat16
+        if not torch.cuda.is_available() and cpu_has_native_bf16():
+            return torch.float32
+        raise UserError("--precision bf16 needs a CUDA GPU with bf16 support or a CPU with native bf16 (AVX512-BF16 "
+                        "or AMX); valid here: auto, fp32")
     return torch.bfloat16 if cuda_bf16 else torch.float32
 
 

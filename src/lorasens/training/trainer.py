@@ -138,7 +138,9 @@ def decide_packing(model: torch.nn.Module, tokenizer, features: list[dict], requ
 def training_arguments(cfg: ExperimentConfig, run_dir: Path, packing: bool = False) -> TrainingArguments:
     tr = cfg.training
     use_cuda = torch.cuda.is_available()
-    bf16 = use_cuda and cfg.model.precision != "fp32" and torch.cuda.is_bf16_supported()
+    precision = cfg.model.precision
+    # On a CPU only an explicit --precision bf16 (select_dtype checked the CPU) autocasts: auto stays fp32 there.
+    bf16 = precision == "bf16" or (use_cuda and precision == "auto" and torch.cuda.is_bf16_supported())
     if (tr.fsdp != "none" or tr.deepspeed) and not use_cuda:
         # accelerate enables FSDP / DeepSpeed only on accelerators; on CPU the Trainer would silently run DDP.
         raise UserError(f"--{'fsdp' if tr.fsdp != 'none' else 'deepspeed'} needs CUDA GPUs (accelerate runs plain DDP "
