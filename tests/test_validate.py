@@ -307,7 +307,7 @@ def test_comparisons_pair_arms_by_seed_and_draw_no_verdict_on_one_seed():
     seed_effect = {1: -0.3, 2: 0.0, 3: 0.05, 4: 0.1}
 
     def scores(offset: float, seeds) -> list[dict]:
-        return [{"seed": s, "per_prompt_loss": np.stack([(2.0 + offset + seed_effect[s] + rng.normal(0, 0.005, 40))
+        return [{"seed": s, "validation_loss": 1.0, "per_prompt_loss": np.stack([(2.0 + offset + seed_effect[s] + rng.normal(0, 0.005, 40))
                                                          * tokens, tokens], axis=1).tolist()} for s in seeds]
 
     runs = {"recommended": scores(0.0, (1, 2, 3)), "eva": scores(0.01, (1, 2, 3, 4)), "mlp": scores(0.01, (1,)),
@@ -325,6 +325,22 @@ def test_comparisons_pair_arms_by_seed_and_draw_no_verdict_on_one_seed():
     # Random sets: the two sets at seed 1 count as their mean there.
     assert rand["seeds"] == [1, 2, 3] and rand["difference"] == pytest.approx(-(0.05 * 2 + 0.06) / 3, abs=0.003)
     assert rand["p_adjusted"] is not None and rand["verdict"] == "wins"
+
+
+def test_the_primary_peer_is_judged_on_the_seeds_every_peer_trained():
+    """Seed 3's validation split is 0.1 harder: over all of its seeds EVA (1-3) would look worse than GoRA (1-2),
+    on the common seeds 1-2 EVA is lower, and is the primary peer."""
+    from lorasens.experiment.validation.outputs import best_peer
+
+    level = {1: 1.30, 2: 1.28, 3: 1.40}
+
+    def runs(offset: float, seeds) -> list[dict]:
+        return [{"seed": s, "validation_loss": level[s] + offset} for s in seeds]
+
+    peers = {"eva": runs(0.0, (1, 2, 3)), "gora": runs(0.01, (1, 2)), "adalora": runs(0.05, (1, 2, 3))}
+    assert best_peer(peers) == "eva"
+    assert best_peer({"eva": runs(0.0, (3,)), "gora": runs(0.01, (1,))}) == "gora"  # no common seed: all of each
+    assert best_peer({}) is None
 
 
 def test_interval_is_student_t_over_seeds_plus_the_prompts_bootstrap_variance_for_loss_and_bleu():

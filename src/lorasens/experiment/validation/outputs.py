@@ -147,12 +147,27 @@ def _mean(values: list) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+def best_peer(peers: dict[str, list[dict]]) -> str | None:
+    """The peer with the lowest mean validation loss over the seeds every peer trained: each seed draws its own
+    validation split, whose loss level varies by more than the arms differ, so means over different seeds do not
+    compare (a peer with seeds 1-2 only would be judged against another's 1-5). Without a common seed, all of each."""
+    if not peers:
+        return None
+    common = set.intersection(*({s["seed"] for s in done} for done in peers.values()))
+
+    def loss(group: str) -> float:
+        done = [s for s in peers[group] if s["seed"] in common] or peers[group]
+        return _mean([s["validation_loss"] for s in done]) or math.inf
+
+    return min(peers, key=loss)
+
+
 def _comparisons(scores: dict[str, list[dict]], table: dict) -> tuple[dict, str | None]:
     rec = scores.get("recommended", [])
     if not rec:
         return {}, None
     peers = [g for g, e in table.items() if e["family"] == "peer" and scores.get(g)]
-    primary = min(peers, key=lambda g: table[g]["validation_loss"] or math.inf) if peers else None
+    primary = best_peer({g: scores[g] for g in peers})
     rng = np.random.default_rng(SEED)
     raw: dict[str, dict[str, dict]] = {}
     rec_units = _units(rec)
